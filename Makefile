@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/tiny.yaml
+DATA   ?=
+# A real WHU-OHS copy: make run DATA=/data/WHU-OHS CONFIG=configs/base.yaml
+RUN_ARGS := $(if $(DATA),data.source=$(abspath $(DATA)))
+
+.PHONY: help install run test lint bench-ingest clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv with pinned dependencies
+
+run: $(STAMP)  ## run the pipeline locally on the generated dataset (or DATA=<WHU-OHS folder>)
+	$(VENV)/bin/hsissl ingest --config $(CONFIG) $(RUN_ARGS)
+
+test: $(STAMP)  ## run the test suite (CPU, tiny presets)
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/pytest -q
+
+lint: $(STAMP)  ## ruff lint + format check
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+bench-ingest: $(STAMP)  ## ingest throughput vs raw rasterio reads of the same files
+	$(PY) scripts/bench_ingest.py
+
+clean:  ## remove run outputs (keeps .venv)
+	rm -rf runs .pytest_cache

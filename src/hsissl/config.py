@@ -1,0 +1,231 @@
+"""One config loader for every stage: dataclass defaults <- YAML preset <- dotted overrides.
+
+The dataclass defaults are the paper's (``base``) settings; presets in ``configs/``
+override only what differs. Unknown keys and wrongly typed values are errors that
+name the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A preset or override that does not fit the config schema."""
+
+
+@dataclass
+class SyntheticConfig:
+    """The generated WHU-OHS-layout dataset (``hsissl make-synthetic``)."""
+
+    scenes: dict[str, int] = field(default_factory=lambda: {"tr": 8, "va": 2, "ts": 4})
+    size: int = 512  # scene side in pixels (WHU-OHS: 512)
+    seed: int = 0
+    noise: float = 0.04  # per-pixel noise, as a fraction of reflectance
+    unlabelled_fraction: float = 0.15  # share of regions left as label 0
+
+
+@dataclass
+class DataConfig:
+    """Where scenes come from and how they are tiled and sharded."""
+
+    source: str = ""  # WHU-OHS-layout folder or .mat folder; "" = the generated dataset
+    name: str = "whu-ohs"  # dataset name under <storage>/datasets/
+    splits: list[str] = field(default_factory=lambda: ["tr", "va", "ts"])
+    scene_size: int | None = 512  # required scene side; None accepts any size >= tile_size
+    tile_size: int = 64
+    stride: int = 64
+    drop_unlabelled: bool = False  # drop tiles without one labelled pixel
+    shard_tiles: int = 1024  # tiles per shard: 1024 x 32 x 64 x 64 int16 = 256 MiB
+    readers: int = 2  # threads reading scenes ahead of the tiler
+
+
+@dataclass
+class StorageConfig:
+    uri: str = (
+        ""  # artifact store root: path, file://… or s3://bucket/prefix; "" = <run_dir>/artifacts
+    )
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db
+    experiment: str = "hsissl"
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/local"
+    seed: int = 0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Defaults, then the YAML preset at ``path``, then ``key.sub=value`` overrides."""
+    tree = dataclasses.asdict(Config())
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"{path}: expected a mapping at top level, found {type(loaded).__name__}"
+            )
+        _merge(tree, loaded, Config, prefix="", origin=str(path))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        _set_dotted(
+            tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "", origin="command line"
+        )
+    return _build(Config, tree, prefix="")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_resolved(cfg: Config, path: str | Path) -> Path:
+    """Write the fully resolved config (what the run really used) as YAML."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(cfg))
+    return path
+
+
+def flatten(cfg: Config | dict, prefix: str = "") -> dict[str, Any]:
+    """``{"data.tile_size": 64, …}``: the form MLflow params take."""
+    tree = to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+            out.update(flatten(value, prefix=f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _merge(tree: dict, loaded: dict, cls: type, prefix: str, origin: str) -> None:
+    hints = typing.get_type_hints(cls)
+    for key, value in loaded.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(
+                f"{origin}: unknown config key {name!r}; valid keys here: {sorted(hints)}"
+            )
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"{origin}: config key {name!r} is a section; expected a mapping, found {value!r}"
+                )
+            _merge(tree[key], value, hints[key], prefix=f"{name}.", origin=origin)
+        else:
+            tree[key] = (
+                value  # plain values and dict fields (e.g. synthetic.scenes) are replaced whole
+            )
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, origin: str) -> None:
+    parts = dotted.split(".")
+    node, cls = tree, Config
+    for i, part in enumerate(parts):
+        name = ".".join(parts[: i + 1])
+        last = i == len(parts) - 1
+        if cls is not None:
+            hints = typing.get_type_hints(cls)
+            if part not in hints:
+                raise ConfigError(
+                    f"{origin}: unknown config key {name!r}; valid keys here: {sorted(hints)}"
+                )
+            tp = hints[part]
+        elif isinstance(node, dict) and last:
+            tp = None  # a new entry in a dict field, e.g. synthetic.scenes.tr=4
+        else:
+            raise ConfigError(f"{origin}: unknown config key {name!r}")
+        if last:
+            node[part] = value
+        else:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(
+                    f"{origin}: config key {'.'.join(parts[: i + 1])!r} has no sub-keys"
+                )
+            node = node[part]
+            cls = tp if dataclasses.is_dataclass(tp) else None
+
+
+def _build(cls: type, tree: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        value = tree.get(f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"config key {name!r} is a section; expected a mapping, found {value!r}"
+                )
+            kwargs[f.name] = _build(hints[f.name], value, prefix=f"{name}.")
+        else:
+            kwargs[f.name] = _coerce(value, hints[f.name], name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, name)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {name!r}: expected a list, found {value!r}")
+        return [_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {name!r}: expected a mapping, found {value!r}")
+        return {str(k): _coerce(v, args[1], f"{name}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is Any:
+        return value
+    raise ConfigError(
+        f"config key {name!r}: expected {getattr(tp, '__name__', tp)}, found {value!r}"
+    )

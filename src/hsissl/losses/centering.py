@@ -1,0 +1,139 @@
+"""Teacher-output centering for DINO/iBOT: Sinkhorn-Knopp and EMA centering.
+
+Both keep the teacher from collapsing onto one prototype. Sinkhorn-Knopp
+(dinov2's default, Ruan et al. 2023) balances prototype usage within the batch;
+EMA centering (original DINO) subtracts a running mean of the teacher logits.
+Both are DDP-correct: when torch.distributed is initialised, the statistics are
+all-reduced so every rank sees the global batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _all_reduce(tensor: torch.Tensor, op_max: bool = False) -> None:
+    """In-place all-reduce (sum, or max) across ranks; a no-op in a single process."""
+    if _distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op_max else dist.ReduceOp.SUM)
+
+
+def _check_logits(teacher_logits: torch.Tensor, where: str) -> None:
+    if teacher_logits.ndim != 2:
+        raise ValueError(
+            f"{where}: teacher_logits must be (B, K), got shape {tuple(teacher_logits.shape)}"
+        )
+
+
+def _logsumexp_over_ranks(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """logsumexp along `dim`, where `dim` is split across ranks (the sample axis)."""
+    peak = x.amax(dim=dim, keepdim=True)
+    _all_reduce(peak, op_max=True)
+    sum_exp = torch.exp(x - peak).sum(dim=dim, keepdim=True)
+    _all_reduce(sum_exp)
+    return peak + torch.log(sum_exp)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, n_iters: int = 3) -> torch.Tensor:
+    """Sinkhorn-Knopp assignment of B samples to K prototypes (dinov2 / SwAV).
+
+    Same iteration as dinov2's `sinkhorn_knopp_teacher`, run in log space so
+    that large logits / small temperatures cannot overflow exp() or leave a
+    prototype with an all-zero row (which would give 0/0 = NaN).
+
+    Args:
+        teacher_logits: (B, K) teacher head outputs; B may differ between ranks.
+        temp: teacher temperature.
+        n_iters: alternating prototype/sample normalisations (>= 1).
+
+    Returns:
+        (B, K) float32 assignment probabilities: each row sums to 1; with enough
+        iterations each column sums to B_total / K (every prototype equally used).
+    """
+    _check_logits(teacher_logits, "sinkhorn_knopp")
+    if n_iters < 1:
+        raise ValueError(f"sinkhorn_knopp: n_iters must be >= 1, got {n_iters}")
+    log_q = (teacher_logits.float() / temp).t()  # (K, B): log of exp(logits / temp)
+    n_prototypes = log_q.shape[0]
+    n_samples = torch.tensor(float(log_q.shape[1]), device=log_q.device)
+    _all_reduce(n_samples)  # global B, also right when ranks hold different counts
+    log_k, log_b = math.log(n_prototypes), torch.log(n_samples)
+    # dinov2 first divides Q by its total; the first row normalisation absorbs that.
+    for _ in range(n_iters):
+        # Each prototype gets total mass 1/K across the global batch.
+        log_q = log_q - _logsumexp_over_ranks(log_q, dim=1) - log_k
+        # Each sample gets mass 1/B (samples are local, so no reduce needed).
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - log_b
+    return torch.exp(log_q + log_b).t()  # (B, K); rows are per-sample distributions
+
+
+class Centering(nn.Module):
+    """EMA centering of teacher logits (original DINO): softmax((x - c) / temp).
+
+    The center c is updated as c <- m * c + (1 - m) * mean(x) over all rows of
+    the (global) batch.
+    """
+
+    center: torch.Tensor
+
+    def __init__(self, out_dim: int, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))  # (1, K)
+
+    @torch.no_grad()
+    def softmax_center(self, teacher_logits: torch.Tensor, temp: float) -> torch.Tensor:
+        """(N, K) logits -> (N, K) probabilities, centered with the current EMA center."""
+        _check_logits(teacher_logits, "Centering.softmax_center")
+        return F.softmax((teacher_logits.float() - self.center) / temp, dim=-1)
+
+    @torch.no_grad()
+    def update(self, teacher_logits: torch.Tensor) -> None:
+        """Move the center towards the mean of (N, K) teacher logits (all ranks' rows)."""
+        _check_logits(teacher_logits, "Centering.update")
+        if teacher_logits.shape[1] != self.center.shape[1]:
+            raise ValueError(
+                f"Centering.update: expected {self.center.shape[1]} logits per row, "
+                f"got {teacher_logits.shape[1]}"
+            )
+        row_sum = teacher_logits.float().sum(dim=0, keepdim=True)  # (1, K)
+        n_rows = torch.tensor(float(teacher_logits.shape[0]), device=row_sum.device)
+        _all_reduce(row_sum)
+        _all_reduce(n_rows)
+        batch_mean = row_sum / n_rows
+        self.center.mul_(self.momentum).add_(batch_mean * (1.0 - self.momentum))
+
+
+CENTERING_MODES = ("sinkhorn", "center")
+
+
+def check_centering_mode(centering: str, where: str) -> None:
+    """Raise a clear error for an unknown centering option."""
+    if centering not in CENTERING_MODES:
+        raise ValueError(f"{where}: centering must be one of {CENTERING_MODES}, got {centering!r}")
+
+
+@torch.no_grad()
+def teacher_softmax(
+    teacher_logits: torch.Tensor, temp: float, center: Centering | None, n_iters: int
+) -> torch.Tensor:
+    """Teacher targets: Sinkhorn-Knopp when `center` is None, else EMA-centered softmax.
+
+    With EMA centering the center is updated with this batch after it is used,
+    so the targets depend only on earlier batches (as in DINO).
+    """
+    if center is None:
+        return sinkhorn_knopp(teacher_logits, temp, n_iters)
+    probs = center.softmax_center(teacher_logits, temp)
+    center.update(teacher_logits)
+    return probs

@@ -1,0 +1,87 @@
+"""What every stage shares: run folder, artifact store, input preparation, tracked runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from hsissl.config import Config, DataConfig, save_resolved
+from hsissl.storage import Storage, open_storage
+
+log = logging.getLogger(__name__)
+
+
+def run_dir_of(cfg: Config) -> Path:
+    path = Path(cfg.run_dir).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def storage_of(cfg: Config) -> Storage:
+    """The artifact store: ``storage.uri`` or ``<run_dir>/artifacts``."""
+    return open_storage(cfg.storage.uri or str(run_dir_of(cfg) / "artifacts"))
+
+
+def dataset_uri(cfg: Config) -> str:
+    return storage_of(cfg).join(f"datasets/{cfg.data.name}")
+
+
+def prepare_source(cfg: Config) -> tuple[Path, DataConfig]:
+    """The WHU-OHS-layout folder to ingest and the data settings that apply to it.
+
+    "" means the generated dataset (made once per synthetic config); a folder of known
+    ``.mat`` cubes is converted to the layout first (one ``tr`` split, any scene size).
+    """
+    if not cfg.data.source:
+        return ensure_synthetic(run_dir_of(cfg) / "synthetic", cfg), cfg.data
+    path = Path(cfg.data.source).expanduser().resolve()
+    if path.is_dir() and next(path.rglob("*.mat"), None) is not None and _is_mat_folder(path):
+        from hsissl.data import realdata
+
+        out = run_dir_of(cfg) / "converted" / cfg.data.name
+        shutil.rmtree(out, ignore_errors=True)
+        names = realdata.convert_mat_folder(path, out, split="tr")
+        log.info(
+            "converted %d .mat scenes from %s to the WHU-OHS layout in %s", len(names), path, out
+        )
+        return out, replace(cfg.data, splits=["tr"], scene_size=None)
+    return path, cfg.data
+
+
+def _is_mat_folder(path: Path) -> bool:
+    from hsissl.data import realdata  # scipy is only needed for .mat input
+
+    return realdata.is_mat_folder(path)
+
+
+def ensure_synthetic(out: Path, cfg: Config) -> Path:
+    """Generate the default dataset into ``out`` unless it already holds this exact config."""
+    from hsissl.data.synthetic import make_synthetic
+
+    marker = out / "synthetic.json"
+    wanted = asdict(cfg.synthetic)
+    if marker.is_file() and json.loads(marker.read_text()) == wanted:
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    make_synthetic(tmp, cfg.synthetic)
+    (tmp / "synthetic.json").write_text(json.dumps(wanted))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+@contextmanager
+def stage_run(cfg: Config, stage: str) -> Iterator[object]:
+    """A tracked run of one stage; the resolved config is saved in the run folder and MLflow."""
+    from hsissl import tracking
+
+    stage_dir = run_dir_of(cfg) / stage
+    save_resolved(cfg, stage_dir / "config.yaml")
+    with tracking.start_run(cfg, stage=stage, run_dir=run_dir_of(cfg)) as tracker:
+        yield tracker

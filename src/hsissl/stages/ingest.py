@@ -1,0 +1,207 @@
+"""Stage 1: validate scenes, tile, shard into the artifact store, compute band statistics.
+
+Reads every scene once. Header checks run on all files before anything is written;
+content checks run as pixels are read, and any violation aborts the storage
+transaction, so a failed ingest leaves nothing behind. Re-running with the same input
+files and data config reuses the committed dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from hsissl.config import Config, to_yaml
+from hsissl.data import ohs
+from hsissl.data.normalize import Normalizer
+from hsissl.data.scenes import (
+    DataContractError,
+    SceneHeader,
+    Violation,
+    check_header,
+    discover,
+    read_scene,
+)
+from hsissl.data.shards import FORMAT, MANIFEST, ShardWriter
+from hsissl.data.stats import BandStats
+from hsissl.data.tiling import cut_tiles, tile_positions
+from hsissl.stages.common import dataset_uri, prepare_source, stage_run, storage_of
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config, report: bool = False) -> dict[str, Any]:
+    """Ingest ``cfg.data.source`` (or the generated dataset); returns dataset URI and manifest.
+
+    With ``report=True`` every file is checked, all violations are returned, nothing is written.
+    """
+    root, data_cfg = prepare_source(cfg)
+    headers, violations = validate_headers(
+        root, data_cfg.splits, data_cfg.scene_size, data_cfg.tile_size
+    )
+    if report:
+        return {"violations": violations + validate_content(headers), "source": str(root)}
+    if violations:
+        raise DataContractError(violations)
+
+    storage = storage_of(cfg)
+    prefix = f"datasets/{data_cfg.name}"
+    fingerprint = input_fingerprint(headers, data_cfg)
+    existing = _committed_manifest(storage, prefix)
+    if existing is not None and existing.get("fingerprint") == fingerprint:
+        log.info(
+            "dataset %s is up to date (fingerprint %s); reusing it",
+            storage.join(prefix),
+            fingerprint,
+        )
+        return {"dataset_uri": storage.join(prefix), "manifest": existing, "reused": True}
+
+    with stage_run(cfg, "ingest") as tracker:
+        start = time.perf_counter()
+        with storage.transaction(prefix) as tx:
+            manifest = _write_shards(tx, headers, data_cfg, fingerprint, root)
+            manifest["config"] = asdict(data_cfg)
+            tx.commit(
+                {
+                    "config.yaml": to_yaml(cfg).encode(),
+                    MANIFEST: json.dumps(manifest, indent=1).encode(),
+                }
+            )
+        seconds = time.perf_counter() - start
+        source_mb = sum(h.pair.image.stat().st_size + h.pair.label.stat().st_size
+                        for hs in headers.values() for h in hs) / 1e6  # fmt: skip
+        tracker.log_metrics({f"tiles_{s}": v["tiles"] for s, v in manifest["splits"].items()}
+                            | {"seconds": seconds, "source_mb_per_s": source_mb / max(seconds, 1e-9)})  # fmt: skip
+        tracker.log_dict(manifest, "manifest.json")
+        tracker.set_tags(
+            {
+                "dataset_uri": storage.join(prefix),
+                "normalizer": manifest["normalizer"]["fingerprint"],
+            }
+        )
+    log.info("committed %s (%.1f MB in %.1f s)", storage.join(prefix), source_mb, seconds)
+    return {"dataset_uri": dataset_uri(cfg), "manifest": manifest, "reused": False}
+
+
+def validate_headers(root: Path, splits: list[str], scene_size: int | None,
+                     tile: int) -> tuple[dict[str, list[SceneHeader]], list[Violation]]:  # fmt: skip
+    """Headers of the scenes that pass the header checks per split, and all violations found."""
+    pairs, violations = discover(root, splits)
+    headers: dict[str, list[SceneHeader]] = {}
+    for split, found in pairs.items():
+        headers[split] = []
+        for pair in found:
+            header, bad = check_header(pair, scene_size, tile)
+            violations += bad
+            if header is not None:
+                headers[split].append(header)
+    return headers, violations
+
+
+def validate_content(headers: dict[str, list[SceneHeader]]) -> list[Violation]:
+    violations: list[Violation] = []
+    for split_headers in headers.values():
+        for header in tqdm(split_headers, desc="validate", unit="scene", leave=False):
+            violations += read_scene(header)[2]
+    return violations
+
+
+def input_fingerprint(headers: dict[str, list[SceneHeader]], data_cfg: Any) -> str:
+    """Identity of an ingest: input files (name, size, mtime) and every setting that shapes the output."""
+    digest = hashlib.sha256()
+    settings = {k: v for k, v in asdict(data_cfg).items() if k not in ("readers",)}
+    digest.update(json.dumps([FORMAT, settings], sort_keys=True).encode())
+    for split in sorted(headers):
+        for h in headers[split]:
+            for path in (h.pair.image, h.pair.label):
+                st = path.stat()
+                digest.update(
+                    f"{split}/{path.parent.name}/{path.name}:{st.st_size}:{st.st_mtime_ns}\n".encode()
+                )
+    return digest.hexdigest()[:16]
+
+
+def _committed_manifest(storage: Any, prefix: str) -> dict[str, Any] | None:
+    key = f"{prefix}/{MANIFEST}"
+    return json.loads(storage.get_bytes(key)) if storage.exists(key) else None
+
+
+def _write_shards(tx: Any, headers: dict[str, list[SceneHeader]], data_cfg: Any, fingerprint: str,
+                  root: Path) -> dict[str, Any]:  # fmt: skip
+    tile, stride = data_cfg.tile_size, data_cfg.stride
+    stats = BandStats(ohs.NUM_BANDS)
+    splits: dict[str, Any] = {}
+    total_bytes = sum(h.pair.image.stat().st_size for hs in headers.values() for h in hs)
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="ingest")
+    with (
+        ThreadPoolExecutor(max(1, data_cfg.readers)) as readers,
+        ThreadPoolExecutor(1) as writer_pool,
+    ):
+        for split in data_cfg.splits:
+            writer = ShardWriter(tx, split, data_cfg.shard_tiles, ohs.NUM_BANDS, tile, writer_pool)
+            class_pixels = np.zeros(ohs.NUM_CLASSES + 1, dtype=np.int64)
+            scenes = [h.pair.name for h in headers[split]]
+            tiles = 0
+            # map() keeps order and reads up to `readers` scenes ahead of the tiler.
+            for i, (header, (image, label, bad)) in enumerate(
+                zip(headers[split], readers.map(read_scene, headers[split]), strict=True)
+            ):
+                if bad:
+                    raise DataContractError(bad)
+                positions = tile_positions(header.height, header.width, tile, stride)
+                img_tiles = cut_tiles(image, positions, tile)  # (N, C, T, T)
+                lbl_tiles = cut_tiles(label, positions, tile)  # (N, T, T)
+                if data_cfg.drop_unlabelled:
+                    keep = lbl_tiles.reshape(len(lbl_tiles), -1).any(axis=1)
+                    img_tiles, lbl_tiles = img_tiles[keep], lbl_tiles[keep]
+                    positions = [p for p, k in zip(positions, keep, strict=True) if k]
+                sources = np.array([(i, y, x) for y, x in positions], dtype=np.int32).reshape(-1, 3)
+                writer.add(img_tiles, lbl_tiles, sources)
+                class_pixels += np.bincount(lbl_tiles.ravel(), minlength=ohs.NUM_CLASSES + 1)
+                if split == "tr" and len(img_tiles):
+                    stats.update(img_tiles)
+                tiles += len(img_tiles)
+                bar.update(header.pair.image.stat().st_size)
+            splits[split] = {
+                "tiles": tiles,
+                "scenes": scenes,
+                "class_pixels": class_pixels.tolist(),
+                "shards": writer.close(),
+            }
+    bar.close()
+    if stats.count == 0:
+        raise DataContractError([Violation(str(root / "tr"), "training tiles", "none kept",
+                                           "at least one tile for band statistics")])  # fmt: skip
+    normalizer = Normalizer(tuple(stats.mean()), tuple(stats.std()))
+    return {
+        "format": FORMAT,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "fingerprint": fingerprint,
+        "source": str(root),
+        "bands": ohs.NUM_BANDS,
+        "band_centres_nm": list(ohs.BAND_CENTRES_NM),
+        "tile_size": tile,
+        "stride": stride,
+        "dtype": "int16",
+        "label_dtype": "uint8",
+        "num_classes": ohs.NUM_CLASSES,
+        "class_names": list(ohs.CLASS_NAMES),
+        "splits": splits,
+        "band_stats": {
+            "split": "tr",
+            "pixels": stats.count,
+            "mean": stats.mean(),
+            "std": stats.std(),
+        },
+        "normalizer": normalizer.to_dict(),
+    }

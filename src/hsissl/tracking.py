@@ -1,0 +1,147 @@
+"""Thin MLflow helper every stage uses: one run per stage, config as params + artifact.
+
+Uses ``MlflowClient`` only, so no global active run or global tracking URI is left
+behind when the ``start_run`` block exits.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before mlflow is imported
+
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
+from mlflow.utils.validation import (  # noqa: E402
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+)
+
+from hsissl.config import flatten, to_yaml  # noqa: E402
+
+if TYPE_CHECKING:
+    from hsissl.config import Config
+
+PARENT_RUN_ENV = "HSISSL_PARENT_RUN_ID"
+GIT_SHA_ENV = "HSISSL_GIT_SHA"
+KFP_RUN_ENV = "KFP_RUN_ID"
+
+
+def resolve_uri(configured: str, run_dir: str | Path) -> str:
+    """The tracking URI: ``configured`` if set, else $MLFLOW_TRACKING_URI, else a sqlite
+    file ``<run_dir>/mlflow.db`` (``run_dir`` is created)."""
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{run_dir}/mlflow.db"
+
+
+class Tracker:
+    """Logging handle for one MLflow run (yielded by ``start_run``)."""
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        now_ms = int(time.time() * 1000)
+        items = [Metric(k, float(v), now_ms, step or 0) for k, v in metrics.items()]
+        for i in range(0, len(items), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i : i + MAX_METRICS_PER_BATCH])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, data: dict, name: str) -> None:
+        """Write ``data`` as the JSON artifact ``name`` (e.g. ``"metrics/final.json"``)."""
+        self.client.log_dict(self.run_id, data, name)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(self.run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+
+
+@contextmanager
+def start_run(
+    cfg: Config,
+    stage: str,
+    run_dir: Path,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> Iterator[Tracker]:
+    """One MLflow run named ``stage`` with the config logged; FAILED if the block raises.
+
+    Nested under ``parent_run_id`` (or $HSISSL_PARENT_RUN_ID) when given.
+    """
+    uri = resolve_uri(cfg.tracking.uri, run_dir)
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = _experiment_id(client, cfg.tracking.experiment, uri)
+
+    run_tags = {"stage": stage}
+    sha = _git_sha()
+    if sha:
+        run_tags["git_sha"] = sha
+    if os.environ.get(KFP_RUN_ENV):
+        run_tags["kfp_run_id"] = os.environ[KFP_RUN_ENV]
+    parent = parent_run_id or os.environ.get(PARENT_RUN_ENV)
+    if parent:
+        run_tags[MLFLOW_PARENT_RUN_ID] = parent
+    run_tags.update(tags or {})
+
+    run = client.create_run(experiment_id, run_name=stage, tags=run_tags)
+    tracker = Tracker(client, run.info.run_id)
+    try:
+        # MLflow rejects values over 6000 chars and more than 100 params per call
+        params = [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in flatten(cfg).items()]
+        for i in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
+            client.log_batch(tracker.run_id, params=params[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+        client.log_text(tracker.run_id, to_yaml(cfg), "config.yaml")
+        yield tracker
+    except BaseException:
+        client.set_terminated(tracker.run_id, "FAILED")
+        raise
+    client.set_terminated(tracker.run_id, "FINISHED")
+
+
+def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        # without this MLflow would put artifacts in ./mlruns of whatever the cwd is
+        location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        # parallel stages may race to create it; the loser reuses the winner's
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def _git_sha() -> str | None:
+    """$HSISSL_GIT_SHA, else ``git rev-parse HEAD`` in the cwd, else None."""
+    if os.environ.get(GIT_SHA_ENV):
+        return os.environ[GIT_SHA_ENV]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
