@@ -9,7 +9,6 @@ Per split, shard ``k`` is three files:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,76 +24,125 @@ FORMAT = "hsissl-shards/1"
 MANIFEST = "manifest.json"
 
 
+NPY_HEADER_BYTES = 128  # fixed, so the tile count can be patched in when a shard closes
+
+
+def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """A version 1.0 ``.npy`` header padded to :data:`NPY_HEADER_BYTES`."""
+    body = repr({"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                 "shape": tuple(shape)})  # fmt: skip
+    room = NPY_HEADER_BYTES - 10  # magic (6) + version (2) + header length (2)
+    if len(body) + 1 > room:
+        raise ValueError(f"npy header for shape {shape} does not fit in {NPY_HEADER_BYTES} bytes")
+    return (
+        b"\x93NUMPY\x01\x00" + room.to_bytes(2, "little") + (body.ljust(room - 1) + "\n").encode()
+    )
+
+
 def write_npy(path: Path, array: np.ndarray) -> tuple[str, int]:
-    """Write a C-contiguous array as .npy, hashing the bytes as they go out: (sha256, size)."""
+    """Write an array as .npy in one go: (sha256, size)."""
     array = np.ascontiguousarray(array)
-    head = io.BytesIO()
-    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(array))
-    digest = hashlib.sha256(head.getvalue())
+    head = npy_header(array.dtype, array.shape)
     body = memoryview(array).cast("B")
-    digest.update(body)
     with open(path, "wb") as f:
-        f.write(head.getvalue())
+        f.write(head)
         f.write(body)
-    return digest.hexdigest(), len(head.getvalue()) + body.nbytes
+    return hashlib.sha256(head + body).hexdigest(), len(head) + body.nbytes
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _NpyStream:
+    """An .npy file whose leading dimension grows as rows are appended."""
+
+    def __init__(self, path: Path, dtype: np.dtype, row_shape: tuple[int, ...]):
+        self.path, self.dtype, self.row_shape, self.rows = path, np.dtype(dtype), row_shape, 0
+        self.file = open(path, "wb")  # noqa: SIM115 - closed in finish()
+        self.file.write(npy_header(self.dtype, (0, *row_shape)))
+
+    def append(self, rows: np.ndarray) -> None:
+        self.file.write(memoryview(np.ascontiguousarray(rows, dtype=self.dtype)).cast("B"))
+        self.rows += len(rows)
+
+    def finish(self) -> tuple[str, int]:
+        self.file.seek(0)
+        self.file.write(npy_header(self.dtype, (self.rows, *self.row_shape)))
+        self.file.close()
+        return sha256_file(self.path), self.path.stat().st_size
 
 
 class ShardWriter:
-    """Buffers tiles of one split and writes full shards on a background thread."""
+    """Streams the tiles of one split into shard files on a background thread.
+
+    Tiles go from the scene's array straight to the file (no shard-sized buffer, whose
+    page faults would cost more than the copy); checksums are taken when a shard closes.
+    """
 
     def __init__(self, tx: Transaction, split: str, shard_tiles: int, bands: int, tile: int,
                  pool: ThreadPoolExecutor):  # fmt: skip
         self.tx, self.split, self.pool = tx, split, pool
-        self.shape = (shard_tiles, bands, tile, tile)
+        self.shard_tiles, self.bands, self.tile = shard_tiles, bands, tile
         self.shards: list[dict[str, Any]] = []
         self._pending: list[Future] = []
-        self._new_buffer()
-
-    def _new_buffer(self) -> None:
-        n = self.shape[0]
-        self._img = np.empty(self.shape, dtype=np.int16)  # (S, C, T, T)
-        self._lbl = np.empty((n, *self.shape[2:]), dtype=np.uint8)  # (S, T, T)
-        self._src = np.empty((n, 3), dtype=np.int32)
+        self._open: dict[str, _NpyStream] | None = None
         self._fill = 0
 
     def add(self, images: np.ndarray, labels: np.ndarray, sources: np.ndarray) -> None:
+        """Queue (N, C, T, T) int16 tiles, (N, T, T) uint8 labels, (N, 3) int32 sources."""
         start = 0
         while start < len(images):
-            take = min(len(images) - start, self.shape[0] - self._fill)
-            end, fill = start + take, self._fill
-            self._img[fill : fill + take] = images[start:end]
-            self._lbl[fill : fill + take] = labels[start:end]
-            self._src[fill : fill + take] = sources[start:end]
+            take = min(len(images) - start, self.shard_tiles - self._fill)
+            part = (
+                images[start : start + take],
+                labels[start : start + take],
+                sources[start : start + take],
+            )
+            self._submit(self._append, *part)
             self._fill += take
-            start = end
-            if self._fill == self.shape[0]:
-                self._flush()
+            start += take
+            if self._fill == self.shard_tiles:
+                self._submit(self._finish)
+                self._fill = 0
 
-    def _flush(self) -> None:
-        if self._fill == 0:
+    def _submit(self, fn, *args) -> None:
+        self._pending.append(self.pool.submit(fn, *args))
+        while len(self._pending) > 4:  # bounded queue: at most a few scenes in flight
+            self._pending.pop(0).result()
+
+    def _append(self, images: np.ndarray, labels: np.ndarray, sources: np.ndarray) -> None:
+        if self._open is None:
+            index = len(self.shards)
+            shapes = {"images": (np.int16, (self.bands, self.tile, self.tile)),
+                      "labels": (np.uint8, (self.tile, self.tile)), "sources": (np.int32, (3,))}  # fmt: skip
+            self._open = {kind: _NpyStream(self.tx.path(f"{self.split}/{kind}-{index:05d}.npy"), dt, shape)
+                          for kind, (dt, shape) in shapes.items()}  # fmt: skip
+        for kind, rows in (("images", images), ("labels", labels), ("sources", sources)):
+            self._open[kind].append(rows)
+
+    def _finish(self) -> None:
+        if self._open is None:
             return
-        index = len(self.shards) + len(self._pending)
-        n = self._fill
-        job = (index, self._img[:n], self._lbl[:n], self._src[:n])
-        self._pending.append(self.pool.submit(self._write, *job))
-        if len(self._pending) > 1:  # at most two buffers in memory
-            self.shards.append(self._pending.pop(0).result())
-        self._new_buffer()
-
-    def _write(
-        self, index: int, img: np.ndarray, lbl: np.ndarray, src: np.ndarray
-    ) -> dict[str, Any]:
-        record: dict[str, Any] = {"count": len(img), "files": {}}
-        for kind, arr in (("images", img), ("labels", lbl), ("sources", src)):
-            key = f"{self.split}/{kind}-{index:05d}.npy"
-            sha, size = write_npy(self.tx.path(key), arr)
+        record: dict[str, Any] = {"count": self._open["images"].rows, "files": {}}
+        for kind, stream in self._open.items():
+            sha, size = stream.finish()
+            key = f"{self.split}/{stream.path.name}"
             self.tx.done(key)
             record["files"][kind] = {"key": key, "sha256": sha, "bytes": size}
-        return record
+        self.shards.append(record)
+        self._open = None
 
     def close(self) -> list[dict[str, Any]]:
-        self._flush()
-        self.shards.extend(f.result() for f in self._pending)
+        if self._fill:
+            self._submit(self._finish)
+            self._fill = 0
+        for future in self._pending:
+            future.result()
         self._pending.clear()
         return self.shards
 

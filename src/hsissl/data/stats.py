@@ -1,9 +1,10 @@
 """Exact per-band statistics in one streaming pass.
 
-Pixels are 16-bit integers, so per-batch sums and sums of squares are integers below
-2**53 and float64 BLAS reductions of them are exact; they are accumulated as Python
-integers, so mean and variance are exact up to the final float64 division, whatever
-the dataset size or the order of scenes.
+Pixels are 16-bit integers, so per-batch sums and sums of squares are computed exactly
+in int64 (a batch of up to ~8e9 values per band cannot overflow) and accumulated as
+Python integers; mean and variance are exact up to the final float64 division, whatever
+the dataset size or the order of scenes. Partial sums can be computed on worker threads
+(:func:`band_sums`) and merged in any order.
 """
 
 from __future__ import annotations
@@ -12,8 +13,16 @@ from fractions import Fraction
 
 import numpy as np
 
-# Per call at most 2**53 / 32767**2 ~ 8.4e6 values per band keep float64 sums exact.
-_CHUNK = 8_000_000
+
+def band_sums(tiles: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """(pixels per band, per-band sum, per-band sum of squares) of (N, C, H, W) or (C, H, W) integers."""
+    if tiles.dtype.kind not in "iu" or tiles.dtype.itemsize > 2:
+        raise TypeError(f"band statistics take 8/16-bit integer pixels, got {tiles.dtype}")
+    if tiles.ndim == 3:
+        tiles = tiles[None]
+    sums = tiles.sum(axis=(0, 2, 3), dtype=np.int64)
+    sumsq = np.einsum("nchw,nchw->c", tiles, tiles, dtype=np.int64)
+    return tiles.shape[0] * tiles.shape[2] * tiles.shape[3], sums, sumsq
 
 
 class BandStats:
@@ -25,17 +34,15 @@ class BandStats:
 
     def update(self, tiles: np.ndarray) -> None:
         """Add (N, C, H, W) or (C, H, W) integer pixels."""
-        if tiles.dtype.kind not in "iu" or tiles.dtype.itemsize > 2:
-            raise TypeError(f"BandStats takes 8/16-bit integer pixels, got {tiles.dtype}")
-        flat = np.moveaxis(tiles, -3, 0).reshape(self.bands, -1)  # (C, P)
-        for start in range(0, flat.shape[1], _CHUNK):
-            part = flat[:, start : start + _CHUNK].astype(np.float64)
-            sums = part.sum(axis=1)
-            sumsq = np.einsum("cp,cp->c", part, part)
-            for c in range(self.bands):
-                self._sum[c] += int(sums[c])
-                self._sumsq[c] += int(sumsq[c])
-        self.count += flat.shape[1]
+        self.merge(*band_sums(tiles))
+
+    def merge(self, count: int, sums: np.ndarray, sumsq: np.ndarray) -> None:
+        if len(sums) != self.bands:
+            raise ValueError(f"expected {self.bands} bands, got {len(sums)}")
+        for c in range(self.bands):
+            self._sum[c] += int(sums[c])
+            self._sumsq[c] += int(sumsq[c])
+        self.count += count
 
     def mean(self) -> list[float]:
         self._require_data()

@@ -12,9 +12,12 @@ import hashlib
 import json
 import logging
 import time
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,7 @@ from hsissl.data.scenes import (
     read_scene,
 )
 from hsissl.data.shards import FORMAT, MANIFEST, ShardWriter
-from hsissl.data.stats import BandStats
+from hsissl.data.stats import BandStats, band_sums
 from hsissl.data.tiling import cut_tiles, tile_positions
 from hsissl.stages.common import dataset_uri, prepare_source, stage_run, storage_of
 
@@ -136,6 +139,46 @@ def _committed_manifest(storage: Any, prefix: str) -> dict[str, Any] | None:
     return json.loads(storage.get_bytes(key)) if storage.exists(key) else None
 
 
+def _bounded_map(pool: ThreadPoolExecutor, fn, items: list, ahead: int) -> Iterator:
+    """Like ``pool.map`` (ordered) but with at most ``ahead`` results in flight: bounded memory."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+@dataclass
+class _PreparedScene:
+    images: np.ndarray | None  # (N, C, T, T) int16
+    labels: np.ndarray | None  # (N, T, T) uint8
+    positions: list[tuple[int, int]]
+    class_pixels: np.ndarray | None  # (NUM_CLASSES + 1,)
+    sums: tuple | None  # band_sums() of the kept tiles
+    source_bytes: int
+    violations: list[Violation]
+
+
+def _prepare_scene(header: SceneHeader, tile: int, stride: int, drop: bool) -> _PreparedScene:
+    """Read, check, tile and summarise one scene (runs on a reader thread)."""
+    image, label, bad = read_scene(header)
+    size = header.pair.image.stat().st_size
+    if bad:
+        return _PreparedScene(None, None, [], None, None, size, bad)
+    positions = tile_positions(header.height, header.width, tile, stride)
+    img_tiles = cut_tiles(image, positions, tile)  # (N, C, T, T)
+    lbl_tiles = cut_tiles(label, positions, tile)  # (N, T, T)
+    if drop:
+        keep = lbl_tiles.reshape(len(lbl_tiles), -1).any(axis=1)
+        img_tiles, lbl_tiles = img_tiles[keep], lbl_tiles[keep]
+        positions = [p for p, k in zip(positions, keep, strict=True) if k]
+    counts = np.bincount(lbl_tiles.ravel(), minlength=ohs.NUM_CLASSES + 1)
+    sums = band_sums(img_tiles) if len(img_tiles) else None
+    return _PreparedScene(img_tiles, lbl_tiles, positions, counts, sums, size, [])
+
+
 def _write_shards(tx: Any, headers: dict[str, list[SceneHeader]], data_cfg: Any, fingerprint: str,
                   root: Path) -> dict[str, Any]:  # fmt: skip
     tile, stride = data_cfg.tile_size, data_cfg.stride
@@ -143,8 +186,9 @@ def _write_shards(tx: Any, headers: dict[str, list[SceneHeader]], data_cfg: Any,
     splits: dict[str, Any] = {}
     total_bytes = sum(h.pair.image.stat().st_size for hs in headers.values() for h in hs)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="ingest")
+    n_readers = max(1, data_cfg.readers)
     with (
-        ThreadPoolExecutor(max(1, data_cfg.readers)) as readers,
+        ThreadPoolExecutor(n_readers) as readers,
         ThreadPoolExecutor(1) as writer_pool,
     ):
         for split in data_cfg.splits:
@@ -152,26 +196,24 @@ def _write_shards(tx: Any, headers: dict[str, list[SceneHeader]], data_cfg: Any,
             class_pixels = np.zeros(ohs.NUM_CLASSES + 1, dtype=np.int64)
             scenes = [h.pair.name for h in headers[split]]
             tiles = 0
-            # map() keeps order and reads up to `readers` scenes ahead of the tiler.
-            for i, (header, (image, label, bad)) in enumerate(
-                zip(headers[split], readers.map(read_scene, headers[split]), strict=True)
+            # Ordered, bounded read-ahead; reading, tiling and statistics run on `readers` threads.
+            prepare = partial(
+                _prepare_scene, tile=tile, stride=stride, drop=data_cfg.drop_unlabelled
+            )
+            for i, scene in enumerate(
+                _bounded_map(readers, prepare, headers[split], ahead=2 * n_readers)
             ):
-                if bad:
-                    raise DataContractError(bad)
-                positions = tile_positions(header.height, header.width, tile, stride)
-                img_tiles = cut_tiles(image, positions, tile)  # (N, C, T, T)
-                lbl_tiles = cut_tiles(label, positions, tile)  # (N, T, T)
-                if data_cfg.drop_unlabelled:
-                    keep = lbl_tiles.reshape(len(lbl_tiles), -1).any(axis=1)
-                    img_tiles, lbl_tiles = img_tiles[keep], lbl_tiles[keep]
-                    positions = [p for p, k in zip(positions, keep, strict=True) if k]
-                sources = np.array([(i, y, x) for y, x in positions], dtype=np.int32).reshape(-1, 3)
-                writer.add(img_tiles, lbl_tiles, sources)
-                class_pixels += np.bincount(lbl_tiles.ravel(), minlength=ohs.NUM_CLASSES + 1)
-                if split == "tr" and len(img_tiles):
-                    stats.update(img_tiles)
-                tiles += len(img_tiles)
-                bar.update(header.pair.image.stat().st_size)
+                if scene.violations:
+                    raise DataContractError(scene.violations)
+                sources = np.array([(i, y, x) for y, x in scene.positions], dtype=np.int32).reshape(
+                    -1, 3
+                )
+                writer.add(scene.images, scene.labels, sources)
+                class_pixels += scene.class_pixels
+                if split == "tr" and scene.sums is not None:
+                    stats.merge(*scene.sums)
+                tiles += len(scene.images)
+                bar.update(scene.source_bytes)
             splits[split] = {
                 "tiles": tiles,
                 "scenes": scenes,
