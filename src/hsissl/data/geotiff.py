@@ -24,7 +24,7 @@ def write_image(
     transform: Affine | None = None,
     crs: str | None = DEFAULT_CRS,
 ) -> Path:
-    """Write a (C, H, W) array as an uncompressed tiled GeoTIFF, atomically."""
+    """Write a (C, H, W) array as an uncompressed band-interleaved GeoTIFF, atomically."""
     if image.ndim != 3:
         raise ValueError(f"{path}: expected a (C, H, W) image, got shape {image.shape}")
     return _write(path, image, transform, crs)
