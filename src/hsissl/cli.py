@@ -22,6 +22,7 @@ STAGES: dict[str, tuple[str, str]] = {
         "write the generated WHU-OHS-layout dataset (the default input)",
     ),
     "ingest": ("ingest", "validate scenes, tile, shard into the artifact store, band statistics"),
+    "pretrain-mae": ("pretrain_mae", "pretrain a masked autoencoder (ViT-B/8, 75% masking)"),
 }
 
 EPILOG = """\

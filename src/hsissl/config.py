@@ -61,6 +61,78 @@ class TrackingConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Trainer machinery shared by MAE, DINOv2 and SS-ViT."""
+
+    name: str = ""  # checkpoints go to <store>/checkpoints/<name or method>/
+    batch_size: int = 128  # per device
+    epochs: float = 100.0  # passes over the training tiles
+    max_steps: int = 0  # > 0 overrides epochs
+    amp: bool = True  # bf16 autocast on CUDA
+    compile: bool = False  # torch.compile the training module
+    ckpt_every: int = 500  # steps between resumable checkpoints (and one at the end)
+    log_every: int = 20
+    knn_every: int = 0  # steps between k-NN probes on labelled val tiles; 0 = only at the end
+    knn_k: int = 20
+    knn_tiles: int = 2048  # tiles per side (bank from tr, queries from va)
+    deterministic: bool = False  # bit-reproducible kernels (slower)
+    loader_threads: int = 4
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class OptimConfig:
+    model: str = ""  # factory in hsissl.models; "" = the method's ViT-B/8
+    lr: float = 1.5e-4  # peak learning rate after warmup
+    min_lr: float = 1e-6  # cosine schedule floor
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    clip_grad: float = 3.0  # max grad norm; 0 = off
+    drop_rate: float = 0.1  # dropout (the dissertation's 0.1)
+
+
+@dataclass
+class MAEConfig(OptimConfig):
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = False
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+
+
+@dataclass
+class DINOv2Config(OptimConfig):
+    lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.04
+    drop_rate: float = 0.0
+    out_dim: int = 65536  # prototypes
+    head_hidden: int = 2048
+    head_bottleneck: int = 256
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    teacher_temp_warmup: float = 0.04  # start of the linear teacher-temperature warm-up
+    teacher_temp_warmup_fraction: float = 0.3
+    momentum_teacher: float = 0.992  # EMA momentum, cosine schedule to 1.0
+    centering: str = "sinkhorn"  # sinkhorn | center
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])  # iBOT per-image range
+    mask_probability: float = 0.5  # share of images with masked patches
+    n_local_crops: int = 8
+    local_size: int = 32
+    global_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
+
+
+@dataclass
+class SSViTConfig(DINOv2Config):
+    spatial_weight: float = 1.0  # loss weights of the two streams
+    spectral_weight: float = 1.0
+    spectral_mask_ratio: float = 0.25  # share of band-pair tokens masked in the spectral stream
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/local"
     seed: int = 0
@@ -68,6 +140,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    dinov2: DINOv2Config = field(default_factory=DINOv2Config)
+    ssvit: SSViTConfig = field(default_factory=SSViTConfig)
 
 
 def load_config(

@@ -1,0 +1,78 @@
+"""Checkpoints: resumable training state and the encoder record every later stage loads.
+
+An encoder record carries what is needed to use the encoder correctly anywhere: how to
+build it (factory + kwargs), its weights, the Normalizer its inputs must go through, the
+dataset it was trained on and the resolved config.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hsissl.data.normalize import Normalizer, NormalizerMismatch
+from hsissl.models import create_model
+from hsissl.storage import Storage, open_storage
+
+ENCODER_FORMAT = "hsissl-encoder/1"
+TRAIN_FORMAT = "hsissl-train/1"
+
+
+def save(storage: Storage, key: str, payload: dict[str, Any]) -> str:
+    """torch.save to the store, atomically (a reader never sees half a file)."""
+    fd, tmp = tempfile.mkstemp(suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        storage.put_file(Path(tmp), key)
+    finally:
+        os.unlink(tmp)
+    return storage.join(key)
+
+
+def load(storage: Storage, key: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    data = storage.get_bytes(key)
+    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+
+
+def encoder_record(encoder: nn.Module, build: dict[str, Any], normalizer: Normalizer, method: str,
+                   dataset: dict[str, str], config: dict[str, Any], step: int) -> dict[str, Any]:  # fmt: skip
+    return {
+        "format": ENCODER_FORMAT,
+        "method": method,
+        "build": build,  # {"factory": name in hsissl.models.MODELS, "kwargs": {...}, "attr": "encoder" | None}
+        "state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
+        "normalizer": normalizer.to_dict(),
+        "dataset": dataset,  # {"uri": ..., "fingerprint": normalizer fingerprint of the dataset}
+        "config": config,
+        "step": step,
+    }
+
+
+def build_encoder(build: dict[str, Any]) -> nn.Module:
+    model = create_model(build["factory"], **build.get("kwargs", {}))
+    return getattr(model, build["attr"]) if build.get("attr") else model
+
+
+def load_encoder(
+    uri: str, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, Normalizer, dict]:
+    """(encoder in eval mode, its Normalizer, the record without weights) from an encoder URI."""
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    record = load(open_storage(parent), name, map_location=map_location)
+    if record.get("format") != ENCODER_FORMAT:
+        raise ValueError(f"{uri}: format {record.get('format')!r}, expected {ENCODER_FORMAT!r}")
+    if "normalizer" not in record:
+        raise NormalizerMismatch(
+            f"{uri}: the checkpoint carries no Normalizer; refusing to guess one"
+        )
+    normalizer = Normalizer.from_dict(record["normalizer"], origin=uri)
+    encoder = build_encoder(record["build"])
+    encoder.load_state_dict(record.pop("state_dict"))
+    return encoder.eval(), normalizer, record

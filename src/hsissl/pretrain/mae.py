@@ -1,0 +1,39 @@
+"""MAE pretraining (He et al. 2022): reconstruct 75 % masked patches of 32-band tiles."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from hsissl.config import Config
+from hsissl.data.augment import MAEAugment
+from hsissl.models import create_model
+from hsissl.pretrain.recipe import Recipe
+
+
+class MAERecipe(Recipe):
+    method = "mae"
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        mc = cfg.mae
+        self.factory = mc.model or "mae_vit_base_patch8_64"
+        self.kwargs = {"norm_pix_loss": mc.norm_pix_loss}
+        self.model = create_model(self.factory, **self.kwargs)
+        self.augment = MAEAugment(size=cfg.data.tile_size, scale=tuple(mc.crop_scale))
+        self.mask_ratio = mc.mask_ratio
+
+    def forward(
+        self, images: torch.Tensor, step: int, total: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        x = self.augment(images)  # (B, C, T, T)
+        loss, _, mask = self.model(x, self.mask_ratio)
+        return loss, {"loss_mae": float(loss.detach()), "mask_ratio": float(mask.float().mean())}
+
+    def encoder(self) -> nn.Module:
+        return self.model.encoder
+
+    def build(self) -> dict[str, Any]:
+        return {"factory": self.factory, "kwargs": self.kwargs, "attr": "encoder"}

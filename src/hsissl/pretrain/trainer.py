@@ -1,0 +1,217 @@
+"""The one training loop every pretraining method runs (MAE, DINOv2, SS-ViT).
+
+AdamW (fused on CUDA) with warmup + cosine schedule, bf16 autocast on CUDA, optional
+torch.compile, gradient clipping, DDP under torchrun, checkpoints every N steps with
+everything needed for an exact resume (weights, optimiser, step, RNG states, loader
+position, Normalizer), a k-NN probe on labelled validation tiles, and MLflow logging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from hsissl.config import Config, OptimConfig
+from hsissl.data.loaders import TileBatches
+from hsissl.data.shards import ShardDataset
+from hsissl.pretrain import checkpoint, knn
+from hsissl.pretrain.recipe import Recipe
+from hsissl.pretrain.runtime import Runtime, autocast, rng_state, set_rng_state, setup
+from hsissl.stages.common import dataset_uri, stage_run, storage_of
+
+log = logging.getLogger(__name__)
+
+
+def cosine_lr(step: int, total: int, opt: OptimConfig) -> float:
+    """Linear warmup to ``opt.lr``, then cosine decay to ``opt.min_lr``."""
+    warmup = int(opt.warmup_fraction * total)
+    if step < warmup:
+        return opt.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return opt.min_lr + 0.5 * (opt.lr - opt.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def _endless(loader: TileBatches) -> Iterator:
+    while True:
+        yield from loader
+
+
+class Trainer:
+    def __init__(self, cfg: Config, recipe_cls: type[Recipe], stage: str):
+        self.cfg, self.stage, self.pc = cfg, stage, cfg.pretrain
+        self.method = recipe_cls.method
+        self.opt_cfg: OptimConfig = getattr(cfg, self.method)
+        self.rt: Runtime = setup(self.pc.device, cfg.seed, self.pc.deterministic)
+        self.dataset = ShardDataset(dataset_uri(cfg))
+        self.normalizer = self.dataset.normalizer
+        self.loader = TileBatches(self.dataset.split("tr"), self.pc.batch_size, seed=cfg.seed,
+                                  rank=self.rt.rank, world_size=self.rt.world_size,
+                                  workers=self.pc.loader_threads)  # fmt: skip
+        self.total = self.pc.max_steps or max(1, math.ceil(self.pc.epochs * len(self.loader)))
+        self.recipe = recipe_cls(cfg).to(self.rt.device)
+        self.optimizer = torch.optim.AdamW(
+            self.recipe.param_groups(self.opt_cfg.weight_decay), lr=self.opt_cfg.lr,
+            betas=tuple(self.opt_cfg.betas), fused=self.rt.cuda,
+        )  # fmt: skip
+        self.store = storage_of(cfg)
+        self.prefix = f"checkpoints/{self.pc.name or self.method}"
+        self.step = 0
+
+    # -- checkpoints ------------------------------------------------------------------
+    def save_train_state(self) -> None:
+        if not self.rt.is_main:
+            return
+        state = {
+            "format": checkpoint.TRAIN_FORMAT,
+            "method": self.method,
+            "step": self.step,
+            "recipe": self.recipe.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loader": self.loader.state_dict(),
+            "rng": rng_state(),
+            "normalizer": self.normalizer.to_dict(),
+            "config": asdict(self.cfg),
+        }
+        checkpoint.save(self.store, f"{self.prefix}/train.pt", state)
+
+    def maybe_resume(self) -> bool:
+        key = f"{self.prefix}/train.pt"
+        if not self.store.exists(key):
+            return False
+        state = checkpoint.load(self.store, key, map_location=self.rt.device)
+        self.normalizer.check(
+            state["normalizer"]["fingerprint"], f"checkpoint {self.store.join(key)}"
+        )
+        self.recipe.load_state_dict(state["recipe"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        log.info("resumed %s from step %d (%s)", self.method, self.step, self.store.join(key))
+        return True
+
+    def save_encoder(self) -> str:
+        record = checkpoint.encoder_record(
+            self.recipe.encoder(), self.recipe.build(), self.normalizer, self.method,
+            {"uri": self.dataset.uri, "fingerprint": self.normalizer.fingerprint},
+            asdict(self.cfg), self.step,
+        )  # fmt: skip
+        return checkpoint.save(self.store, f"{self.prefix}/encoder.pt", record)
+
+    # -- probe ------------------------------------------------------------------------
+    def knn_probe(self) -> float | None:
+        if "va" not in self.dataset.splits:
+            return None
+        tiles = self.pc.knn_tiles
+        bank = knn.sample(self.dataset.split("tr"), tiles, seed=1)
+        queries = knn.sample(self.dataset.split("va"), tiles, seed=2)
+        was_training = self.recipe.training
+        self.recipe.eval()
+        with autocast(self.rt, self.pc.amp):
+            acc = knn.knn_accuracy(
+                self.recipe.embed, self.normalizer, bank, queries, self.pc.knn_k, self.rt.device
+            )
+        self.recipe.train(was_training)
+        return acc
+
+    # -- loop -------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        resumed = self.maybe_resume()
+        model: torch.nn.Module = self.recipe
+        if self.rt.world_size > 1:
+            model = DistributedDataParallel(
+                model, device_ids=[self.rt.device.index] if self.rt.cuda else None
+            )
+        if self.pc.compile:
+            model = torch.compile(model)
+        tracked = stage_run(self.cfg, self.stage) if self.rt.is_main else contextlib.nullcontext()
+        with tracked as tracker:
+            if tracker is not None:
+                tracker.set_tags({"method": self.method, "resumed_from_step": str(self.step) if resumed else "0",
+                                  "normalizer": self.normalizer.fingerprint})  # fmt: skip
+            metrics = self._loop(model, tracker)
+            encoder_uri = self.save_encoder() if self.rt.is_main else ""
+            if tracker is not None:
+                tracker.set_tags({"encoder_uri": encoder_uri})
+                tracker.log_dict({"encoder_uri": encoder_uri, "build": self.recipe.build(),
+                                  "normalizer": self.normalizer.to_dict(), "metrics": metrics}, "encoder.json")  # fmt: skip
+        return {
+            "encoder_uri": encoder_uri,
+            "steps": self.step,
+            "metrics": metrics,
+            "resumed": resumed,
+        }
+
+    def _loop(self, model: torch.nn.Module, tracker: Any) -> dict[str, float]:
+        stream = _endless(self.loader)
+        bar = tqdm(total=self.total, initial=self.step, desc=f"pretrain-{self.method}", unit="step",
+                   disable=not self.rt.is_main)  # fmt: skip
+        window_start, window_images = time.perf_counter(), 0
+        last: dict[str, float] = {}
+        self.recipe.train()
+        while self.step < self.total:
+            lr = cosine_lr(self.step, self.total, self.opt_cfg)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            images, _ = next(stream)
+            x = self.normalizer(
+                images.to(self.rt.device, non_blocking=True)
+            )  # (B, C, H, W) float32
+            with autocast(self.rt, self.pc.amp):
+                loss, logs = model(x, self.step, self.total)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{self.method} step {self.step}: loss is {loss.item()} "
+                                         f"(lr {lr:.2e}); lower the lr or check the data")  # fmt: skip
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.opt_cfg.clip_grad > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    self.recipe.parameters(), self.opt_cfg.clip_grad
+                )
+                logs["grad_norm"] = float(grad_norm)
+            self.optimizer.step()
+            logs |= self.recipe.after_step(self.step, self.total)
+            self.step += 1
+            window_images += len(x) * self.rt.world_size
+            bar.update(1)
+            if self.step % self.pc.log_every == 0 or self.step == self.total:
+                elapsed = time.perf_counter() - window_start
+                last = {
+                    "loss": float(loss.detach()),
+                    "lr": lr,
+                    "img_per_s": window_images / max(elapsed, 1e-9),
+                } | logs
+                bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['img_per_s']:.0f}")
+                if tracker is not None:
+                    tracker.log_metrics(last, step=self.step)
+                window_start, window_images = time.perf_counter(), 0
+            if self.pc.knn_every and self.step % self.pc.knn_every == 0 and self.rt.is_main:
+                acc = self.knn_probe()
+                if acc is not None and tracker is not None:
+                    tracker.log_metrics({"knn_acc": acc}, step=self.step)
+            if self.step % self.pc.ckpt_every == 0 or self.step == self.total:
+                self.save_train_state()
+        bar.close()
+        if self.rt.is_main:
+            acc = self.knn_probe()
+            if acc is not None:
+                last["knn_acc"] = acc
+                if tracker is not None:
+                    tracker.log_metrics({"knn_acc": acc}, step=self.step)
+        return last
+
+
+def pretrain(cfg: Config, recipe_cls: type[Recipe], stage: str) -> dict[str, Any]:
+    result = Trainer(cfg, recipe_cls, stage).fit()
+    log.info("%s: %s", stage, json.dumps({k: v for k, v in result.items() if k != "metrics"}))
+    return result

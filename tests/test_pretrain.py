@@ -1,0 +1,139 @@
+"""The shared trainer with the MAE recipe: learning, checkpoints, exact resume after a kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hsissl.config import load_config
+from hsissl.data.normalize import NormalizerMismatch
+from hsissl.data.shards import ShardDataset
+from hsissl.pretrain import checkpoint
+from hsissl.pretrain.mae import MAERecipe
+from hsissl.pretrain.trainer import cosine_lr, pretrain
+from hsissl.stages import ingest
+from hsissl.stages.common import storage_of
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mae_overrides(run_dir: Path, **extra: object) -> list[str]:
+    base = {
+        "run_dir": run_dir, "synthetic.scenes": "{tr: 4, va: 1, ts: 1}", "synthetic.size": 128,
+        "data.scene_size": 128, "pretrain.batch_size": 16, "pretrain.max_steps": 12,
+        "pretrain.ckpt_every": 4, "pretrain.log_every": 1, "pretrain.knn_tiles": 64,
+        "pretrain.deterministic": "true", "pretrain.loader_threads": 1,
+        "mae.model": "mae_vit_tiny_patch8_64", "mae.lr": 2e-3, "tracking.uri": "",
+    }  # fmt: skip
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory) -> Path:
+    """A run folder holding an ingested small generated dataset."""
+    run_dir = tmp_path_factory.mktemp("pretrain") / "run"
+    ingest.run(load_config(REPO / "configs" / "tiny.yaml", mae_overrides(run_dir)))
+    return run_dir
+
+
+def cfg_for(run_dir: Path, **extra: object):
+    return load_config(REPO / "configs" / "tiny.yaml", mae_overrides(run_dir, **extra))
+
+
+def losses(run_dir: Path) -> list[float]:
+    with sqlite3.connect(run_dir / "mlflow.db") as con:
+        rows = con.execute(
+            "select m.step, m.value from metrics m join runs r on m.run_uuid = r.run_uuid "
+            "where m.key = 'loss' and r.status = 'FINISHED' order by r.start_time desc, m.step"
+        ).fetchall()
+    return [v for _, v in rows]
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    cfg = load_config(None, ["mae.lr=1.0", "mae.min_lr=0.0", "mae.warmup_fraction=0.1"]).mae
+    assert cosine_lr(0, 100, cfg) == pytest.approx(0.1)
+    assert cosine_lr(9, 100, cfg) == pytest.approx(1.0)
+    assert cosine_lr(55, 100, cfg) == pytest.approx(0.5, abs=0.02)
+    assert cosine_lr(99, 100, cfg) < 0.01
+
+
+def test_mae_learns_and_writes_an_encoder_record(synthetic_run):
+    cfg = cfg_for(synthetic_run, **{"pretrain.name": "learn", "pretrain.max_steps": 40,
+                                    "pretrain.deterministic": "false"})  # fmt: skip
+    result = pretrain(cfg, MAERecipe, stage="pretrain-mae")
+    history = losses(synthetic_run)
+    assert len(history) == 40
+    first, last = sum(history[:5]) / 5, sum(history[-5:]) / 5
+    assert last < 0.8 * first, f"MAE loss did not decrease: {first:.3f} -> {last:.3f}"
+    encoder, normalizer, record = checkpoint.load_encoder(result["encoder_uri"])
+    dataset = ShardDataset(storage_of(cfg).join("datasets/whu-ohs"))
+    assert normalizer == dataset.normalizer and record["method"] == "mae" and record["step"] == 40
+    tokens = encoder.forward_features(torch.zeros(2, 32, 64, 64))
+    assert tokens.shape == (2, 65, 64)
+    assert 0.0 <= result["metrics"]["knn_acc"] <= 1.0
+
+
+def _weights(uri: str) -> dict[str, torch.Tensor]:
+    encoder, _, _ = checkpoint.load_encoder(uri)
+    return encoder.state_dict()
+
+
+def test_kill_and_resume_gives_the_uninterrupted_weights(synthetic_run):
+    reference = pretrain(
+        cfg_for(synthetic_run, **{"pretrain.name": "straight"}), MAERecipe, "pretrain-mae"
+    )
+    args = ["pretrain-mae", "--config", str(REPO / "configs" / "tiny.yaml"),
+            *mae_overrides(synthetic_run, **{"pretrain.name": "killed"})]  # fmt: skip
+    train_state = storage_of(cfg_for(synthetic_run)).local_path("checkpoints/killed/train.pt")
+    proc = subprocess.Popen([sys.executable, "-m", "hsissl.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not train_state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(
+        proc.pid, signal.SIGKILL
+    )  # wherever it is: any committed checkpoint must resume exactly
+    proc.wait()
+    assert train_state.exists(), "the killed run never wrote a checkpoint"
+    killed_at = torch.load(train_state, weights_only=False)["step"]
+    resumed = pretrain(
+        cfg_for(synthetic_run, **{"pretrain.name": "killed"}), MAERecipe, "pretrain-mae"
+    )
+    assert resumed["resumed"] and killed_at < 12
+    a, b = _weights(reference["encoder_uri"]), _weights(resumed["encoder_uri"])
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume from step {killed_at}"
+
+
+def test_resume_refuses_a_checkpoint_from_other_statistics(synthetic_run, tmp_path):
+    cfg = cfg_for(synthetic_run, **{"pretrain.name": "foreign", "pretrain.max_steps": 4})
+    pretrain(cfg, MAERecipe, "pretrain-mae")
+    # The same checkpoint folder, now next to a dataset with different band statistics.
+    other = cfg_for(tmp_path / "other", **{"pretrain.name": "foreign", "synthetic.seed": 5})
+    ingest.run(other)
+    store = storage_of(other)
+    store.put_bytes("checkpoints/foreign/train.pt",
+                    storage_of(cfg).get_bytes("checkpoints/foreign/train.pt"))  # fmt: skip
+    with pytest.raises(NormalizerMismatch, match="was normalised with statistics"):
+        pretrain(other, MAERecipe, "pretrain-mae")
+
+
+def test_cuda_is_optional():
+    cfg = load_config(None, ["pretrain.device=cuda"])
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present; this checks the CPU-only error path")
+    from hsissl.pretrain.runtime import setup
+
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        setup(cfg.pretrain.device)
+    assert setup("auto").device.type == "cpu"
