@@ -133,6 +133,70 @@ class SSViTConfig(DINOv2Config):
 
 
 @dataclass
+class FinetuneConfig:
+    """A segmentation head on a frozen encoder (the dissertation's runs 1-9)."""
+
+    encoder: str = ""  # encoder record URI, or random:<factory> for the random-init control
+    head: str = "linear"  # linear (multiscale) | conv (UNet-like) | segmenter (mask transformer)
+    name: str = ""  # results go to <store>/results/<name>; "" = finetune-<encoder>-<head>
+    n_blocks: int = 4  # last blocks whose patch tokens feed the head
+    loss: str = "ce"  # ce | focal
+    focal_gamma: float = 2.0
+    class_weights: bool = False  # inverse-frequency weights from the manifest's class counts
+    lr: float = 1e-4
+    poly_power: float = 0.9
+    weight_decay: float = 0.01
+    batch_size: int = 64
+    epochs: float = 20.0
+    max_steps: int = 0  # > 0 overrides epochs
+    eval_split: str = "ts"
+    eval_scenes: int = 0  # whole scenes evaluated by sliding window; 0 = all in eval_split
+    eval_stride: int = 64  # sliding-window stride for whole-scene evaluation
+    segmenter_depth: int = 2
+    segmenter_heads: int = 12
+    loader_threads: int = 4
+
+
+@dataclass
+class BaselineConfig:
+    """DeepLabV3+ (ResNet-50 V1c encoder, FCN auxiliary head) from scratch on whole scenes."""
+
+    name: str = "baseline-deeplabv3plus"
+    encoder: str = "resnet50c"  # timm name; resnet50c = ResNet-50 V1c (deep 3x3 stem)
+    batch_size: int = 8  # whole scenes
+    epochs: float = 50.0
+    max_steps: int = 0
+    lr: float = 1e-3
+    poly_power: float = 0.9
+    weight_decay: float = 1e-4
+    aux_weight: float = 0.4  # FCN auxiliary head loss weight
+    crop_size: int = 0  # random crops of this side for training; 0 = whole scenes
+    eval_split: str = "ts"
+
+
+@dataclass
+class PCAConfig:
+    """The dissertation's proof of concept: PCA 32 -> 3 bands + reconstruction checks."""
+
+    name: str = "pca-poc"
+    components: int = 3
+    fit_pixels: int = 200_000  # random training pixels the PCA is fitted on
+    encoder: str = ""  # optional frozen 32-band MAE encoder record for the reconstruction check
+    decoder_steps: int = 500  # steps training the 3-band -> 32-band decoder
+    batch_size: int = 64
+    lr: float = 1e-3
+
+
+@dataclass
+class ReportConfig:
+    name: str = "report"
+    results: list[str] = field(
+        default_factory=list
+    )  # result folders; [] = every results/* in the store
+    scenes: int = 3  # scenes shown as predicted vs ground-truth maps
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/local"
     seed: int = 0
@@ -144,6 +208,10 @@ class Config:
     mae: MAEConfig = field(default_factory=MAEConfig)
     dinov2: DINOv2Config = field(default_factory=DINOv2Config)
     ssvit: SSViTConfig = field(default_factory=SSViTConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    pca: PCAConfig = field(default_factory=PCAConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 def load_config(

@@ -66,6 +66,7 @@ class Trainer:
         self.store = storage_of(cfg)
         self.prefix = f"checkpoints/{self.pc.name or self.method}"
         self.step = 0
+        self.history: list[dict[str, float]] = []  # logged metrics of this process (for reports)
 
     # -- checkpoints ------------------------------------------------------------------
     def save_train_state(self) -> None:
@@ -83,6 +84,7 @@ class Trainer:
             "config": asdict(self.cfg),
         }
         checkpoint.save(self.store, f"{self.prefix}/train.pt", state)
+        self._save_history()
 
     def maybe_resume(self) -> bool:
         key = f"{self.prefix}/train.pt"
@@ -107,6 +109,14 @@ class Trainer:
             asdict(self.cfg), self.step,
         )  # fmt: skip
         return checkpoint.save(self.store, f"{self.prefix}/encoder.pt", record)
+
+    def _save_history(self) -> None:
+        """Loss curves for reports, merged with those of earlier (resumed) processes."""
+        key = f"{self.prefix}/history.json"
+        earlier = json.loads(self.store.get_bytes(key)) if self.store.exists(key) else []
+        mine = {int(h["step"]) for h in self.history}
+        merged = [h for h in earlier if int(h["step"]) not in mine] + self.history
+        self.store.put_bytes(key, json.dumps(sorted(merged, key=lambda h: h["step"])).encode())
 
     # -- probe ------------------------------------------------------------------------
     def knn_probe(self) -> float | None:
@@ -141,6 +151,8 @@ class Trainer:
                                   "normalizer": self.normalizer.fingerprint})  # fmt: skip
             metrics = self._loop(model, tracker)
             encoder_uri = self.save_encoder() if self.rt.is_main else ""
+            if self.rt.is_main:
+                self._save_history()
             if tracker is not None:
                 tracker.set_tags({"encoder_uri": encoder_uri})
                 tracker.log_dict({"encoder_uri": encoder_uri, "build": self.recipe.build(),
@@ -192,6 +204,7 @@ class Trainer:
                     "img_per_s": window_images / max(elapsed, 1e-9),
                 } | logs
                 bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['img_per_s']:.0f}")
+                self.history.append({"step": self.step} | last)
                 if tracker is not None:
                     tracker.log_metrics(last, step=self.step)
                 window_start, window_images = time.perf_counter(), 0
