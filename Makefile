@@ -8,7 +8,7 @@ DATA   ?=
 # A real WHU-OHS copy: make run DATA=/data/WHU-OHS CONFIG=configs/base.yaml
 RUN_ARGS := $(if $(DATA),data.source=$(abspath $(DATA)))
 
-.PHONY: help install run test lint bench-ingest clean
+.PHONY: help install run test lint bench bench-ingest bench-train bench-loader clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -33,8 +33,16 @@ lint: $(STAMP)  ## ruff lint + format check
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
 
+bench: bench-ingest bench-loader bench-train  ## all benchmarks (figures: docs/benchmarks.md)
+
 bench-ingest: $(STAMP)  ## ingest throughput vs raw rasterio reads of the same files
 	$(PY) scripts/bench_ingest.py
+
+bench-loader: $(STAMP)  ## random-tile throughput of the shard loader
+	$(PY) scripts/bench_loader.py
+
+bench-train: $(STAMP)  ## pretraining img/s, MFU, peak memory per method (base models on CUDA)
+	$(PY) scripts/bench_train.py
 
 clean:  ## remove run outputs (keeps .venv)
 	rm -rf runs .pytest_cache

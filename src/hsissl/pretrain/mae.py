@@ -30,7 +30,7 @@ class MAERecipe(Recipe):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         x = self.augment(images)  # (B, C, T, T)
         loss, _, mask = self.model(x, self.mask_ratio)
-        return loss, {"loss_mae": float(loss.detach()), "mask_ratio": float(mask.float().mean())}
+        return loss, {"loss_mae": loss.detach(), "mask_ratio": mask.detach().float().mean()}
 
     def encoder(self) -> nn.Module:
         return self.model.encoder

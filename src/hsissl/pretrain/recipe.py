@@ -17,7 +17,8 @@ class Recipe(nn.Module):
     """All modules of one method (student, teacher, heads); ``forward`` is one training step.
 
     ``forward(images, step, total) -> (loss, logs)`` takes normalised (B, C, H, W) float
-    tiles; ``logs`` are floats for MLflow (loss terms, collapse monitors). Randomness uses
+    tiles; ``logs`` are detached scalar tensors (loss terms, collapse monitors) that the
+    trainer turns into floats only when it logs, so a step never waits for the GPU. Randomness uses
     torch's global generator, which the trainer checkpoints, so resumption is exact.
     """
 

@@ -120,7 +120,7 @@ class Trainer:
 
     # -- probe ------------------------------------------------------------------------
     def knn_probe(self) -> float | None:
-        if "va" not in self.dataset.splits:
+        if "va" not in self.dataset.splits or self.pc.knn_tiles <= 0:
             return None
         tiles = self.pc.knn_tiles
         bank = knn.sample(self.dataset.split("tr"), tiles, seed=1)
@@ -164,6 +164,24 @@ class Trainer:
             "resumed": resumed,
         }
 
+    def train_step(
+        self, model: torch.nn.Module, x: torch.Tensor, lr: float
+    ) -> tuple[torch.Tensor, dict]:
+        """Forward, backward, clip and optimiser step on one normalised batch (B, C, H, W)."""
+        with autocast(self.rt, self.pc.amp):
+            loss, logs = model(
+                x, self.step, self.total
+            )  # logs: detached tensors (no GPU sync here)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.opt_cfg.clip_grad > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.recipe.parameters(), self.opt_cfg.clip_grad
+            )
+            logs["grad_norm"] = grad_norm.detach()
+        self.optimizer.step()
+        return loss, logs
+
     def _loop(self, model: torch.nn.Module, tracker: Any) -> dict[str, float]:
         stream = _endless(self.loader)
         bar = tqdm(total=self.total, initial=self.step, desc=f"pretrain-{self.method}", unit="step",
@@ -179,19 +197,7 @@ class Trainer:
             x = self.normalizer(
                 images.to(self.rt.device, non_blocking=True)
             )  # (B, C, H, W) float32
-            with autocast(self.rt, self.pc.amp):
-                loss, logs = model(x, self.step, self.total)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{self.method} step {self.step}: loss is {loss.item()} "
-                                         f"(lr {lr:.2e}); lower the lr or check the data")  # fmt: skip
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.opt_cfg.clip_grad > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    self.recipe.parameters(), self.opt_cfg.clip_grad
-                )
-                logs["grad_norm"] = float(grad_norm)
-            self.optimizer.step()
+            loss, logs = self.train_step(model, x, lr)
             logs |= self.recipe.after_step(self.step, self.total)
             self.step += 1
             window_images += len(x) * self.rt.world_size
@@ -202,7 +208,11 @@ class Trainer:
                     "loss": float(loss.detach()),
                     "lr": lr,
                     "img_per_s": window_images / max(elapsed, 1e-9),
-                } | logs
+                }
+                last |= {k: float(v) for k, v in logs.items()}
+                if not math.isfinite(last["loss"]):
+                    raise FloatingPointError(f"{self.method} step {self.step}: loss is {last['loss']} "
+                                             f"(lr {lr:.2e}); lower the lr or check the data")  # fmt: skip
                 bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['img_per_s']:.0f}")
                 self.history.append({"step": self.step} | last)
                 if tracker is not None:
