@@ -150,3 +150,18 @@ def test_interrupted_s3_ingest_commits_nothing(tiny_cfg, whu_root, s3_bucket):
     with pytest.raises(DataContractError, match="label values: found max 99"):
         ingest.run(cfg)
     assert storage_of(cfg).list("") == []
+
+
+@pytest.mark.realdata
+def test_ingest_real_mat_scenes(shared_data, tmp_path):
+    """The .mat adapter path: real cubes resampled to the 32 OHS bands, tiled and sharded."""
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.source={shared_data}", "data.name=real",
+                             "data.tile_size=32", "data.stride=32"])  # fmt: skip
+    result = ingest.run(cfg)
+    manifest = result["manifest"]
+    assert list(manifest["splits"]) == ["tr"] and manifest["config"]["scene_size"] is None
+    assert {"Indian_subset", "houston_dataset", "Samson"} <= set(manifest["splits"]["tr"]["scenes"])
+    ds = ShardDataset(result["dataset_uri"], verify=True)
+    images, labels = ds.split("tr").get([0, len(ds.split("tr")) - 1])
+    assert images.shape[1:] == (32, 32, 32) and labels.dtype == np.uint8
+    assert all(s > 0 for s in manifest["band_stats"]["std"])
