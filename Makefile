@@ -8,7 +8,9 @@ DATA   ?=
 # A real WHU-OHS copy: make run DATA=/data/WHU-OHS CONFIG=configs/base.yaml
 RUN_ARGS := $(if $(DATA),data.source=$(abspath $(DATA)))
 
-.PHONY: help install run test lint bench bench-ingest bench-train bench-loader clean
+.PHONY: help install run test lint bench bench-ingest bench-train bench-loader images tools clean
+IMAGE_TAG  ?= $(shell git rev-parse HEAD 2>/dev/null || echo dev)
+IMAGE_REPO ?= ghcr.io/hsissl
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -43,6 +45,17 @@ bench-loader: $(STAMP)  ## random-tile throughput of the shard loader
 
 bench-train: $(STAMP)  ## pretraining img/s, MFU, peak memory per method (base models on CUDA)
 	$(PY) scripts/bench_train.py
+
+images:  ## build images/cpu.Dockerfile and images/train.Dockerfile (docker or buildah), tag = git SHA
+	@builder="$$(command -v docker || command -v buildah)"; \
+	if [ -z "$$builder" ]; then echo "make images: needs docker or buildah on PATH" >&2; exit 1; fi; \
+	for image in cpu train; do \
+	  "$$builder" build -f images/$$image.Dockerfile --build-arg GIT_SHA=$(IMAGE_TAG) \
+	    -t $(IMAGE_REPO)/hsissl-$$image:$(IMAGE_TAG) . || exit 1; \
+	done
+
+tools:  ## install helm and kubectl into .tools/bin (chart tests, docs/deploy.md)
+	bash scripts/install_tools.sh
 
 clean:  ## remove run outputs (keeps .venv)
 	rm -rf runs .pytest_cache
