@@ -23,6 +23,10 @@ STAGES: dict[str, tuple[str, str]] = {
     ),
     "ingest": ("ingest", "validate scenes, tile, shard into the artifact store, band statistics"),
     "pretrain-mae": ("pretrain_mae", "pretrain a masked autoencoder (ViT-B/8, 75% masking)"),
+    "evaluate-real": (
+        "evaluate_real",
+        "pretrain + evaluate on the real scenes with block splits (docs/real-data.md)",
+    ),
 }
 
 EPILOG = """\

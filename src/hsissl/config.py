@@ -197,6 +197,27 @@ class ReportConfig:
 
 
 @dataclass
+class RealEvalConfig:
+    """``hsissl evaluate-real``: the chain on the real scenes with spatially disjoint block splits."""
+
+    name: str = "real-eval"
+    source: str = "../shared/data"  # folder of the known .mat scenes
+    scenes: list[str] = field(default_factory=lambda: ["houston_dataset", "Indian_subset"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # protocol -> [block side in px, share of blocks used for training]
+    protocols: dict[str, list[float]] = field(
+        default_factory=lambda: {"half": [16, 0.5], "few-label": [8, 0.1]}
+    )
+    methods: list[str] = field(default_factory=lambda: ["mae", "dinov2", "ssvit"])
+    heads: list[str] = field(default_factory=lambda: ["linear", "conv"])
+    pretrain_steps: int = 300  # per method, on tiles of every shared scene
+    tile_stride: int = 16  # overlapping 64-px pretraining tiles (the scenes are small)
+    window_stride: int = 16  # sliding-window stride for per-pixel encoder features
+    head_steps: int = 300  # conv head and DeepLabV3+ optimisation steps per split
+    baseline_encoder: str = "resnet18d"  # DeepLabV3+ encoder (timm); small: the scenes are tiny
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/local"
     seed: int = 0
@@ -212,6 +233,7 @@ class Config:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     pca: PCAConfig = field(default_factory=PCAConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    real: RealEvalConfig = field(default_factory=RealEvalConfig)
 
 
 def load_config(

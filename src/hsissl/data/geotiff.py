@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import rasterio
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 
 # A plausible default georeference for generated scenes: UTM 50N, 10 m pixels (OHS GSD).
 DEFAULT_CRS = "EPSG:32650"
+
+# Georeference is optional in the data contract (the real .mat scenes have none).
+warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
 
 
 def default_transform(index: int = 0, size: int = 512, gsd: float = 10.0) -> Affine:

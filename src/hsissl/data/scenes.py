@@ -9,18 +9,22 @@ was expected.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.errors import RasterioError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from hsissl.data.ohs import NUM_BANDS, NUM_CLASSES
 
 IMAGE_DTYPES = ("int16", "uint16", "float32", "float64")  # stored as int16 reflectance x 10000
 INT16_MAX = np.iinfo(np.int16).max
 INT16_MIN = np.iinfo(np.int16).min
+
+# Georeference is optional in the data contract (the real .mat scenes have none).
+warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,250 @@
+"""``hsissl evaluate-real``: the whole chain on the real scenes in ../shared/data.
+
+Pretrains every method on overlapping 64-px tiles of all shared scenes (resampled to the
+32 OHS bands), then evaluates each labelled scene with spatially disjoint block splits
+(two protocols x seeds): per-pixel spectral floors (logistic regression, random forest),
+frozen encoders (pretrained and random-init) with a linear or a small conv head on
+per-pixel features, and DeepLabV3+ from scratch. Everything is normalised by the one
+Normalizer of the ingested real dataset (carried by the encoders).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+from hsissl.config import Config
+from hsissl.data import realdata
+from hsissl.data.normalize import Normalizer
+from hsissl.data.shards import ShardDataset
+from hsissl.pretrain.checkpoint import build_encoder, load_encoder
+from hsissl.pretrain.trainer import pretrain
+from hsissl.segment.baseline import DeepLabV3PlusAux
+from hsissl.segment.blocks import block_split
+from hsissl.segment.metrics import ConfusionMatrix
+from hsissl.segment.sliding import predict_scene
+from hsissl.stages import ingest
+from hsissl.stages.common import dataset_uri, run_dir_of, stage_run, storage_of
+
+log = logging.getLogger(__name__)
+NUM_LOGITS = 25
+
+
+def _recipe(method: str):
+    if method == "mae":
+        from hsissl.pretrain.mae import MAERecipe as recipe
+    elif method == "dinov2":
+        from hsissl.pretrain.dinov2 import DINOv2Recipe as recipe
+    elif method == "ssvit":
+        from hsissl.pretrain.ssvit import SSViTRecipe as recipe
+    else:
+        raise ValueError(f"real.methods: unknown method {method!r}; expected mae, dinov2 or ssvit")
+    return recipe
+
+
+@torch.no_grad()
+def pixel_features(
+    encoder: nn.Module, image: torch.Tensor, stride: int, n_blocks: int = 4
+) -> torch.Tensor:
+    """Frozen-encoder features at every pixel: (C, H, W) normalised -> (n_blocks * D, H, W).
+
+    Patch maps of the last blocks are upsampled to each 64-px window and averaged where
+    sliding windows overlap.
+    """
+    probe = encoder.get_intermediate_layers(image[None, :, :64, :64], n=n_blocks)
+    dim = sum(p.shape[1] for p in probe)
+
+    def window_features(windows: torch.Tensor) -> torch.Tensor:
+        maps = torch.cat(
+            encoder.get_intermediate_layers(windows, n=n_blocks), dim=1
+        )  # (N, D, h, w)
+        return F.interpolate(maps, size=windows.shape[-2:], mode="bilinear", align_corners=False)
+
+    return predict_scene(window_features, image, tile=64, stride=stride, num_classes=dim)[0]
+
+
+def miou(pred: np.ndarray, label: np.ndarray, test: np.ndarray) -> float:
+    cm = ConfusionMatrix()
+    cm.update(
+        torch.from_numpy(pred.astype(np.int64)),
+        torch.from_numpy(np.where(test, label, 0).astype(np.int64)),
+    )
+    return float(cm.compute()["miou"])
+
+
+def pixel_classifier(
+    kind: str, features: np.ndarray, label: np.ndarray, train: np.ndarray, seed: int
+) -> np.ndarray:
+    """Per-pixel classifier on (D, H, W) features; returns an (H, W) class map."""
+    x = features.reshape(features.shape[0], -1).T  # (H*W, D)
+    scaler = StandardScaler().fit(x[train.ravel()])
+    x = scaler.transform(x)
+    if kind == "lr":
+        model = LogisticRegression(max_iter=2000)
+    else:
+        model = RandomForestClassifier(n_estimators=200, n_jobs=-1, random_state=seed)
+    model.fit(x[train.ravel()], label.ravel()[train.ravel()])
+    return model.predict(x).reshape(label.shape)
+
+
+def dihedral(x: torch.Tensor) -> torch.Tensor:
+    """(1, ..., H, W) -> (8, ..., S, S): the 8 flips/rotations of the scene's top-left square."""
+    side = min(x.shape[-2:])
+    x = x[..., :side, :side]
+    views = [torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
+    return torch.cat(views + [v.flip(-1) for v in views])
+
+
+def train_dense(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    label: np.ndarray,
+    train: np.ndarray,
+    steps: int,
+    lr: float,
+    seed: int,
+) -> np.ndarray:
+    """Fit a dense (1, K, H, W) predictor on the training pixels of one scene; return its class map.
+
+    Training sees the 8 dihedral views of the scene as one batch (BatchNorm needs more than
+    one sample, and the views are free augmentation); prediction uses the scene as it is.
+    """
+    torch.manual_seed(seed)
+    target = torch.from_numpy(np.where(train, label, 0).astype(np.int64))[None]  # (1, H, W)
+    batch, batch_target = dihedral(inputs), dihedral(target)  # (8, C, S, S), (8, S, S)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    model.train()
+    for _ in range(steps):
+        loss = F.cross_entropy(model(batch), batch_target, ignore_index=0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        logits = model(inputs)[0]
+        logits[0] = -torch.inf  # never predict "unlabelled"
+        return logits.argmax(0).numpy()
+
+
+def conv_head(dim: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(dim, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.Conv2d(64, NUM_LOGITS, 1))  # fmt: skip
+
+
+def pretrain_encoders(cfg: Config, root: Path) -> tuple[dict[str, nn.Module], Normalizer, str]:
+    rc = cfg.real
+    pcfg = replace(
+        cfg,
+        data=replace(cfg.data, source=str(root), name="real", tile_size=64, stride=rc.tile_stride),
+    )
+    ingest.run(pcfg)
+    normalizer = ShardDataset(dataset_uri(pcfg)).normalizer
+    encoders: dict[str, nn.Module] = {}
+    build = None
+    for method in rc.methods:
+        mcfg = replace(pcfg, pretrain=replace(pcfg.pretrain, max_steps=rc.pretrain_steps, name=f"real-{method}",
+                                              knn_tiles=0))  # fmt: skip
+        result = pretrain(mcfg, _recipe(method), stage=f"pretrain-{method}")
+        encoder, enc_norm, record = load_encoder(result["encoder_uri"])
+        normalizer.check(enc_norm.fingerprint, f"encoder {result['encoder_uri']}")
+        encoders[method] = encoder
+        build = build or record["build"]
+    if build is not None:
+        torch.manual_seed(cfg.seed)
+        encoders["random-init"] = build_encoder(
+            build
+        ).eval()  # the control every pretraining must beat
+    return encoders, normalizer, dataset_uri(pcfg)
+
+
+def evaluate_scene(cfg: Config, name: str, root: Path, encoders: dict[str, nn.Module],
+                   normalizer: Normalizer) -> list[dict[str, Any]]:  # fmt: skip
+    rc = cfg.real
+    image, label = realdata.load_scene(root, realdata.SCENES[name])
+    x = normalizer(torch.from_numpy(image))  # (32, H, W)
+    feats = {k: pixel_features(e, x, rc.window_stride) for k, e in encoders.items()}
+    rows = []
+    for protocol, (block, fraction) in rc.protocols.items():
+        for seed in rc.seeds:
+            split = block_split(label.shape, int(block), float(fraction), seed)
+            train, test = split & (label > 0), ~split & (label > 0)
+            scores = {f"pixel-{k}": miou(pixel_classifier(k, x.numpy(), label, train, seed), label, test)
+                      for k in ("lr", "rf")}  # fmt: skip
+            for enc, f in feats.items():
+                for head in rc.heads:
+                    if head == "linear":
+                        pred = pixel_classifier("lr", f.numpy(), label, train, seed)
+                    else:
+                        pred = train_dense(
+                            conv_head(f.shape[0]), f[None], label, train, rc.head_steps, 1e-3, seed
+                        )
+                    scores[f"{enc}+{head}"] = miou(pred, label, test)
+            torch.manual_seed(seed)
+            deeplab = DeepLabV3PlusAux(encoder=rc.baseline_encoder, in_channels=32)
+            scores["deeplabv3plus"] = miou(train_dense(deeplab, x[None], label, train, rc.head_steps, 1e-3, seed),
+                                           label, test)  # fmt: skip
+            rows.append({"scene": name, "protocol": protocol, "seed": seed, "train_pixels": int(train.sum()),
+                         "test_pixels": int(test.sum()), "miou": scores})  # fmt: skip
+            log.info("%s %s seed %d: %s", name, protocol, seed, json.dumps(scores))
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    """Mean and std of mIoU over seeds per (scene, protocol, model), and a Markdown table."""
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for row in rows:
+        key = f"{row['scene']} / {row['protocol']}"
+        for model, value in row["miou"].items():
+            table.setdefault(key, {}).setdefault(model, []).append(value)
+    summary = {k: {m: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)} for m, v in models.items()}
+               for k, models in table.items()}  # fmt: skip
+    columns = sorted(summary)
+    models = sorted({m for v in summary.values() for m in v})
+    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for m in models:
+        cells = [f"{100 * summary[c][m]['mean']:.1f} ± {100 * summary[c][m]['std']:.1f}" if m in summary[c] else "–"
+                 for c in columns]  # fmt: skip
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return summary, "\n".join(lines)
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    root = Path(cfg.real.source).expanduser().resolve()
+    if not realdata.is_mat_folder(root):
+        raise FileNotFoundError(f"real.source={cfg.real.source!r} ({root}) holds none of the known .mat scenes "
+                                f"{sorted(realdata.SCENES)}")  # fmt: skip
+    start = time.perf_counter()
+    encoders, normalizer, data_uri = pretrain_encoders(cfg, root)
+    with stage_run(cfg, "evaluate-real") as tracker:
+        rows = [
+            r
+            for name in cfg.real.scenes
+            for r in evaluate_scene(cfg, name, root, encoders, normalizer)
+        ]
+        summary, markdown = summarise(rows)
+        result = {"kind": "real-eval", "name": cfg.real.name, "dataset": data_uri,
+                  "normalizer": normalizer.fingerprint, "rows": rows, "summary": summary,
+                  "seconds": time.perf_counter() - start}  # fmt: skip
+        storage_of(cfg).put_bytes(
+            f"results/{cfg.real.name}/metrics.json", json.dumps(result, indent=1).encode()
+        )
+        (run_dir_of(cfg) / f"{cfg.real.name}.md").write_text(markdown + "\n")
+        tracker.log_dict(result, "metrics.json")
+        tracker.log_metrics({re.sub(r"[^\w\-./]", "_", f"{k}/{m}"): v["mean"] for k, ms in summary.items()
+                             for m, v in ms.items()})  # fmt: skip
+    print(markdown)
+    return {"results": storage_of(cfg).join(f"results/{cfg.real.name}"), "table": markdown}
