@@ -23,6 +23,14 @@ STAGES: dict[str, tuple[str, str]] = {
     ),
     "ingest": ("ingest", "validate scenes, tile, shard into the artifact store, band statistics"),
     "pretrain-mae": ("pretrain_mae", "pretrain a masked autoencoder (ViT-B/8, 75% masking)"),
+    "pretrain-dinov2": (
+        "pretrain_dinov2",
+        "pretrain DINOv2 (ViT-B/8 + 4 registers + SwiGLU; DINO + iBOT + KoLeo)",
+    ),
+    "pretrain-ssvit": (
+        "pretrain_ssvit",
+        "pretrain the spatial-spectral ViT with the DINOv2 recipe on both streams",
+    ),
     "evaluate-real": (
         "evaluate_real",
         "pretrain + evaluate on the real scenes with block splits (docs/real-data.md)",

@@ -234,54 +234,41 @@ class DINOv2Recipe(Recipe):
                       t_global: torch.Tensor, masks: torch.Tensor | None,
                       device_masks: torch.Tensor | None, temp: float, n_global: int
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
-        """DINO + iBOT + KoLeo of one token stream.
+        """DINO + iBOT + KoLeo of one token stream, and its collapse monitors.
 
         s_global (2B, N, C) student tokens of the (masked) global crops; s_local (nB, N', C) or
         None; t_global (2B, N, C) teacher tokens of the unmasked global crops; masks (2B, L) CPU
-        bool over the patch tokens (and the same on the data's device).
+        bool over the L patch tokens, device_masks the same on the data's device.
         """
         dc, prefix = self.dc, self.student["backbone"].num_prefix_tokens
-        head_s, head_t = self.student["head"], self.teacher["head"]
         s_cls = s_global[:, 0]  # (2B, C)
         n_masked = 0 if masks is None else int(masks.sum())
-        if n_masked:  # flat indices from the CPU masks: no device sync for boolean indexing
+        flat = None  # flat (2B * L) indices of the masked tokens, from the CPU masks: no sync
+        if n_masked:
             flat = masks.flatten().nonzero().squeeze(1).to(s_global.device, non_blocking=True)
-            s_patch = s_global[:, prefix:].flatten(0, 1).index_select(0, flat)  # (M, C)
         # One head pass over every student token that needs prototype scores.
         parts = [s_cls] + ([s_local[:, 0]] if s_local is not None else [])
-        parts += [s_patch] if n_masked else []
-        s_logits = head_s(torch.cat(parts)).split([len(p) for p in parts])
+        parts += [_tokens_at(s_global, prefix, flat)] if n_masked else []
+        s_logits = self.student["head"](torch.cat(parts)).split([len(p) for p in parts])
         with torch.no_grad():
-            t_parts = [t_global[:, 0]]
-            if n_masked:
-                t_parts.append(t_global[:, prefix:].flatten(0, 1).index_select(0, flat))
-            t_logits = head_t(torch.cat(t_parts)).split([len(p) for p in t_parts])
-            t_cls_probs = self.dino_loss[name].teacher_probs(
-                list(t_logits[0].chunk(n_global)), temp
-            )
-            t_patch_probs = (
-                self.ibot_loss[name].teacher_probs(t_logits[1], temp) if n_masked else None
-            )
-        student_crops = list(s_logits[0].chunk(n_global))
-        if s_local is not None:
-            student_crops += list(s_logits[1].chunk(self.dc.n_local_crops))
-        dino = self.dino_loss[name](student_crops, t_cls_probs)
-        if n_masked:
-            ibot = self.ibot_loss[name](s_logits[-1], t_patch_probs, device_masks)
-        else:  # no image masked in this batch
-            ibot = s_global.new_zeros((), dtype=torch.float32)
-        koleo = s_global.new_zeros((), dtype=torch.float32)
+            t_parts = [t_global[:, 0]] + ([_tokens_at(t_global, prefix, flat)] if n_masked else [])
+            t_logits = self.teacher["head"](torch.cat(t_parts)).split([len(p) for p in t_parts])
+            t_cls = self.dino_loss[name].teacher_probs(list(t_logits[0].chunk(n_global)), temp)
+            t_patch = self.ibot_loss[name].teacher_probs(t_logits[1], temp) if n_masked else None
+
+        zero = s_global.new_zeros((), dtype=torch.float32)
+        crops = list(s_logits[0].chunk(n_global))
+        crops += list(s_logits[1].chunk(dc.n_local_crops)) if s_local is not None else []
+        dino = self.dino_loss[name](crops, t_cls)
+        ibot = self.ibot_loss[name](s_logits[-1], t_patch, device_masks) if n_masked else zero
+        koleo = zero
         if dc.koleo_weight:  # dinov2: KoLeo on each global crop's backbone CLS, summed
-            koleo = sum((self.koleo_loss(c) for c in s_cls.chunk(n_global)), koleo)
+            koleo = sum((self.koleo_loss(c) for c in s_cls.chunk(n_global)), zero)
         loss = dc.dino_weight * dino + dc.ibot_weight * ibot + dc.koleo_weight * koleo
-        with torch.no_grad():
-            probs = torch.cat(t_cls_probs)  # (2B, K)
-            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean()
-            unit = nn.functional.normalize(s_cls.float(), dim=-1)
-            feature_std = unit.std(dim=0).mean()
+        n_patches = s_global.shape[0] * (s_global.shape[1] - prefix)
         logs = {"loss_dino": dino, "loss_ibot": ibot, "loss_koleo": koleo,
-                "teacher_entropy": entropy, "feature_std": feature_std,
-                "mask_ratio": s_cls.new_tensor(n_masked / max(1, s_global.shape[0] * (s_global.shape[1] - prefix)))}  # fmt: skip
+                **_collapse_monitors(torch.cat(t_cls), s_cls),
+                "mask_ratio": zero + n_masked / n_patches}  # fmt: skip
         return loss, logs
 
     # -- what later stages use ------------------------------------------------------------
@@ -291,6 +278,23 @@ class DINOv2Recipe(Recipe):
 
     def build(self) -> dict[str, Any]:
         return {"factory": self.factory, "kwargs": self.kwargs, "attr": None}
+
+
+def _tokens_at(tokens: torch.Tensor, prefix: int, flat: torch.Tensor) -> torch.Tensor:
+    """Patch tokens (B, prefix + L, C) at flat (B * L) indices -> (M, C), in ``tokens[masks]`` order."""
+    return tokens[:, prefix:].flatten(0, 1).index_select(0, flat)
+
+
+@torch.no_grad()
+def _collapse_monitors(
+    teacher_probs: torch.Tensor, student_cls: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Teacher entropy: mean entropy of the (N, K) teacher CLS targets (0 = one-hot collapse,
+    log K = uniform). Feature std: std over the batch of the L2-normalised (N, C) student CLS
+    features, averaged over dims (0 = all images alike; about 1/sqrt(C) when spread out)."""
+    entropy = -(teacher_probs * teacher_probs.clamp_min(1e-12).log()).sum(dim=-1).mean()
+    unit = nn.functional.normalize(student_cls.float(), dim=-1)
+    return {"teacher_entropy": entropy, "feature_std": unit.std(dim=0).mean()}
 
 
 def _check_config(dc: DINOv2Config, section: str) -> None:

@@ -1,0 +1,13 @@
+"""Stage: pretrain a DINOv2 ViT-B/8 (DINO + iBOT + KoLeo); writes the teacher encoder record."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hsissl.config import Config
+from hsissl.pretrain.dinov2 import DINOv2Recipe
+from hsissl.pretrain.trainer import pretrain
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    return pretrain(cfg, DINOv2Recipe, stage="pretrain-dinov2")
