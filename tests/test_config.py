@@ -71,3 +71,18 @@ def test_flatten_gives_dotted_keys():
     flat = flatten(load_config(None, []))
     assert flat["data.tile_size"] == 64
     assert flat["synthetic.scenes.tr"] == 8
+
+
+def test_cli_help_lists_every_stage_and_each_stage_explains_itself(capsys):
+    from hsissl.cli import STAGES, main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(stage in out for stage in STAGES)
+    for stage in STAGES:
+        with pytest.raises(SystemExit) as info:
+            main([stage, "--help"])
+        assert info.value.code == 0
+        assert "KEY=VALUE" in capsys.readouterr().out

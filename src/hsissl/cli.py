@@ -22,7 +22,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "write the generated WHU-OHS-layout dataset (the default input)",
     ),
     "ingest": ("ingest", "validate scenes, tile, shard into the artifact store, band statistics"),
-    "pretrain-mae": ("pretrain_mae", "pretrain a masked autoencoder (ViT-B/8, 75% masking)"),
+    "pretrain-mae": (
+        "pretrain_mae",
+        "pretrain a masked autoencoder (ViT-B/8, 75 percent of patches masked)",
+    ),
     "pretrain-dinov2": (
         "pretrain_dinov2",
         "pretrain DINOv2 (ViT-B/8 + 4 registers + SwiGLU; DINO + iBOT + KoLeo)",
@@ -31,10 +34,34 @@ STAGES: dict[str, tuple[str, str]] = {
         "pretrain_ssvit",
         "pretrain the spatial-spectral ViT with the DINOv2 recipe on both streams",
     ),
+    "finetune": (
+        "finetune",
+        "train a segmentation head on a frozen encoder (or a random-init control)",
+    ),
+    "baseline-deeplabv3plus": (
+        "baseline",
+        "train DeepLabV3+ (ResNet-50 V1c, FCN aux head) from scratch on whole scenes",
+    ),
+    "pca-poc": (
+        "pca_poc",
+        "PCA 32->3 bands: explained variance, band decoder and MAE reconstruction checks",
+    ),
+    "report": ("report", "one HTML page + Markdown summary over every result in the store"),
     "evaluate-real": (
         "evaluate_real",
         "pretrain + evaluate on the real scenes with block splits (docs/real-data.md)",
     ),
+}
+
+# Stage-specific flags: shorthands for config keys (the flag wins over a KEY=VALUE override).
+FLAGS: dict[str, dict[str, tuple[str, str]]] = {
+    "finetune": {
+        "--encoder": (
+            "finetune.encoder",
+            "encoder record URI (…/checkpoints/<name>/encoder.pt) or random:<factory>",
+        ),
+        "--head": ("finetune.head", "linear | conv | segmenter"),
+    },
 }
 
 EPILOG = """\
@@ -61,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
             "--config", type=Path, help="YAML preset (configs/tiny.yaml, configs/base.yaml)"
         )
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+        for flag, (key, help_text) in FLAGS.get(name, {}).items():
+            p.add_argument(
+                flag, dest=key, metavar=key.split(".")[-1].upper(), help=f"{help_text} (= {key})"
+            )
         if name == "ingest":
             p.add_argument("--report", action="store_true",
                            help="check every file and list all violations; write nothing")  # fmt: skip
@@ -75,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     from hsissl.data.scenes import DataContractError
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        flags = [f"{key}={getattr(args, key)}" for key, _ in FLAGS.get(args.stage, {}).values()
+                 if getattr(args, key, None) is not None]  # fmt: skip
+        cfg = load_config(args.config, [*args.overrides, *flags])
         module = importlib.import_module(f"hsissl.stages.{STAGES[args.stage][0]}")
         kwargs = {"report": True} if getattr(args, "report", False) else {}
         result = module.run(cfg, **kwargs)

@@ -1,0 +1,122 @@
+"""Stage baseline-deeplabv3plus: the supervised from-scratch baseline (dissertation run 10).
+
+Trains DeepLabV3+ (ResNet-50 V1c, FCN auxiliary head) on whole training scenes reassembled
+from the shards (or random crops, ``baseline.crop_size``), normalised with the dataset's own
+Normalizer, then evaluates on ``baseline.eval_split`` at tile size (each tile on its own) and
+on whole scenes, and writes ``results/<baseline.name>/{metrics.json, predictions.npz,
+model.pt}`` to the artifact store, all or nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+
+from hsissl.config import BaselineConfig, Config, ConfigError
+from hsissl.data.shards import ShardDataset
+from hsissl.pretrain.runtime import setup
+from hsissl.segment.baseline import (
+    DeepLabV3PlusAux,
+    SceneBatches,
+    TrainSettings,
+    evaluate_whole_scenes,
+    model_record,
+    train,
+)
+from hsissl.segment.finetune import evaluate_tiles
+from hsissl.stages.common import dataset_uri, stage_run, storage_of
+
+log = logging.getLogger(__name__)
+
+STAGE = "baseline-deeplabv3plus"
+TILE_BATCH = 64  # tiles per forward pass in the tile-size evaluation
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Train and evaluate the baseline; returns name, results/model URIs, mIoUs and seconds."""
+    bc, start = cfg.baseline, time.perf_counter()
+    dataset = ShardDataset(dataset_uri(cfg))
+    check_config(bc, dataset)
+    rt = setup(cfg.pretrain.device, cfg.seed, cfg.pretrain.deterministic)
+    normalizer = dataset.normalizer  # from scratch: the data's own statistics
+    batches = SceneBatches(dataset, "tr", bc.batch_size, bc.crop_size, seed=cfg.seed,
+                           prefetch=max(1, cfg.pretrain.loader_threads))  # fmt: skip
+    steps = bc.max_steps or max(1, math.ceil(bc.epochs * batches.steps_per_epoch()))
+    model = DeepLabV3PlusAux(bc.encoder, normalizer.bands).to(rt.device)
+    settings = TrainSettings(steps, bc.lr, bc.poly_power, bc.weight_decay, bc.aux_weight,
+                             amp=cfg.pretrain.amp, log_every=cfg.pretrain.log_every)  # fmt: skip
+    store = storage_of(cfg)
+    with stage_run(cfg, STAGE) as tracker:
+        tracker.set_tags({"method": "none", "head": "deeplabv3plus", "encoder": bc.encoder,
+                          "normalizer": normalizer.fingerprint, "results": bc.name})  # fmt: skip
+
+        def on_log(h: dict[str, float]) -> None:
+            tracker.log_metrics({k: v for k, v in h.items() if k != "step"}, int(h["step"]))
+
+        history = train(model, normalizer, batches, settings, rt, on_log=on_log)
+        amp = cfg.pretrain.amp
+        split = dataset.split(bc.eval_split)
+        tile_result = evaluate_tiles(model, normalizer, split, rt, TILE_BATCH, amp).compute()
+        scene_matrix, shown = evaluate_whole_scenes(model, normalizer, dataset, bc.eval_split,
+                                                    rt, amp)  # fmt: skip
+        scene_result = scene_matrix.compute()
+        metrics = {
+            "kind": "baseline", "name": bc.name,
+            "encoder": {"uri": "", "method": "none", "factory": model.build["encoder"]},
+            "head": "deeplabv3plus", "dataset": dataset.uri, "normalizer": normalizer.fingerprint,
+            "tile": tile_result, "scene": scene_result, "scene_inference": "whole",
+            "history": history, "config": asdict(bc), "seconds": time.perf_counter() - start,
+        }  # fmt: skip
+        record = model_record(model, normalizer, dataset, asdict(bc), steps)
+        write_results(cfg, metrics, shown, record)
+        tracker.log_metrics(_summary("tile", tile_result) | _summary("scene", scene_result),
+                            step=steps)  # fmt: skip
+        tracker.log_dict(metrics, "metrics.json")
+    log.info("%s: tile mIoU %s, scene mIoU %s (%.1f s)", bc.name, tile_result["miou"],
+             scene_result["miou"], metrics["seconds"])  # fmt: skip
+    prefix = f"results/{bc.name}"
+    return {"name": bc.name, "results_uri": store.join(prefix),
+            "model_uri": store.join(f"{prefix}/model.pt"), "steps": steps,
+            "tile_miou": tile_result["miou"], "scene_miou": scene_result["miou"],
+            "seconds": metrics["seconds"]}  # fmt: skip
+
+
+def check_config(bc: BaselineConfig, dataset: ShardDataset) -> None:
+    """Refuse settings that would fail late (after training) with a message naming the key."""
+    if not bc.name:
+        raise ConfigError("baseline.name is empty; results go to results/<baseline.name>")
+    for key, split in (("training split", "tr"), ("baseline.eval_split", bc.eval_split)):
+        if split not in dataset.splits:
+            raise ConfigError(f"{key} {split!r} is not in dataset {dataset.uri} "
+                              f"(splits: {dataset.splits})")  # fmt: skip
+    if bc.batch_size < 2:  # ASPP's image-pooling BatchNorm sees one value per channel otherwise
+        raise ConfigError(f"baseline.batch_size={bc.batch_size}; DeepLabV3+ trains with >= 2")
+    if bc.crop_size < 0 or (0 < bc.crop_size < 32):
+        raise ConfigError(f"baseline.crop_size={bc.crop_size}; expected 0 (whole scenes) or >= 32")
+    if bc.max_steps < 0 or (bc.max_steps == 0 and bc.epochs <= 0):
+        raise ConfigError(f"baseline.max_steps={bc.max_steps}, baseline.epochs={bc.epochs}: "
+                          "need max_steps > 0 or epochs > 0")  # fmt: skip
+
+
+def _summary(prefix: str, result: dict[str, Any]) -> dict[str, float]:
+    return {f"{prefix}_{k}": result[k] for k in ("miou", "macc", "oa") if result[k] is not None}
+
+
+def write_results(cfg: Config, metrics: dict[str, Any], shown: dict[str, np.ndarray],
+                  record: dict[str, Any]) -> None:  # fmt: skip
+    """predictions.npz, model.pt, then metrics.json (the commit marker): all or nothing."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **shown)
+    with storage_of(cfg).transaction(f"results/{cfg.baseline.name}") as tx:
+        tx.put_bytes("predictions.npz", buffer.getvalue())
+        torch.save(record, tx.path("model.pt"))
+        tx.done("model.pt")
+        tx.commit({"metrics.json": json.dumps(metrics, indent=1).encode()})

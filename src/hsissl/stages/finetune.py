@@ -1,0 +1,204 @@
+"""Stage: a segmentation head on a frozen encoder (the dissertation's runs 1-9).
+
+``hsissl finetune --config configs/finetune/run1.yaml finetune.encoder=<URI>`` trains
+``finetune.head`` on the labelled training tiles, evaluates it at tile size and on whole scenes
+of ``finetune.eval_split`` (sliding window) and writes ``results/<name>/metrics.json``,
+``predictions.npz`` and ``head.pt`` to the artifact store, all or nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hsissl.config import Config, ConfigError, FinetuneConfig
+from hsissl.data.shards import ShardDataset
+from hsissl.models.heads import HEADS
+from hsissl.pretrain.runtime import setup
+from hsissl.segment.finetune import (
+    HEAD_FORMAT,
+    LOSSES,
+    RANDOM_PREFIX,
+    SegmentationModel,
+    build_head,
+    class_weights,
+    evaluate_scenes,
+    evaluate_tiles,
+    head_spec,
+    make_loss,
+    open_encoder,
+    train_head,
+)
+from hsissl.stages.common import dataset_uri, stage_run, storage_of
+from hsissl.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Train ``cfg.finetune.head`` on the frozen ``cfg.finetune.encoder``, evaluate, write results.
+
+    Returns name, results_uri, head_uri, tile_miou, scene_miou and seconds.
+    """
+    ft, start = cfg.finetune, time.perf_counter()
+    dataset = ShardDataset(dataset_uri(cfg))
+    check_config(ft, dataset)
+    store = storage_of(cfg)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a head on frozen features is light
+        raise ConfigError(
+            f"finetune runs on one device; got WORLD_SIZE={os.environ['WORLD_SIZE']} "
+            "(start it without torchrun)"
+        )
+    rt = setup(cfg.pretrain.device, cfg.seed)
+    encoder, normalizer, enc_info = open_encoder(
+        resolve_encoder(ft.encoder, store), dataset, cfg.seed
+    )
+    name = ft.name or f"finetune-{enc_info['method']}-{ft.head}"
+    tile = int(dataset.manifest["tile_size"])
+    spec = head_spec(encoder, ft, normalizer.bands, tile)
+    model = SegmentationModel(encoder, build_head(spec), ft.n_blocks).to(rt.device)
+    weights = (
+        class_weights(dataset.manifest["splits"]["tr"]["class_pixels"])
+        if ft.class_weights
+        else None
+    )
+    amp = cfg.pretrain.amp
+    with stage_run(cfg, "finetune") as tracker:
+        tracker.set_tags(
+            {
+                "encoder_uri": enc_info["uri"],
+                "method": enc_info["method"],
+                "head": ft.head,
+                "normalizer": normalizer.fingerprint,
+                "results": name,
+            }
+        )
+        history = train_head(
+            model,
+            normalizer,
+            dataset.split("tr"),
+            ft,
+            rt,
+            seed=cfg.seed,
+            amp=amp,
+            loss_fn=make_loss(ft, weights),
+            log_every=cfg.pretrain.log_every,
+            on_log=lambda h: tracker.log_metrics(
+                {"loss": h["loss"], "lr": h["lr"]}, int(h["step"])
+            ),
+        )
+        split = dataset.split(ft.eval_split)
+        tile_result = evaluate_tiles(model, normalizer, split, rt, ft.batch_size, amp).compute()
+        scene_matrix, shown = evaluate_scenes(
+            model,
+            normalizer,
+            dataset,
+            ft.eval_split,
+            rt,
+            stride=ft.eval_stride,
+            batch_size=ft.batch_size,
+            amp=amp,
+            limit=ft.eval_scenes,
+        )
+        scene_result = scene_matrix.compute()
+        metrics = {
+            "kind": "finetune",
+            "name": name,
+            "encoder": {k: enc_info[k] for k in ("uri", "method", "factory")},
+            "head": ft.head,
+            "dataset": dataset.uri,
+            "normalizer": normalizer.fingerprint,
+            "tile": tile_result,
+            "scene": scene_result,
+            "history": history,
+            "config": asdict(ft),
+            "seconds": time.perf_counter() - start,
+        }
+        record = {
+            "format": HEAD_FORMAT,
+            "head": spec,
+            "state_dict": {k: v.detach().cpu() for k, v in model.head.state_dict().items()},
+            "encoder": enc_info,
+            "normalizer": normalizer.to_dict(),
+            "tile_size": tile,
+            "dataset": {"uri": dataset.uri, "fingerprint": dataset.normalizer.fingerprint},
+            "config": asdict(ft),
+        }
+        write_results(store, f"results/{name}", metrics, shown, record)
+        tracker.log_metrics(
+            summary("tile", tile_result) | summary("scene", scene_result),
+            step=int(history[-1]["step"]),
+        )
+        tracker.log_dict(metrics, "metrics.json")
+    log.info(
+        "%s: tile mIoU %s, scene mIoU %s (%.1f s)",
+        name,
+        tile_result["miou"],
+        scene_result["miou"],
+        metrics["seconds"],
+    )
+    return {
+        "name": name,
+        "results_uri": store.join(f"results/{name}"),
+        "head_uri": store.join(f"results/{name}/head.pt"),
+        "tile_miou": tile_result["miou"],
+        "scene_miou": scene_result["miou"],
+        "seconds": metrics["seconds"],
+    }
+
+
+def resolve_encoder(uri: str, store: Storage) -> str:
+    """``uri`` as given (``random:…``, ``scheme://…`` or an existing file), else a key in the
+    artifact store, so presets can say ``checkpoints/mae/encoder.pt`` wherever the store is."""
+    if uri.startswith(RANDOM_PREFIX) or "://" in uri or Path(uri).expanduser().is_file():
+        return uri
+    return store.join(uri)
+
+
+def check_config(ft: FinetuneConfig, dataset: ShardDataset) -> None:
+    """Refuse settings that would fail late (after training) with a message naming the key."""
+    if not ft.encoder:
+        raise ConfigError(
+            "finetune.encoder is empty; give an encoder record URI "
+            "(…/checkpoints/<name>/encoder.pt) or random:<model factory>"
+        )
+    if ft.head not in HEADS:
+        raise ConfigError(f"finetune.head={ft.head!r}; expected one of {sorted(HEADS)}")
+    if ft.loss not in LOSSES:
+        raise ConfigError(f"finetune.loss={ft.loss!r}; expected one of {list(LOSSES)}")
+    for key, split in (("training split", "tr"), ("finetune.eval_split", ft.eval_split)):
+        if split not in dataset.splits:
+            raise ConfigError(
+                f"{key} {split!r} is not in dataset {dataset.uri} (splits: {dataset.splits})"
+            )
+
+
+def summary(prefix: str, result: dict[str, Any]) -> dict[str, float]:
+    """``{"<prefix>_miou", "<prefix>_macc", "<prefix>_oa"}`` for MLflow (Nones left out)."""
+    return {f"{prefix}_{k}": result[k] for k in ("miou", "macc", "oa") if result[k] is not None}
+
+
+def write_results(
+    store: Storage,
+    prefix: str,
+    metrics: dict[str, Any],
+    shown: dict[str, np.ndarray],
+    record: dict[str, Any],
+) -> None:
+    """All three files or none; metrics.json (the commit marker) is written last."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **shown)
+    with store.transaction(prefix) as tx:
+        tx.put_bytes("predictions.npz", buffer.getvalue())
+        torch.save(record, tx.path("head.pt"))
+        tx.done("head.pt")
+        tx.commit({"metrics.json": json.dumps(metrics, indent=1).encode()})

@@ -1,0 +1,430 @@
+"""Stage: one self-contained HTML report + a Markdown summary over everything in the store.
+
+``hsissl report [report.name=…] [report.results=[a,b]]`` reads every ``results/*/metrics.json``
+(or the named ones), the dataset manifest, the encoder records with their loss histories and
+the MAE training states, and writes ``reports/<report.name>/{report.html, summary.md}`` (also
+logged to MLflow). It is the pipeline's exit task, so a section whose inputs are missing says
+"Not run" and a section that fails shows its error; neither stops the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from hsissl.config import Config, ConfigError
+from hsissl.data.ohs import BAND_CENTRES_NM, CLASS_NAMES, REFLECTANCE_SCALE
+from hsissl.report import html, plots
+from hsissl.report.collect import (
+    ReportInputs,
+    ResultRun,
+    collect,
+    encoder_attention,
+    example_tiles,
+    mae_reconstruct,
+)
+from hsissl.segment.scenes import rgb_composite
+from hsissl.stages.common import run_dir_of, stage_run, storage_of
+
+log = logging.getLogger(__name__)
+
+ATTENTION_TILES = 4  # example tiles in the attention figure
+MAE_TILES = 8  # tiles the MAE per-band error is averaged over (the first is shown)
+MAE_BANDS = 4  # bands shown per reconstruction, spread over the range
+
+
+class NotRun(Exception):
+    """A section whose inputs do not exist (the reason is shown on the page)."""
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Build and write the report; returns html_uri, markdown_uri, runs, sections, mismatches."""
+    rc = cfg.report
+    if not rc.name or "/" in rc.name:
+        raise ConfigError(f"report.name={rc.name!r}; expected a non-empty folder name without '/'")
+    start = time.perf_counter()
+    store = storage_of(cfg)
+    with stage_run(cfg, "report") as tracker:
+        inputs = collect(cfg)
+        sections = build_sections(inputs, cfg)
+        fingerprints = fingerprint_rows(inputs)
+        title = f"hsissl report: {rc.name}"
+        meta = [
+            ("generated", datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")),
+            ("artifact store", store.join("")),
+            ("dataset", inputs.dataset_uri),
+            ("dataset Normalizer", inputs.dataset_fingerprint or "none (no dataset)"),
+        ]
+        segmentation = [r.metrics for r in inputs.segmentation]
+        others = [r.metrics for r in inputs.results if r.kind not in ("finetune", "baseline")]
+        page = html.page(title, meta, inputs.problems, sections)
+        summary = html.markdown_summary(
+            title, meta, segmentation, fingerprints, others, inputs.problems
+        )
+        prefix = f"reports/{rc.name}"
+        with store.transaction(prefix) as tx:
+            tx.commit({"report.html": page.encode(), "summary.md": summary.encode()})
+        local = run_dir_of(cfg) / "report"
+        local.mkdir(parents=True, exist_ok=True)
+        (local / "report.html").write_text(page)
+        (local / "summary.md").write_text(summary)
+        for name in ("report.html", "summary.md"):
+            tracker.log_artifact(local / name, "report")
+        mismatches = [f"{r.what} {r.name}" for r in fingerprints if r.matches is False]
+        result = {
+            "html_uri": store.join(f"{prefix}/report.html"),
+            "markdown_uri": store.join(f"{prefix}/summary.md"),
+            "runs": [r.name for r in inputs.results],
+            "encoders": [e.name for e in inputs.encoders],
+            "sections": {s.id: s.status for s in sections},
+            "mismatches": mismatches,
+            "problems": inputs.problems,
+            "seconds": time.perf_counter() - start,
+        }
+        tracker.log_dict(result, "report.json")
+        tracker.set_tags({"report_uri": result["html_uri"], "mismatches": str(len(mismatches))})
+    log.info(
+        "report %s: %d runs, %d encoders, sections %s (%.1f s)",
+        result["html_uri"],
+        len(result["runs"]),
+        len(result["encoders"]),
+        result["sections"],
+        result["seconds"],
+    )
+    return result
+
+
+# -- sections ---------------------------------------------------------------------------------
+def build_sections(inputs: ReportInputs, cfg: Config) -> list[html.Section]:
+    """Every section, in order; missing inputs give "not run", an exception gives "failed"."""
+    builders: list[tuple[str, str, Callable[[ReportInputs, Config], str]]] = [
+        ("results", "1. Segmentation results", section_results),
+        ("pretraining", "2. Pretraining loss curves", section_pretraining),
+        ("per-class", "3. Per-class IoU", section_per_class),
+        ("maps", "4. Predicted vs ground-truth maps", section_maps),
+        ("attention", "5. Last-layer CLS attention", section_attention),
+        ("mae", "6. MAE reconstructions", section_mae),
+        ("pca", "7. PCA explained variance", section_pca),
+        ("data", "8. Dataset and normalisation", section_data),
+    ]
+    sections = []
+    for sid, title, build in builders:
+        try:
+            sections.append(html.Section(sid, title, build(inputs, cfg)))
+        except NotRun as reason:
+            sections.append(html.Section(sid, title, html.not_run(str(reason)), "not run"))
+        except Exception as exc:  # the exit task must still report everything else
+            log.exception("report section %r failed", title)
+            body = f'<p class="failed">Failed: {html.esc(type(exc).__name__)}: {html.esc(exc)}</p>'
+            sections.append(html.Section(sid, title, body, "failed"))
+    return sections
+
+
+def section_results(inputs: ReportInputs, cfg: Config) -> str:
+    runs = [r.metrics for r in inputs.segmentation]
+    if not runs:
+        raise NotRun("no finetune or baseline results in the store")
+    body = [
+        "<p>Metrics in %: at tile size (the eval split's tiles) and on whole scenes (sliding "
+        "window). Blue rows: DeepLabV3+ baseline from scratch; orange rows: random-init "
+        "control; red rows: normalised with other statistics than the dataset's (not comparable, "
+        "never bold). Bold: best per column.</p>",
+        html.results_table(runs, inputs.dataset_fingerprint),
+        html.details(
+            "Per-class IoU on whole scenes (%)", html.per_class_table(runs, "scene", CLASS_NAMES)
+        ),
+        html.details(
+            "Per-class IoU at tile size (%)", html.per_class_table(runs, "tile", CLASS_NAMES)
+        ),
+    ]
+    elsewhere = [r for r in inputs.segmentation if r.metrics.get("dataset") != inputs.dataset_uri]
+    if elsewhere:
+        items = "".join(
+            f"<li><code>{html.esc(r.name)}</code>: {html.esc(r.metrics.get('dataset'))}</li>"
+            for r in elsewhere
+        )
+        body.append(
+            f'<p class="bad">Evaluated on another dataset than {html.esc(inputs.dataset_uri)}:'
+            f"</p><ul>{items}</ul>"
+        )
+    others = [r for r in inputs.results if r.kind not in ("finetune", "baseline", "pca")]
+    if others:
+        body.append(
+            "<p>Other results (not in the table): "
+            + ", ".join(f"<code>{html.esc(r.name)}</code> ({html.esc(r.kind)})" for r in others)
+            + "</p>"
+        )
+    return "".join(body)
+
+
+def section_pretraining(inputs: ReportInputs, cfg: Config) -> str:
+    with_history = [e for e in inputs.encoders if e.history]
+    if not with_history:
+        raise NotRun("no encoder checkpoints with a history.json in the store")
+    body = []
+    for method in dict.fromkeys(e.method for e in with_history):
+        runs = {e.name: e.history for e in with_history if e.method == method}
+        steps = ", ".join(f"{n}: {int(h[-1]['step'])} steps" for n, h in runs.items())
+        body.append(
+            html.figure(
+                plots.loss_curves(runs, f"{method} pretraining loss"),
+                f"{method}: training loss per logged step ({steps}).",
+            )
+        )
+    missing = [e.name for e in inputs.encoders if not e.history]
+    if missing:
+        body.append(f"<p class=notrun>No history.json for: {html.esc(', '.join(missing))}</p>")
+    return "".join(body)
+
+
+def section_per_class(inputs: ReportInputs, cfg: Config) -> str:
+    runs = inputs.segmentation
+    if not runs:
+        raise NotRun("no finetune or baseline results in the store")
+    part = "scene" if any(r.metrics.get("scene") for r in runs) else "tile"
+    ious = {r.name: r.metrics.get(part, {}).get("per_class_iou") or [] for r in runs}
+    names = CLASS_NAMES[1:]  # per_class_iou holds classes 1..24
+    png = plots.per_class_iou_bars(ious, names, f"Per-class IoU ({part}s)")
+    return html.figure(
+        png,
+        f"IoU per class and run {'on whole scenes' if part == 'scene' else 'at tile size'}; "
+        "classes no run scored are left out, a missing bar is a class absent for that run (–).",
+    )
+
+
+def section_maps(inputs: ReportInputs, cfg: Config) -> str:
+    shown = [r for r in inputs.segmentation if r.predictions is not None]
+    if not shown:
+        raise NotRun("no predictions.npz in any finetune or baseline result")
+    scenes: dict[str, dict[str, Any]] = {}  # scene name -> rgb, label, {run: pred}
+    for r in shown:
+        p = r.predictions
+        for i, name in enumerate(p["scenes"].tolist()):
+            if name not in scenes and len(scenes) >= cfg.report.scenes:
+                continue
+            entry = scenes.setdefault(
+                name, {"rgb": p["rgb"][i], "label": p["label"][i], "preds": {}}
+            )
+            entry["preds"][r.name] = p["pred"][i]
+    body = []
+    present: set[int] = set()
+    for name, e in scenes.items():
+        present |= set(np.unique(e["label"]).tolist())
+        for pred in e["preds"].values():
+            present |= set(np.unique(pred).tolist())
+        png = plots.scene_panels(f"scene {name}", e["rgb"], e["label"], e["preds"])
+        body.append(
+            html.figure(
+                png,
+                f"Scene {name}: RGB composite, ground truth and the "
+                f"prediction of {len(e['preds'])} run(s).",
+            )
+        )
+    body.append(
+        html.figure(
+            plots.class_legend(sorted(present)),
+            "Class colours (0 = unlabelled, black; ignored by the metrics).",
+        )
+    )
+    return "".join(body)
+
+
+def section_attention(inputs: ReportInputs, cfg: Config) -> str:
+    if not inputs.encoders:
+        raise NotRun("no encoder checkpoints in the store")
+    if inputs.dataset is None:
+        raise NotRun(f"no dataset at {inputs.dataset_uri} to take example tiles from")
+    tiles = example_tiles(inputs.dataset, ATTENTION_TILES)
+    rgbs = [rgb_composite(image) for image in tiles.images]
+    maps, notes = {}, []
+    for e in inputs.encoders:
+        try:
+            label = e.name if e.name == e.method else f"{e.name} ({e.method})"
+            maps[label], normalizer = encoder_attention(e.uri, tiles.images)
+        except Exception as exc:
+            notes.append(f"{e.name}: {type(exc).__name__}: {exc}")
+            continue
+        if normalizer.fingerprint != inputs.dataset_fingerprint:
+            notes.append(
+                f"{e.name}: its Normalizer {normalizer.fingerprint} differs from the "
+                f"dataset's {inputs.dataset_fingerprint}"
+            )
+    body = []
+    if maps:
+        captions = [f"{tiles.split} tile {i}" for i in tiles.indices.tolist()]
+        body.append(
+            html.figure(
+                plots.attention_grid(rgbs, maps, captions),
+                "CLS-token attention of the last block over the patch tokens, "
+                "mean over heads (each map on its own scale), inputs normalised "
+                "with each encoder's own Normalizer.",
+            )
+        )
+    if notes:
+        body.append(
+            "<ul>" + "".join(f'<li class="bad">{html.esc(n)}</li>' for n in notes) + "</ul>"
+        )
+    return "".join(body)
+
+
+def section_mae(inputs: ReportInputs, cfg: Config) -> str:
+    runs = [e for e in inputs.encoders if e.method == "mae" and e.train_state]
+    if not runs:
+        raise NotRun("no MAE checkpoint with its training state (train.pt) in the store")
+    if inputs.dataset is None:
+        raise NotRun(f"no dataset at {inputs.dataset_uri} to take example tiles from")
+    tiles = example_tiles(inputs.dataset, MAE_TILES)
+    body = []
+    for e in runs:
+        rec = mae_reconstruct(inputs.store, e.name, tiles.images, seed=cfg.seed)
+        channels = rec.original.shape[1]
+        nm = [float(v) for v in BAND_CENTRES_NM[:channels]]
+        bands = sorted(set(np.linspace(0, channels - 1, MAE_BANDS).round().astype(int).tolist()))
+        title = (
+            f"{e.name} (step {rec.step}, {rec.mask_ratio:.0%} masked): "
+            f"{tiles.split} tile {int(tiles.indices[0])}"
+        )
+        body.append(f"<h3>{html.esc(e.name)}</h3>")
+        body.append(
+            html.figure(
+                plots.mae_reconstruction(
+                    rec.original[0], rec.reconstruction[0], rec.mask[0], bands, nm, title
+                ),
+                "Normalised values; masked patches grey in the input, predicted in the "
+                "reconstruction (visible patches pasted back).",
+            )
+        )
+        body.append(
+            html.figure(
+                plots.band_errors(
+                    {e.name: rec.per_band_mse.tolist()},
+                    nm,
+                    f"{e.name}: reconstruction MSE per band",
+                ),
+                f"Mean squared error on the masked pixels of {len(tiles.indices)} {tiles.split} "
+                f"tiles (mean {rec.per_band_mse.mean():.4f}).",
+            )
+        )
+    return "".join(body)
+
+
+def section_pca(inputs: ReportInputs, cfg: Config) -> str:
+    runs = [r for r in inputs.results if r.kind == "pca"]
+    if not runs:
+        raise NotRun("no PCA results (kind pca) in the store")
+    body = []
+    for r in runs:
+        m = r.metrics
+        ratio = m.get("explained_variance") or []
+        body.append(f"<h3>{html.esc(r.name)}</h3>")
+        body.append(
+            html.figure(
+                plots.explained_variance(ratio, f"{r.name}: explained variance"),
+                f"{len(ratio)} components explain "
+                f"{100 * sum(ratio):.2f}% of the normalised variance.",
+            )
+        )
+        errors = m.get("per_band_mse") or {}
+        if errors:
+            nm = [float(v) for v in m.get("band_centres_nm") or BAND_CENTRES_NM]
+            body.append(
+                html.figure(
+                    plots.band_errors(errors, nm, f"{r.name}: reconstruction MSE per band"),
+                    f"On {m.get('eval_tiles', '?')} {m.get('eval_split', '?')} tiles: "
+                    + ", ".join(f"{k} mean {v:.4f}" for k, v in (m.get("mean_mse") or {}).items()),
+                )
+            )
+    return "".join(body)
+
+
+def section_data(inputs: ReportInputs, cfg: Config) -> str:
+    manifest = inputs.manifest
+    body = []
+    if manifest is None:
+        body.append(html.not_run(f"no dataset manifest at {inputs.dataset_uri}"))
+    else:
+        rows = []
+        for split, info in manifest["splits"].items():
+            pixels = np.asarray(info.get("class_pixels") or [0], dtype=np.int64)
+            total = int(pixels.sum())
+            rows.append(
+                [
+                    split,
+                    info.get("tiles", 0),
+                    len(info.get("scenes", [])),
+                    f"{int(pixels[1:].sum()):,}",
+                    html.pct(pixels[0] / total if total else None, 1),
+                ]
+            )
+        body.append(
+            html.table(
+                ["Split", "Tiles", "Scenes", "Labelled pixels", "Unlabelled %"], rows, cls="splits"
+            )
+        )
+        body.append(
+            f"<p>Tile {manifest.get('tile_size')} px, stride {manifest.get('stride')}, "
+            f"{manifest.get('bands')} bands; source <code>{html.esc(manifest.get('source'))}"
+            f"</code>; content fingerprint <code>{html.esc(manifest.get('fingerprint'))}</code>"
+            f", created {html.esc(manifest.get('created'))}.</p>"
+        )
+        counts = {
+            s: i["class_pixels"] for s, i in manifest["splits"].items() if i.get("class_pixels")
+        }
+        if counts:
+            body.append(
+                html.figure(
+                    plots.class_distribution(counts, CLASS_NAMES),
+                    "Share of each split's labelled pixels per class.",
+                )
+            )
+        norm = manifest.get("normalizer") or {}
+        if norm.get("mean"):
+            nm = [float(v) for v in manifest.get("band_centres_nm") or BAND_CENTRES_NM]
+            split = (manifest.get("band_stats") or {}).get("split", "tr")
+            body.append(
+                html.figure(
+                    plots.band_statistics(
+                        norm["mean"],
+                        norm["std"],
+                        nm,
+                        REFLECTANCE_SCALE,
+                        f"Band statistics of the Normalizer ({split} split)",
+                    ),
+                    "Per-band mean reflectance ± one standard deviation: what every model's "
+                    "input is normalised with.",
+                )
+            )
+    rows = fingerprint_rows(inputs)
+    if rows:
+        body.append(
+            "<h3>Normalizer fingerprints</h3><p>Every run must use the dataset's "
+            "statistics; a run in red was normalised differently (the dissertation's "
+            "bug: chance-level results).</p>"
+        )
+        body.append(html.fingerprint_table(rows))
+    if manifest is None and not rows:
+        raise NotRun(f"no dataset manifest at {inputs.dataset_uri} and no runs")
+    return "".join(body)
+
+
+def fingerprint_rows(inputs: ReportInputs) -> list[html.FingerprintRow]:
+    """The dataset's Normalizer fingerprint, then every result's and every encoder's."""
+    ref = inputs.dataset_fingerprint
+
+    def row(what: str, name: str, fp: str | None) -> html.FingerprintRow:
+        return html.FingerprintRow(what, name, fp, None if ref is None or fp is None else fp == ref)
+
+    rows = [] if ref is None else [html.FingerprintRow("dataset", inputs.dataset_uri, ref, True)]
+    shown = {r.name for r in inputs.segmentation}
+    results: list[ResultRun] = [
+        *inputs.segmentation,
+        *(r for r in inputs.results if r.name not in shown),
+    ]
+    rows += [row("result", r.name, r.metrics.get("normalizer")) for r in results]
+    rows += [row("encoder", e.name, e.fingerprint) for e in inputs.encoders]
+    return rows

@@ -1,0 +1,381 @@
+"""The report stage over real runs on a tiny generated dataset: ingest, MAE pretraining,
+finetuning (MAE and random-init control), the DeepLabV3+ baseline and the PCA proof of concept."""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import asdict
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hsissl.config import load_config
+from hsissl.data.shards import ShardDataset
+from hsissl.pretrain import checkpoint
+from hsissl.pretrain.mae import MAERecipe
+from hsissl.pretrain.trainer import pretrain
+from hsissl.report import collect as report_collect
+from hsissl.report.collect import cls_attention, config_from_dict, example_tiles, mae_reconstruct
+from hsissl.report.plots import PALETTE, colorize
+from hsissl.stages import baseline, finetune, ingest, pca_poc, report
+from hsissl.stages.common import storage_of
+from hsissl.tracking import MlflowClient, resolve_uri
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+HEADINGS = (
+    "1. Segmentation results",
+    "2. Pretraining loss curves",
+    "3. Per-class IoU",
+    "4. Predicted vs ground-truth maps",
+    "5. Last-layer CLS attention",
+    "6. MAE reconstructions",
+    "7. PCA explained variance",
+    "8. Dataset and normalisation",
+)
+STALE = "finetune-mae-linear-stale"  # a copy of a real result claiming other statistics
+
+
+def overrides(run_dir: Path, **extra: object) -> list[str]:
+    base = {
+        "run_dir": run_dir,
+        "synthetic.scenes": "{tr: 3, va: 1, ts: 1}",
+        "synthetic.size": 128,
+        "data.scene_size": 128,
+        "tracking.uri": "",
+        "pretrain.batch_size": 8,
+        "pretrain.max_steps": 4,
+        "pretrain.log_every": 1,
+        "pretrain.knn_tiles": 8,
+        "pretrain.loader_threads": 1,
+        "mae.model": "mae_vit_tiny_patch8_64",
+        "finetune.head": "linear",
+        "finetune.max_steps": 4,
+        "finetune.batch_size": 8,
+        "finetune.loader_threads": 1,
+        "baseline.encoder": "test_resnet",
+        "baseline.batch_size": 2,
+        "baseline.max_steps": 2,
+        "pca.fit_pixels": 2000,
+        "pca.decoder_steps": 2,
+        "pca.batch_size": 4,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def cfg_for(run_dir: Path, **extra: object):
+    return load_config(REPO / "configs" / "tiny.yaml", overrides(run_dir, **extra))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Every stage once on a tiny dataset, a stale copy of one result, then the report."""
+    run_dir = tmp_path_factory.mktemp("report") / "run"
+    ingest.run(cfg_for(run_dir))
+    encoder_uri = pretrain(cfg_for(run_dir), MAERecipe, "pretrain-mae")["encoder_uri"]
+    finetune.run(cfg_for(run_dir, **{"finetune.encoder": encoder_uri}))
+    finetune.run(cfg_for(run_dir, **{"finetune.encoder": "random:vit_tiny_patch8_64"}))
+    baseline.run(cfg_for(run_dir))
+    pca_poc.run(cfg_for(run_dir))
+    store = storage_of(cfg_for(run_dir))
+    stale = json.loads(store.get_bytes("results/finetune-mae-linear/metrics.json"))
+    stale |= {"name": STALE, "normalizer": "0123456789abcdef"}  # the dissertation's bug
+    store.put_bytes(f"results/{STALE}/metrics.json", json.dumps(stale).encode())
+    result = report.run(cfg_for(run_dir))
+    page = store.get_bytes("reports/report/report.html").decode()
+    metrics = {
+        name: json.loads(store.get_bytes(f"results/{name}/metrics.json")) for name in result["runs"]
+    }
+    scenes = len(ShardDataset(store.join("datasets/whu-ohs")).split("ts").scenes)
+    return {
+        "run_dir": run_dir,
+        "store": store,
+        "encoder_uri": encoder_uri,
+        "result": result,
+        "page": page,
+        "parsed": parse(page),
+        "metrics": metrics,
+        "scenes": scenes,
+    }
+
+
+class PageParser(HTMLParser):
+    """Headings, images, links, script/link tags and table cells of the report page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.headings: list[str] = []
+        self.imgs: list[str] = []
+        self.refs: list[tuple[str, str, str]] = []  # (tag, attribute, value)
+        self.tags: set[str] = set()
+        self.tables: list[dict] = []  # {"cls", "header": [...], "rows": [{"cls", "cells"}]}
+        self._h2: list[str] | None = None
+        self._cell: dict | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        self.tags.add(tag)
+        for key in ("src", "href"):
+            if a.get(key) is not None:
+                self.refs.append((tag, key, a[key]))
+        if tag == "img":
+            self.imgs.append(a.get("src") or "")
+        elif tag == "h2":
+            self._h2 = []
+        elif tag == "table":
+            self.tables.append({"cls": a.get("class") or "", "header": [], "rows": []})
+        elif tag == "tr" and self.tables:
+            self.tables[-1]["rows"].append({"cls": a.get("class") or "", "cells": []})
+        elif tag in ("td", "th") and self.tables:
+            self._cell = {
+                "tag": tag,
+                "text": "",
+                "value": a.get("data-value"),
+                "cls": a.get("class") or "",
+                "inner": [],
+            }
+        elif self._cell is not None and a.get("class"):
+            self._cell["inner"].append(a["class"])
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "h2" and self._h2 is not None:
+            self.headings.append("".join(self._h2).strip())
+            self._h2 = None
+        elif tag in ("td", "th") and self._cell is not None:
+            cell, self._cell = self._cell, None
+            cell["text"] = cell["text"].strip()
+            table = self.tables[-1]
+            if cell["tag"] == "th":
+                table["header"].append(cell["text"])
+            else:
+                table["rows"][-1]["cells"].append(cell)
+        elif tag == "table" and self.tables:  # drop the header row (no <td>)
+            self.tables[-1]["rows"] = [r for r in self.tables[-1]["rows"] if r["cells"]]
+
+    def handle_data(self, data: str) -> None:
+        if self._h2 is not None:
+            self._h2.append(data)
+        if self._cell is not None:
+            self._cell["text"] += data
+
+
+def parse(page: str) -> PageParser:
+    parser = PageParser()
+    parser.feed(page)
+    parser.close()
+    return parser
+
+
+def table_of(parsed: PageParser, cls: str) -> dict:
+    found = [t for t in parsed.tables if t["cls"] == cls]
+    assert len(found) == 1, f"expected one table of class {cls!r}, found {len(found)}"
+    return found[0]
+
+
+def rows_by_name(table: dict) -> dict[str, dict]:
+    return {row["cells"][0]["text"]: row for row in table["rows"]}
+
+
+# -- the page -----------------------------------------------------------------------------------
+def test_every_section_is_built_from_the_runs(runs):
+    result, parsed = runs["result"], runs["parsed"]
+    assert parsed.headings == list(HEADINGS)
+    assert result["sections"] == {s: "ok" for s in result["sections"]}, result["sections"]
+    assert len(result["sections"]) == len(HEADINGS)
+    assert "Not run" not in runs["page"] and "Failed:" not in runs["page"]
+    assert result["problems"] == []
+    assert set(result["runs"]) == {
+        "finetune-mae-linear",
+        "finetune-random-linear",
+        STALE,
+        "baseline-deeplabv3plus",
+        "pca-poc",
+    }
+    assert result["encoders"] == ["mae"]
+
+
+def test_page_is_self_contained_with_valid_embedded_pngs(runs):
+    parsed = runs["parsed"]
+    # loss curves, per-class bars, scenes + legend, attention, MAE recon + MSE, PCA x2, data x2
+    assert len(parsed.imgs) == 10 + runs["scenes"]
+    for src in parsed.imgs:
+        assert src.startswith("data:image/png;base64,"), src[:80]
+        png = base64.b64decode(src.removeprefix("data:image/png;base64,"), validate=True)
+        assert png.startswith(PNG_SIGNATURE) and len(png) > 1000
+    for tag, attr, value in parsed.refs:
+        assert (attr == "src" and value.startswith("data:image/png;base64,")) or (
+            attr == "href" and value.startswith("#")
+        ), f"<{tag} {attr}={value[:80]!r}> points outside the page"
+    assert not parsed.tags & {"script", "link", "iframe", "object", "embed"}
+    assert "<style>" in runs["page"]
+
+
+def test_main_table_shows_each_runs_metrics_from_metrics_json(runs):
+    table = table_of(runs["parsed"], "results")
+    metrics = runs["metrics"]
+    rows = rows_by_name(table)
+    segmentation = {n for n, m in metrics.items() if m["kind"] in ("finetune", "baseline")}
+    assert set(rows) == segmentation
+    for name, row in rows.items():
+        cells = dict(zip(table["header"], row["cells"], strict=True))
+        for part in ("tile", "scene"):
+            for key, label in (("miou", "mIoU"), ("macc", "mAcc"), ("oa", "OA")):
+                cell, expected = cells[f"{part.title()} {label} %"], metrics[name][part][key]
+                assert float(cell["value"]) == pytest.approx(expected, rel=1e-12), (name, part, key)
+                assert cell["text"] == f"{100 * expected:.2f}"
+    # baseline first, then per head the random-init control before the pretrained encoder
+    order = [row["cells"][0]["text"] for row in table["rows"]]
+    assert order[0] == "baseline-deeplabv3plus"
+    assert order.index("finetune-random-linear") < order.index("finetune-mae-linear")
+    assert rows["baseline-deeplabv3plus"]["cls"] == "baseline"
+    assert rows["finetune-random-linear"]["cls"] == "control"
+    gain = dict(zip(table["header"], rows["finetune-mae-linear"]["cells"], strict=True))
+    expected = (
+        metrics["finetune-mae-linear"]["scene"]["miou"]
+        - metrics["finetune-random-linear"]["scene"]["miou"]
+    )
+    assert float(gain["Δ scene mIoU vs random"]["value"]) == pytest.approx(expected)
+
+
+def test_per_class_tables_show_absent_classes_as_a_dash(runs):
+    metrics, parsed = runs["metrics"], runs["parsed"]
+    nones = 0
+    for part in ("scene", "tile"):
+        table = [t for t in parsed.tables if t["cls"] == "per-class"][("scene", "tile").index(part)]
+        names = table["header"][1:]
+        assert len(table["rows"]) == 24
+        for c, row in enumerate(table["rows"]):
+            for name, cell in zip(names, row["cells"][1:], strict=True):
+                expected = metrics[name][part]["per_class_iou"][c]
+                if expected is None:
+                    nones += 1
+                    assert cell["text"] == "–" and cell["value"] is None, (name, part, c)
+                else:
+                    assert float(cell["value"]) == pytest.approx(expected)
+                    assert cell["text"] == f"{100 * expected:.1f}"
+    assert nones > 0, "the tiny runs left no class absent; the dash was not exercised"
+
+
+def test_fingerprints_shown_and_a_mismatching_run_flagged_red(runs):
+    parsed, result = runs["parsed"], runs["result"]
+    dataset_fp = ShardDataset(runs["store"].join("datasets/whu-ohs")).normalizer.fingerprint
+    table = table_of(parsed, "fingerprints")
+    rows = rows_by_name(
+        {"rows": [{"cells": r["cells"][1:], "cls": r["cls"]} for r in table["rows"]]}
+    )
+    assert rows[runs["store"].join("datasets/whu-ohs")]["cells"][1]["text"].startswith(dataset_fp)
+    for name in [*result["runs"], "mae"]:
+        cell = rows[name]["cells"][1]
+        if name == STALE:
+            assert "bad" in cell["inner"] and "0123456789abcdef ≠ dataset" in cell["text"]
+            assert rows[name]["cls"] == "mismatch"
+        else:
+            assert cell["text"].startswith(dataset_fp) and "bad" not in cell["inner"], name
+    assert result["mismatches"] == [f"result {STALE}"]
+    main = rows_by_name(table_of(parsed, "results"))
+    assert "bad" in main[STALE]["cells"][-1]["inner"] and main[STALE]["cls"] == "mismatch"
+    assert "bad" not in main["finetune-mae-linear"]["cells"][-1]["inner"]
+    # bold = best of its column among the runs that match the dataset; the stale copy (same
+    # numbers as finetune-mae-linear) is never bold
+    header = table_of(parsed, "results")["header"]
+    for col in (i for i, h in enumerate(header) if h.endswith("%")):
+        values = {n: r["cells"][col]["value"] for n, r in main.items()}
+        best = max(float(v) for n, v in values.items() if v is not None and n != STALE)
+        for name, row in main.items():
+            bold = "best" in row["cells"][col]["cls"]
+            expected = name != STALE and values[name] is not None and float(values[name]) == best
+            assert bold == expected, (name, header[col])
+
+
+def test_markdown_summary_has_the_table_fingerprints_and_runs(runs):
+    md = runs["store"].get_bytes("reports/report/summary.md").decode()
+    metrics = runs["metrics"]
+    for name, m in metrics.items():
+        assert f"`{name}`" in md
+        if m["kind"] in ("finetune", "baseline"):
+            line = next(ln for ln in md.splitlines() if ln.startswith(f"| `{name}` |"))
+            assert f"| {100 * m['scene']['miou']:.2f} |" in line
+    dataset_fp = ShardDataset(runs["store"].join("datasets/whu-ohs")).normalizer.fingerprint
+    assert f"`{dataset_fp}`" in md
+    mismatch_lines = [ln for ln in md.splitlines() if "MISMATCH" in ln]
+    assert len(mismatch_lines) == 1 and STALE in mismatch_lines[0]
+
+
+def test_report_files_are_logged_to_mlflow(runs, tmp_path):
+    client = MlflowClient(tracking_uri=resolve_uri("", runs["run_dir"]))
+    experiment = client.get_experiment_by_name("hsissl")
+    found = client.search_runs([experiment.experiment_id], "tags.stage = 'report'")
+    assert len(found) == 1 and found[0].info.status == "FINISHED"
+    out = Path(client.download_artifacts(found[0].info.run_id, "", str(tmp_path)))
+    assert (out / "report" / "report.html").read_text() == runs["page"]
+    assert (out / "report" / "summary.md").is_file()
+    assert json.loads((out / "report.json").read_text())["mismatches"] == [f"result {STALE}"]
+
+
+def test_an_empty_store_gives_not_run_sections_instead_of_failing(runs, tmp_path):
+    cfg = cfg_for(runs["run_dir"], **{"storage.uri": tmp_path / "empty", "report.name": "empty"})
+    result = report.run(cfg)
+    assert result["sections"] == {s: "not run" for s in result["sections"]}
+    assert any("manifest" in p for p in result["problems"])
+    page = storage_of(cfg).get_bytes("reports/empty/report.html").decode()
+    assert parse(page).headings == list(HEADINGS)
+    assert page.count("Not run:") == len(HEADINGS)
+
+
+def test_named_results_limit_the_report_and_unknown_names_are_listed(runs):
+    cfg = cfg_for(
+        runs["run_dir"], **{"report.name": "named", "report.results": "[finetune-mae-linear, nope]"}
+    )
+    inputs = report_collect.collect(cfg)
+    assert [r.name for r in inputs.results] == ["finetune-mae-linear"]
+    assert len(inputs.problems) == 1 and "nope" in inputs.problems[0]
+
+
+# -- the pieces the report computes ---------------------------------------------------------------
+def test_palette_is_fixed_distinct_with_class_0_black():
+    assert PALETTE.shape == (25, 3) and PALETTE[0].tolist() == [0, 0, 0]
+    assert len({tuple(c) for c in PALETTE.tolist()}) == 25
+    label = np.array([[0, 3], [24, 15]], dtype=np.uint8)
+    np.testing.assert_array_equal(colorize(label)[1, 0], PALETTE[24])
+
+
+def test_config_from_dict_round_trips_and_drops_unknown_keys():
+    cfg = load_config(None, ["mae.mask_ratio=0.6", "synthetic.scenes={tr: 2}", "seed=3"])
+    tree = asdict(cfg)
+    assert config_from_dict(tree) == cfg
+    tree["mae"]["retired_option"] = 1
+    tree["gone_section"] = {"x": 1}
+    assert config_from_dict(tree) == cfg
+
+
+def test_cls_attention_is_the_cls_rows_share_of_patch_tokens(runs):
+    encoder, normalizer, _ = checkpoint.load_encoder(runs["encoder_uri"])
+    tiles = example_tiles(ShardDataset(runs["store"].join("datasets/whu-ohs")), 3)
+    x = normalizer(torch.from_numpy(tiles.images))
+    maps = cls_attention(encoder, x)
+    assert tiles.split == "ts" and maps.shape == (3, 8, 8)
+    self_attention = encoder.get_last_attention(x)[:, :, 0, 0].mean(dim=1).detach().numpy()
+    assert np.all(maps >= 0)
+    np.testing.assert_allclose(maps.sum(axis=(1, 2)) + self_attention, 1.0, atol=1e-5)
+    assert not np.allclose(maps[0], maps[0].mean())  # not a constant map
+
+
+def test_mae_reconstruction_keeps_visible_pixels_and_scores_masked_ones(runs):
+    store = runs["store"]
+    tiles = example_tiles(ShardDataset(store.join("datasets/whu-ohs")), 4)
+    rec = mae_reconstruct(store, "mae", tiles.images, seed=0)
+    visible = ~rec.mask[:, None].repeat(rec.original.shape[1], axis=1)  # (n, C, T, T)
+    np.testing.assert_array_equal(rec.reconstruction[visible], rec.original[visible])
+    assert rec.mask.mean() == pytest.approx(0.75, abs=1 / 64)
+    diff = (rec.reconstruction - rec.original) ** 2 * rec.mask[:, None]
+    np.testing.assert_allclose(
+        rec.per_band_mse, diff.sum(axis=(0, 2, 3)) / rec.mask.sum(), rtol=1e-5
+    )
+    assert rec.step == 4 and rec.per_band_mse.shape == (32,) and rec.per_band_mse.min() > 0
+    again = mae_reconstruct(store, "mae", tiles.images, seed=0)
+    np.testing.assert_array_equal(again.reconstruction, rec.reconstruction)  # seeded mask
