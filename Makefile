@@ -8,7 +8,9 @@ DATA   ?=
 # A real WHU-OHS copy: make run DATA=/data/WHU-OHS CONFIG=configs/base.yaml
 RUN_ARGS := $(if $(DATA),data.source=$(abspath $(DATA)))
 
-.PHONY: help install run test lint bench bench-ingest bench-train bench-loader images tools clean
+.PHONY: help install run test lint bench bench-ingest bench-train bench-loader images tools pipeline submit clean
+KFP_HOST   ?=
+EXPERIMENT ?= hsissl
 IMAGE_TAG  ?= $(shell git rev-parse HEAD 2>/dev/null || echo dev)
 IMAGE_REPO ?= ghcr.io/hsissl
 
@@ -24,16 +26,23 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv with pinned dependencies
 
-run: $(STAMP)  ## run the pipeline locally on the generated dataset (or DATA=<WHU-OHS folder>)
-	$(VENV)/bin/hsissl ingest --config $(CONFIG) $(RUN_ARGS)
+run: $(STAMP)  ## run the whole pipeline locally (kfp.local) on the generated dataset (or DATA=<WHU-OHS folder>)
+	$(VENV)/bin/hsissl-pipeline run-local --config $(CONFIG) $(RUN_ARGS)
+
+pipeline: $(STAMP)  ## compile the Kubeflow pipeline to pipelines/hsissl.yaml (review the diff)
+	$(VENV)/bin/hsissl-pipeline compile
+
+submit: $(STAMP)  ## submit to Kubeflow: make submit KFP_HOST=http://<kfp api> [EXPERIMENT=hsissl]
+	@test -n "$(KFP_HOST)" || { echo "set KFP_HOST, e.g. make submit KFP_HOST=http://localhost:8080"; exit 2; }
+	$(VENV)/bin/hsissl-pipeline submit --host $(KFP_HOST) --experiment $(EXPERIMENT)
 
 test: $(STAMP)  ## run the test suite (CPU, tiny presets)
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests components pipelines scripts
 	$(VENV)/bin/pytest -q
 
 lint: $(STAMP)  ## ruff lint + format check
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests components pipelines scripts
+	$(VENV)/bin/ruff format --check src tests components pipelines scripts
 
 bench: bench-ingest bench-loader bench-train  ## all benchmarks (figures: docs/benchmarks.md)
 

@@ -1,0 +1,283 @@
+"""``hsissl-pipeline``: compile, run locally, rerun a stage, submit/upload to KFP, PyTorchJob.
+
+hsissl-pipeline compile                                  # -> pipelines/hsissl.yaml
+hsissl-pipeline run-local --config configs/tiny.yaml [KEY=VALUE ...]
+hsissl-pipeline rerun --stage pretrain-mae --from-run runs/tiny [KEY=VALUE ...]
+hsissl-pipeline submit --host http://localhost:8080 --experiment hsissl [KEY=VALUE ...]
+hsissl-pipeline rerun --stage finetune-heads --from-run <KFP run id> --host URL --encoder mae
+hsissl-pipeline upload --host URL --version $(git rev-parse HEAD)
+hsissl-pipeline pytorchjob --stage pretrain-mae --nodes 4 --gpus-per-node 8 --name mae-4x8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipelines.compile import GOLDEN, add_options, compile_pipeline, options_from
+from pipelines.dag import METHODS, PIPELINE_NAME, STAGES
+from pipelines.options import PipelineOptions
+
+
+def _param(text: str) -> tuple[str, Any]:
+    """``name=value`` with the value parsed as JSON when it is JSON (false, 3, ["linear"])."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def _stages(text: str) -> list[str]:
+    stages = [s for s in text.split(",") if s]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown stage(s) {unknown}; expected some of {list(STAGES)}"
+        )
+    return stages
+
+
+def _overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+
+
+def _remote(p: argparse.ArgumentParser, host_required: bool) -> None:
+    p.add_argument(
+        "--host", required=host_required, help="KFP API endpoint, e.g. http://localhost:8080"
+    )
+    p.add_argument("--namespace", help="KFP namespace (multi-user installs)")
+    p.add_argument("--token", help="bearer token (default $KFP_TOKEN)")
+    p.add_argument(
+        "--experiment", default=PIPELINE_NAME, help="KFP experiment (default %(default)s)"
+    )
+    p.add_argument(
+        "--service-account",
+        default="hsissl-pipeline",
+        help="service account of the run's pods (default %(default)s, from the chart)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hsissl-pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compile", help="compile the pipeline to IR YAML (make pipeline)")
+    p.add_argument("--output", "-o", type=Path, default=GOLDEN, help="default %(default)s")
+    p.add_argument("--stage", choices=STAGES, help="compile the one-stage rerun pipeline instead")
+    add_options(p)
+
+    p = sub.add_parser("run-local", help="run the DAG here under kfp.local (make run)")
+    p.add_argument("--config", type=Path, help="config preset (configs/tiny.yaml)")
+    p.add_argument(
+        "--stages",
+        type=_stages,
+        default=list(STAGES),
+        help="comma-separated sub-DAG (ingest always runs); default: all",
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        type=_param,
+        default=[],
+        metavar="NAME=VALUE",
+        help="pipeline parameter, e.g. run_ssvit=false or heads='[\"linear\"]'",
+    )
+    p.add_argument("--run-id", help="local run id (default: a new local-… id)")
+    p.add_argument(
+        "--cache",
+        action="store_true",
+        help="reuse outputs of cached tasks from earlier local runs (as KFP would)",
+    )
+    _overrides(p)
+
+    p = sub.add_parser("run-stage", help="run one stage here on artifacts already in the store")
+    p.add_argument("stage", choices=STAGES)
+    p.add_argument("--config", type=Path, help="config preset")
+    p.add_argument("--dataset-uri", default="", help="default: <storage>/datasets/<data.name>")
+    p.add_argument(
+        "--encoder-uri", default="", help="finetune-heads: encoder record or random:<factory>"
+    )
+    p.add_argument("--head", default="", help="finetune-heads: linear | conv | segmenter")
+    p.add_argument("--run-id", help="pipeline run id; the same id resumes the same checkpoints")
+    _overrides(p)
+
+    p = sub.add_parser("rerun", help="rerun one stage of an earlier run on its artifacts")
+    p.add_argument("--stage", required=True, choices=STAGES)
+    p.add_argument(
+        "--from-run",
+        required=True,
+        help="a local run (record folder, run.json, or run folder = its latest run) "
+        "or, with --host, a KFP run id",
+    )
+    p.add_argument(
+        "--encoder",
+        default="mae",
+        choices=[*METHODS, "random"],
+        help="finetune-heads: whose encoder (default %(default)s)",
+    )
+    p.add_argument("--head", default="", help="finetune-heads: head ('' = the config's)")
+    p.add_argument("--run-id", help="local: id of this rerun; an interrupted one resumes with it")
+    _remote(p, host_required=False)
+    add_options(p)
+    _overrides(p)
+
+    p = sub.add_parser("submit", help="submit a run of the pipeline to a KFP host")
+    _remote(p, host_required=True)
+    p.add_argument("--run-name", help="default: hsissl <date>")
+    p.add_argument(
+        "--config",
+        default=PipelineOptions().default_preset,
+        help="preset path in the pods (default %(default)s, from the chart's ConfigMap)",
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        type=_param,
+        default=[],
+        metavar="NAME=VALUE",
+        help="pipeline parameter, e.g. source=/data/WHU-OHS or gpus=2",
+    )
+    p.add_argument("--package", type=Path, help="a compiled YAML (default: compile now)")
+    add_options(p)
+    _overrides(p)
+
+    p = sub.add_parser("upload", help="upload the compiled pipeline as a new version (CI)")
+    p.add_argument("--host", required=True)
+    p.add_argument("--namespace")
+    p.add_argument("--token")
+    p.add_argument("--version", required=True, help="version name, e.g. the git SHA")
+    p.add_argument("--pipeline", default=PIPELINE_NAME, help="pipeline name (default %(default)s)")
+    p.add_argument("--package", type=Path, help="a compiled YAML (default: compile now)")
+    add_options(p)
+
+    p = sub.add_parser(
+        "pytorchjob", help="print a multi-node PyTorchJob manifest for a pretraining"
+    )
+    p.add_argument(
+        "--stage", required=True, choices=[s for s in STAGES if s.startswith("pretrain-")]
+    )
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--name", required=True, help="PyTorchJob name")
+    p.add_argument("--namespace")
+    p.add_argument("--run-id", default="", help="names the checkpoint folder; reuse it to resume")
+    p.add_argument("--config", type=Path, help="local preset the overrides are checked against")
+    p.add_argument("--service-account", default="hsissl-pipeline")
+    add_options(p)
+    _overrides(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"hsissl-pipeline {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _compile(args: argparse.Namespace) -> int:
+    print(compile_pipeline(args.output, options_from(args), args.stage))
+    return 0
+
+
+def _print_local(run) -> int:
+    """The run's id, status, record folder, MLflow parent run and where each output points."""
+    outputs = {
+        task: {name: a["metadata"]["uri"] for name, a in t["artifacts"].items() if "uri" in a["metadata"]}
+        for task, t in run.tasks.items()
+    }  # fmt: skip
+    summary = {"run_id": run.run_id, "status": run.status, "record": run.record_dir,
+               "mlflow_parent_run": run.parent_run_id, "error": run.error or None,
+               "outputs": {task: uris for task, uris in outputs.items() if uris}}  # fmt: skip
+    print(json.dumps(summary, indent=1))
+    return 0 if run.status == "SUCCEEDED" else 1
+
+
+def _run_local(args: argparse.Namespace) -> int:
+    from pipelines.local import run_local
+
+    run = run_local(args.config, args.overrides, args.stages, dict(args.param),
+                    run_id=args.run_id, cache=args.cache, check=False)  # fmt: skip
+    return _print_local(run)
+
+
+def _run_stage(args: argparse.Namespace) -> int:
+    from pipelines.local import local_arguments, run_stage_local
+
+    arguments = local_arguments(args.config, args.overrides) | {
+        "dataset_uri": args.dataset_uri, "encoder_uri": args.encoder_uri, "head": args.head}  # fmt: skip
+    return _print_local(run_stage_local(args.stage, arguments, run_id=args.run_id, check=False))
+
+
+def _rerun(args: argparse.Namespace) -> int:
+    if args.host:
+        from pipelines import remote
+
+        client = remote.connect(args.host, args.namespace, args.token)
+        run_id = remote.rerun(client, args.from_run, args.stage, args.overrides,
+                              encoder=args.encoder, head=args.head, experiment=args.experiment,
+                              opts=options_from(args), service_account=args.service_account)  # fmt: skip
+        print(json.dumps({"run_id": run_id, "rerun_of": args.from_run, "stage": args.stage}))
+        return 0
+    from pipelines.local import rerun_local
+
+    return _print_local(rerun_local(args.stage, args.from_run, args.overrides, args.encoder,
+                                    args.head, args.run_id, check=False))  # fmt: skip
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from pipelines import remote
+
+    client = remote.connect(args.host, args.namespace, args.token)
+    arguments = {"preset": args.config, "overrides": args.overrides} | dict(args.param)
+    run_id = remote.submit(client, arguments, experiment=args.experiment, run_name=args.run_name,
+                           opts=options_from(args), package=args.package,
+                           service_account=args.service_account)  # fmt: skip
+    print(json.dumps({"run_id": run_id, "experiment": args.experiment}))
+    return 0
+
+
+def _upload(args: argparse.Namespace) -> int:
+    from pipelines import remote
+
+    client = remote.connect(args.host, args.namespace, args.token)
+    pipeline_id = remote.upload(client, args.version, pipeline=args.pipeline,
+                                opts=options_from(args), package=args.package)  # fmt: skip
+    print(json.dumps({"pipeline_id": pipeline_id, "version": args.version}))
+    return 0
+
+
+def _pytorchjob(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pipelines.pytorchjob import build_pytorchjob, validate
+
+    manifest = build_pytorchjob(args.stage, args.overrides, nodes=args.nodes,
+                                gpus_per_node=args.gpus_per_node, name=args.name,
+                                namespace=args.namespace, local_preset=args.config,
+                                opts=options_from(args), service_account=args.service_account,
+                                run_id=args.run_id)  # fmt: skip
+    validate(manifest)
+    print(yaml.safe_dump(manifest, sort_keys=False), end="")
+    return 0
+
+
+COMMANDS = {"compile": _compile, "run-local": _run_local, "run-stage": _run_stage,
+            "rerun": _rerun, "submit": _submit, "upload": _upload, "pytorchjob": _pytorchjob}  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Compile the pipeline to IR YAML: ``hsissl-pipeline compile`` (``make pipeline``).
+
+The checked-in ``pipelines/hsissl.yaml`` is compiled with the default options; a test
+compiles again and compares, so any change to the DAG is reviewed in the YAML diff. CI
+compiles with its image references (``--cpu-image``/``--train-image`` or $HSISSL_CPU_IMAGE,
+$HSISSL_TRAIN_IMAGE) before uploading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from kfp import compiler
+
+from pipelines.dag import STAGES, build_pipeline, build_stage_pipeline
+from pipelines.options import PipelineOptions
+
+GOLDEN = Path(__file__).with_name("hsissl.yaml")
+
+
+def compile_pipeline(path: str | Path = GOLDEN, opts: PipelineOptions | None = None,
+                     stage: str | None = None) -> Path:  # fmt: skip
+    """Write the DAG (or the one-stage rerun pipeline of ``stage``) as IR YAML to ``path``."""
+    func = build_stage_pipeline(stage, opts) if stage else build_pipeline(opts)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(func, str(path))
+    return path
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    return key, value
+
+
+def _toleration(text: str) -> dict[str, str]:
+    """``key[=value]:Effect`` -> a toleration (Exists without a value, Equal with one)."""
+    spec, sep, effect = text.rpartition(":")
+    if not sep or not spec or effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected KEY[=VALUE]:EFFECT with EFFECT NoSchedule, PreferNoSchedule or "
+            "NoExecute, e.g. nvidia.com/gpu:NoSchedule"
+        )
+    key, has_value, value = spec.partition("=")
+    if has_value:
+        return {"key": key, "operator": "Equal", "value": value, "effect": effect}
+    return {"key": key, "operator": "Exists", "effect": effect}
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """Flags for :class:`PipelineOptions` (shared by compile, submit, upload and rerun)."""
+    d = PipelineOptions()
+    g = parser.add_argument_group("compile options")
+    g.add_argument(
+        "--cpu-image",
+        default=os.environ.get("HSISSL_CPU_IMAGE", d.cpu_image),
+        help="image of ingest/pca-poc/report (default $HSISSL_CPU_IMAGE or %(default)s)",
+    )
+    g.add_argument(
+        "--train-image",
+        default=os.environ.get("HSISSL_TRAIN_IMAGE", d.train_image),
+        help="image of the GPU stages (default $HSISSL_TRAIN_IMAGE or %(default)s)",
+    )
+    g.add_argument(
+        "--gpu-node-selector",
+        action="append",
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="node label GPU pods require (repeatable; replaces the default "
+        f"{d.gpu_node_selector}; 'none=' for no selector)",
+    )
+    g.add_argument(
+        "--gpu-toleration",
+        action="append",
+        type=_toleration,
+        metavar="KEY[=VALUE]:EFFECT",
+        help="taint GPU pods tolerate (repeatable; replaces the default nvidia.com/gpu:NoSchedule)",
+    )
+    g.add_argument("--no-gpu-toleration", action="store_true", help="no tolerations on GPU pods")
+    g.add_argument(
+        "--s3-secret",
+        default=d.s3_secret,
+        help="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (default %(default)s)",
+    )
+    g.add_argument(
+        "--mlflow-secret",
+        default=d.mlflow_secret,
+        help="optional Secret with MLFLOW_TRACKING_USERNAME/PASSWORD (default %(default)s)",
+    )
+    g.add_argument(
+        "--shm-size", default=d.shm_size, help="/dev/shm of GPU pods (default %(default)s)"
+    )
+    g.add_argument("--data-pvc", default=d.data_pvc, metavar="CLAIM",
+                   help=f"PersistentVolumeClaim with the source scenes, mounted into ingest at "
+                        f"{d.data_mount} (then source=/data/...)")  # fmt: skip
+
+
+def options_from(args: argparse.Namespace) -> PipelineOptions:
+    opts = replace(PipelineOptions(), cpu_image=args.cpu_image, train_image=args.train_image,
+                   s3_secret=args.s3_secret, mlflow_secret=args.mlflow_secret,
+                   shm_size=args.shm_size, data_pvc=args.data_pvc)  # fmt: skip
+    if args.gpu_node_selector:
+        selector = {k: v for k, v in args.gpu_node_selector if k != "none"}
+        opts = replace(opts, gpu_node_selector=selector)
+    if args.no_gpu_toleration:
+        opts = replace(opts, gpu_tolerations=[])
+    elif args.gpu_toleration:
+        opts = replace(opts, gpu_tolerations=list(args.gpu_toleration))
+    return opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.compile", description=__doc__)
+    parser.add_argument("--output", "-o", type=Path, default=GOLDEN, help="default %(default)s")
+    parser.add_argument("--stage", choices=STAGES, help="compile the one-stage rerun pipeline")
+    add_options(parser)
+    args = parser.parse_args(argv)
+    print(compile_pipeline(args.output, options_from(args), args.stage))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The hsissl DAG, and the one-stage pipelines that rerun a stage on earlier artifacts.
+
+    open-lineage -> ingest -> pca-poc
+                           -> baseline-deeplabv3plus
+                           -> [if run_<method>] pretrain-<method> -> finetune-heads x heads
+                           -> [if control_encoder] random-init encoder -> finetune-heads x heads
+    report: the exit task, after everything (also after a failure: it reports what finished)
+
+``build_pipeline(opts)`` is the pipeline function that is compiled, submitted and run
+locally under ``kfp.local``: one definition for all three. (No ``from __future__ import
+annotations`` here: KFP reads the pipeline parameters' types from real annotations.)
+"""
+
+from collections.abc import Callable, Iterable
+
+from kfp import dsl
+
+from components.baseline_deeplabv3plus import baseline_deeplabv3plus
+from components.finetune_heads import finetune_heads
+from components.ingest import ingest
+from components.lineage import close_lineage, open_lineage
+from components.pca_poc import pca_poc
+from components.pretrain_dinov2 import pretrain_dinov2
+from components.pretrain_mae import pretrain_mae
+from components.pretrain_ssvit import pretrain_ssvit
+from components.refs import dataset_ref, encoder_ref
+from components.report import report
+from pipelines.k8s import configure, mount_data
+from pipelines.options import PipelineOptions
+
+PIPELINE_NAME = "hsissl"
+METHODS = ("mae", "dinov2", "ssvit")
+PRETRAIN = {"mae": pretrain_mae, "dinov2": pretrain_dinov2, "ssvit": pretrain_ssvit}
+STAGES = ("ingest", "pca-poc", *(f"pretrain-{m}" for m in METHODS), "finetune-heads",
+          "baseline-deeplabv3plus", "report")  # fmt: skip
+HEADS = ["linear", "conv", "segmenter"]
+CONTROL_ENCODER = "random"  # a random init of the config's MAE encoder architecture
+RUN_ID = dsl.PIPELINE_JOB_ID_PLACEHOLDER  # only for uncached tasks: it differs in every run
+
+
+def _check_stages(stages: Iterable[str]) -> frozenset[str]:
+    stages = frozenset(stages)
+    unknown = sorted(stages - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; expected some of {list(STAGES)}")
+    return stages
+
+
+def _exit_task(opts: PipelineOptions, with_report: bool, common: dict, storage_uri, run_id):
+    """The ExitHandler's task: the report (which also closes the lineage) or just the close."""
+    if with_report:
+        task = report(storage_uri=storage_uri, kfp_run_id=run_id, **common)
+        return configure(task, "cpu", opts, cache=False)
+    return configure(close_lineage(kfp_run_id=run_id, **common), "light", opts, cache=False)
+
+
+def build_pipeline(opts: PipelineOptions | None = None, stages: Iterable[str] = STAGES) -> Callable:
+    """The full DAG, or a sub-DAG of ``stages`` (ingest is always in it)."""
+    opts = opts or PipelineOptions()
+    stages = _check_stages(stages) | {"ingest"}
+    default_preset = opts.default_preset
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="Self-supervised pretraining on WHU-OHS "
+                  "hyperspectral tiles: ingest, MAE/DINOv2/SS-ViT pretraining, segmentation "
+                  "heads on frozen encoders, DeepLabV3+ baseline, PCA proof of concept, report.")  # fmt: skip
+    def hsissl(
+        source: str = "",
+        preset: str = default_preset,
+        overrides: list = [],  # noqa: B006 - KFP reads parameter defaults from the signature
+        storage_uri: str = "",
+        tracking_uri: str = "",
+        run_mae: bool = True,
+        run_dinov2: bool = True,
+        run_ssvit: bool = True,
+        heads: list = HEADS,
+        control_encoder: str = CONTROL_ENCODER,
+        pretrain_epochs: float = 0.0,
+        pretrain_max_steps: int = 0,
+        gpus: int = 1,
+        gpu_type: str = "nvidia.com/gpu",
+    ):
+        """The hsissl DAG (parameter descriptions show in the KFP UI).
+
+        Args:
+            source: WHU-OHS folder as ingest sees it; "" = the generated dataset.
+            preset: Config preset: a path in the pod, or a name in configs/ (tiny, base).
+            overrides: Dotted config overrides, e.g. ["pretrain.epochs=50"].
+            storage_uri: Artifact store (s3://bucket/prefix); "" = the preset's.
+            tracking_uri: MLflow tracking URI; "" = the preset's or $MLFLOW_TRACKING_URI.
+            run_mae: Pretrain an MAE.
+            run_dinov2: Pretrain DINOv2.
+            run_ssvit: Pretrain the spatial-spectral ViT.
+            heads: Segmentation heads finetuned on every encoder (linear, conv, segmenter).
+            control_encoder: Random-init control: "random" (the config's MAE architecture),
+                random:<factory>, or "" for none.
+            pretrain_epochs: Pretraining epochs; 0 = the preset's.
+            pretrain_max_steps: Pretraining steps (overrides epochs); 0 = the preset's.
+            gpus: Accelerators per training pod (more than 1: torchrun, one process each).
+            gpu_type: Accelerator resource name.
+        """
+        common = {"preset": preset, "overrides": overrides, "tracking_uri": tracking_uri}
+        train = {"gpus": gpus, "gpu_type": gpu_type}
+        exit_task = _exit_task(opts, "report" in stages, common, storage_uri, RUN_ID)
+        with dsl.ExitHandler(exit_task, name="hsissl-stages"):
+            lineage = open_lineage(kfp_run_id=RUN_ID, source=source, storage_uri=storage_uri,
+                                   **common)  # fmt: skip
+            configure(lineage, "light", opts, cache=False)
+            data = ingest(source=source, storage_uri=storage_uri, **common).after(lineage)
+            configure(data, "cpu", opts, cache=True, retry=True)
+            mount_data(data, opts)
+            dataset = data.outputs["dataset"]
+            if "pca-poc" in stages:
+                configure(pca_poc(dataset=dataset, **common), "cpu", opts, cache=True)
+            if "baseline-deeplabv3plus" in stages:
+                task = baseline_deeplabv3plus(dataset=dataset, **common)
+                configure(task, "train", opts, cache=True, **train)
+            if "finetune-heads" in stages:
+                with dsl.If(control_encoder != "", name="random-init-control"):
+                    ref = encoder_ref(uri=control_encoder, preset=preset, overrides=overrides,
+                                      storage_uri=storage_uri, method="", source_run_id="")  # fmt: skip
+                    configure(ref, "light", opts, cache=True, name="random-init-encoder")
+                    _finetune_all(opts, heads, dataset, ref.outputs["encoder"], "random-init",
+                                  common, train)  # fmt: skip
+            flags = {"mae": run_mae, "dinov2": run_dinov2, "ssvit": run_ssvit}
+            for method in METHODS:
+                if f"pretrain-{method}" not in stages:
+                    continue
+                with dsl.If(flags[method] == True, name=f"run-{method}"):  # noqa: E712 - a DSL condition
+                    task = PRETRAIN[method](dataset=dataset, epochs=pretrain_epochs,
+                                            max_steps=pretrain_max_steps, kfp_run_id=RUN_ID,
+                                            **common)  # fmt: skip
+                    # Not cached: a retried pod resumes from the checkpoint instead.
+                    configure(task, "train", opts, cache=False, retry=True, **train)
+                    if "finetune-heads" in stages:
+                        _finetune_all(opts, heads, dataset, task.outputs["encoder"], method,
+                                      common, train)  # fmt: skip
+
+    return hsissl
+
+
+def _finetune_all(opts, heads, dataset, encoder, label: str, common: dict, train: dict) -> None:
+    with dsl.ParallelFor(heads, name=f"heads-{label}") as head:
+        task = finetune_heads(dataset=dataset, encoder=encoder, head=head, **common)
+        configure(task, "train", opts, cache=True, name=f"finetune-{label}", **train)
+
+
+def build_stage_pipeline(stage: str, opts: PipelineOptions | None = None) -> Callable:
+    """``stage`` alone, on artifacts already in the store (a rerun): nothing upstream runs.
+
+    Inputs are referenced, not recomputed: ``dataset_uri`` ("" = the dataset the config
+    names) and, for finetune-heads, ``encoder_uri`` ("" = the encoder that pretraining
+    ``encoder_method`` wrote in pipeline run ``source_run_id``; or ``random:<factory>``).
+    """
+    opts = opts or PipelineOptions()
+    _check_stages([stage])
+    default_preset = opts.default_preset
+
+    @dsl.pipeline(
+        name=f"{PIPELINE_NAME}-{stage}", description=f"Rerun {stage} on earlier artifacts."
+    )
+    def hsissl_stage(
+        source: str = "",
+        preset: str = default_preset,
+        overrides: list = [],  # noqa: B006 - KFP reads parameter defaults from the signature
+        storage_uri: str = "",
+        tracking_uri: str = "",
+        dataset_uri: str = "",
+        encoder_uri: str = "",
+        encoder_method: str = "mae",
+        source_run_id: str = "",
+        head: str = "",
+        pretrain_epochs: float = 0.0,
+        pretrain_max_steps: int = 0,
+        gpus: int = 1,
+        gpu_type: str = "nvidia.com/gpu",
+    ):
+        common = {"preset": preset, "overrides": overrides, "tracking_uri": tracking_uri}
+        train = {"gpus": gpus, "gpu_type": gpu_type}
+        exit_task = _exit_task(opts, stage == "report", common, storage_uri, RUN_ID)
+        with dsl.ExitHandler(exit_task, name=f"rerun-{stage}"):
+            lineage = open_lineage(kfp_run_id=RUN_ID, source=source, storage_uri=storage_uri,
+                                   **common)  # fmt: skip
+            configure(lineage, "light", opts, cache=False)
+            if stage == "report":
+                return  # the exit task is the stage
+            if stage == "ingest":
+                task = ingest(source=source, storage_uri=storage_uri, **common).after(lineage)
+                configure(task, "cpu", opts, cache=False, retry=True)
+                mount_data(task, opts)
+                return
+            ref = dataset_ref(uri=dataset_uri, preset=preset, overrides=overrides,
+                              storage_uri=storage_uri).after(lineage)  # fmt: skip
+            configure(ref, "light", opts, cache=False)
+            dataset = ref.outputs["dataset"]
+            if stage.startswith("pretrain-"):
+                method = stage.removeprefix("pretrain-")
+                task = PRETRAIN[method](dataset=dataset, epochs=pretrain_epochs,
+                                        max_steps=pretrain_max_steps, kfp_run_id=RUN_ID, **common)  # fmt: skip
+                configure(task, "train", opts, cache=False, retry=True, **train)
+            elif stage == "finetune-heads":
+                enc = encoder_ref(uri=encoder_uri, preset=preset, overrides=overrides,
+                                  storage_uri=storage_uri, method=encoder_method,
+                                  source_run_id=source_run_id)  # fmt: skip
+                configure(enc, "light", opts, cache=False)
+                task = finetune_heads(dataset=dataset, encoder=enc.outputs["encoder"], head=head,
+                                      **common)  # fmt: skip
+                configure(task, "train", opts, cache=False, **train)
+            elif stage == "pca-poc":
+                configure(pca_poc(dataset=dataset, **common), "cpu", opts, cache=False)
+            else:
+                task = baseline_deeplabv3plus(dataset=dataset, **common)
+                configure(task, "train", opts, cache=False, **train)
+
+    return hsissl_stage

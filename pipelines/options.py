@@ -1,0 +1,63 @@
+"""Compile-time settings of the pipeline: images, Kubernetes names, resources, GPU placement.
+
+The defaults match the Helm chart in ``charts/hsissl`` installed as release ``hsissl``;
+``hsissl-pipeline compile --help`` lists the flags that change them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from components.base import CPU_IMAGE, TRAIN_IMAGE
+
+# Environment of every pipeline pod, from the chart's ConfigMap (key -> env var).
+ENV_FROM_CONFIG_MAP = {k: k for k in ("HSISSL_S3_ENDPOINT", "AWS_REGION", "MLFLOW_TRACKING_URI")}
+S3_SECRET_KEYS = {k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+MLFLOW_SECRET_KEYS = {k: k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+# KFP labels every pod of a run with its run id; components read it for lineage and checkpoints.
+RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: str  # request
+    memory: str  # request and limit
+
+
+@dataclass(frozen=True)
+class Retry:
+    attempts: int = 3
+    backoff: str = "60s"
+    factor: float = 2.0
+    max_backoff: str = "3600s"
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    cpu_image: str = CPU_IMAGE
+    train_image: str = TRAIN_IMAGE
+    s3_secret: str = "hsissl-s3"
+    mlflow_secret: str = "hsissl-mlflow"  # optional: only for an MLflow server with auth
+    env_config_map: str = "hsissl-pipeline-env"
+    config_map: str = "hsissl-pipeline-config"  # holds config.yaml, the cluster preset
+    config_mount: str = "/etc/hsissl"
+    pod_labels: dict[str, str] = field(default_factory=lambda: {"hsissl.io/pipeline": "true"})
+    gpu_node_selector: dict[str, str] = field(
+        default_factory=lambda: {"nvidia.com/gpu.present": "true"}
+    )
+    gpu_tolerations: list[dict[str, str]] = field(
+        default_factory=lambda: [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+        ]
+    )
+    shm_size: str = "16Gi"  # /dev/shm for DataLoader workers (memory-backed emptyDir)
+    data_pvc: str = ""  # a PersistentVolumeClaim with WHU-OHS, mounted into ingest at data_mount
+    data_mount: str = "/data"
+    light: Resources = Resources("250m", "1Gi")  # lineage, references
+    cpu: Resources = Resources("4", "16Gi")  # ingest, pca-poc, report
+    train: Resources = Resources("8", "64Gi")  # pretraining, finetuning, baseline
+    retry: Retry = Retry()
+
+    @property
+    def default_preset(self) -> str:
+        return f"{self.config_mount}/config.yaml"
