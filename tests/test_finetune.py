@@ -54,6 +54,7 @@ def overrides(run_dir: Path, **extra: object) -> list[str]:
         "synthetic.scenes": "{tr: 10, va: 1, ts: 4}",
         "synthetic.size": 128,
         "data.scene_size": 128,
+        "data.shard_tiles": 16,
         "pretrain.batch_size": 8,
         "pretrain.max_steps": 40,
         "pretrain.ckpt_every": 1000,
@@ -62,6 +63,7 @@ def overrides(run_dir: Path, **extra: object) -> list[str]:
         "pretrain.loader_threads": 1,
         "mae.model": "mae_vit_tiny_patch8_64",
         "mae.lr": 2e-3,
+        "mae.warmup_fraction": 0.1,
         "finetune.batch_size": 8,
         "finetune.max_steps": 60,
         "finetune.lr": 5e-2,
@@ -73,7 +75,9 @@ def overrides(run_dir: Path, **extra: object) -> list[str]:
 
 
 def cfg_for(run_dir: Path, **extra: object):
-    return load_config(REPO / "configs" / "tiny.yaml", overrides(run_dir, **extra))
+    """Dataclass defaults + these overrides: no preset, so edits to configs/ do not move the
+    measured numbers below."""
+    return load_config(None, overrides(run_dir, **extra))
 
 
 @pytest.fixture(scope="module")
@@ -229,14 +233,15 @@ def test_linear_head_learns_and_swapped_normalisation_collapses(run_dir, encoder
     dataset = ShardDataset(dataset_uri(cfg_for(run_dir)))
     assert metrics["tile"]["miou"] > MIN_MIOU and metrics["scene"]["miou"] > MIN_MIOU
     # stride = tile: the sliding window sees exactly the stored tiles, every labelled pixel once
-    assert metrics["scene"]["matrix"] == metrics["tile"]["matrix"]
     labels = dataset.split("ts").get(np.arange(len(dataset.split("ts"))))[1]
-    assert metrics["scene"]["pixels"] == int(np.count_nonzero(labels))
+    assert metrics["scene"]["pixels"] == metrics["tile"]["pixels"] == np.count_nonzero(labels)
+    moved = np.abs(np.subtract(metrics["scene"]["matrix"], metrics["tile"]["matrix"])).sum()
+    assert moved <= 0.002 * metrics["tile"]["pixels"]  # other batches: float near-ties only
 
     model, normalizer, record = load_segmentation_model(result["head_uri"])
     assert record["normalizer"]["fingerprint"] == metrics["normalizer"] == normalizer.fingerprint
     rt = setup("cpu")
-    again = evaluate_tiles(model, normalizer, dataset.split("ts"), rt).compute()
+    again = evaluate_tiles(model, normalizer, dataset.split("ts"), rt, batch_size=8).compute()
     assert again["matrix"] == metrics["tile"]["matrix"]  # head.pt reproduces the run
     swapped = evaluate_tiles(model, IMAGENET, dataset.split("ts"), rt).compute()
     scenes_swapped = evaluate_scenes(model, IMAGENET, dataset, "ts", rt, stride=64)[0].compute()
@@ -289,7 +294,7 @@ def test_results_follow_the_contract_for_ssvit_records_and_random_encoders(run_d
         assert [h["step"] for h in metrics["history"]] == [3]
         for key in ("tile", "scene"):
             assert {"miou", "macc", "oa", "per_class_iou", "matrix"} <= metrics[key].keys()
-        assert metrics["tile"]["pixels"] > metrics["scene"]["pixels"] > 0  # 1 of 2 scenes
+        assert metrics["tile"]["pixels"] > metrics["scene"]["pixels"] > 0  # 1 of 4 scenes
         assert arrays["scenes"].tolist() == [dataset.split("ts").scenes[0]]
         assert arrays["pred"].shape == arrays["label"].shape == (1, 128, 128)
         assert arrays["rgb"].shape == (1, 128, 128, 3)
@@ -297,5 +302,5 @@ def test_results_follow_the_contract_for_ssvit_records_and_random_encoders(run_d
         assert arrays["pred"].min() >= 1  # unlabelled is never predicted
         assert np.array_equal(arrays["label"][0], load_scene(dataset, "ts", 0).label)
         model, _, _ = load_segmentation_model(out["head_uri"])
-        again = evaluate_tiles(model, dataset.normalizer, dataset.split("ts"), setup("cpu"))
+        again = evaluate_tiles(model, dataset.normalizer, dataset.split("ts"), setup("cpu"), 8)
         assert again.compute()["matrix"] == metrics["tile"]["matrix"]
