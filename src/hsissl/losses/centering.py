@@ -137,3 +137,31 @@ def teacher_softmax(
     probs = center.softmax_center(teacher_logits, temp)
     center.update(teacher_logits)
     return probs
+
+
+class TeacherTargets(nn.Module):
+    """Shared set-up of the DINO and iBOT losses: student temperature and teacher centering.
+
+    Args:
+        out_dim: number of prototypes K.
+        student_temp: student softmax temperature.
+        center_momentum: EMA momentum, used only with centering="center".
+        centering: "sinkhorn" (dinov2 default) or "center" (original DINO EMA).
+        sinkhorn_iters: Sinkhorn-Knopp iterations.
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        centering: str = "sinkhorn",
+        sinkhorn_iters: int = 3,
+    ) -> None:
+        super().__init__()
+        check_centering_mode(centering, type(self).__name__)
+        self.out_dim = out_dim
+        self.student_temp = student_temp
+        self.centering = centering
+        self.sinkhorn_iters = sinkhorn_iters
+        self.center = Centering(out_dim, center_momentum) if centering == "center" else None

@@ -6,9 +6,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from hsissl.losses.centering import Centering, check_centering_mode, teacher_softmax
+from hsissl.losses.centering import TeacherTargets, teacher_softmax
 
 
 def soft_cross_entropy(
@@ -19,7 +18,7 @@ def soft_cross_entropy(
     return -(teacher_probs.float() * log_probs).sum(dim=-1)
 
 
-class DINOLoss(nn.Module):
+class DINOLoss(TeacherTargets):
     """Cross-entropy between teacher and student CLS-token prototype scores.
 
     Args:
@@ -29,22 +28,6 @@ class DINOLoss(nn.Module):
         centering: "sinkhorn" (dinov2 default) or "center" (original DINO EMA).
         sinkhorn_iters: Sinkhorn-Knopp iterations.
     """
-
-    def __init__(
-        self,
-        out_dim: int,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-        centering: str = "sinkhorn",
-        sinkhorn_iters: int = 3,
-    ) -> None:
-        super().__init__()
-        check_centering_mode(centering, "DINOLoss")
-        self.out_dim = out_dim
-        self.student_temp = student_temp
-        self.centering = centering
-        self.sinkhorn_iters = sinkhorn_iters
-        self.center = Centering(out_dim, center_momentum) if centering == "center" else None
 
     @torch.no_grad()
     def teacher_probs(

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from hsissl.losses.centering import Centering, check_centering_mode, teacher_softmax
+from hsissl.losses.centering import TeacherTargets, teacher_softmax
 from hsissl.losses.dino import soft_cross_entropy
 
 
-class IBOTPatchLoss(nn.Module):
+class IBOTPatchLoss(TeacherTargets):
     """Cross-entropy between teacher and student patch scores at masked positions.
 
     Each image's masked tokens are averaged first, then images are averaged, so
@@ -24,22 +23,6 @@ class IBOTPatchLoss(nn.Module):
         centering: "sinkhorn" (dinov2 default) or "center".
         sinkhorn_iters: Sinkhorn-Knopp iterations.
     """
-
-    def __init__(
-        self,
-        out_dim: int,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-        centering: str = "sinkhorn",
-        sinkhorn_iters: int = 3,
-    ) -> None:
-        super().__init__()
-        check_centering_mode(centering, "IBOTPatchLoss")
-        self.out_dim = out_dim
-        self.student_temp = student_temp
-        self.centering = centering
-        self.sinkhorn_iters = sinkhorn_iters
-        self.center = Centering(out_dim, center_momentum) if centering == "center" else None
 
     @torch.no_grad()
     def teacher_probs(

@@ -93,7 +93,7 @@ def pixel_classifier(
     scaler = StandardScaler().fit(x[train.ravel()])
     x = scaler.transform(x)
     if kind == "lr":
-        model = LogisticRegression(max_iter=2000)
+        model = LogisticRegression(max_iter=500)
     else:
         model = RandomForestClassifier(n_estimators=200, n_jobs=-1, random_state=seed)
     model.fit(x[train.ravel()], label.ravel()[train.ravel()])
