@@ -12,11 +12,20 @@ from sklearn.decomposition import PCA as SklearnPCA
 
 from hsissl.config import ConfigError, load_config
 from hsissl.data.shards import ShardDataset
-from hsissl.pca import PCA, BandDecoder, fit_pca, project, reconstruct, sample_pixels
+from hsissl.pca import (
+    PCA,
+    BandDecoder,
+    ViTBandDecoder,
+    fit_pca,
+    project,
+    reconstruct,
+    sample_pixels,
+)
 from hsissl.pretrain.mae import MAERecipe
 from hsissl.pretrain.trainer import pretrain
 from hsissl.stages import ingest, pca_poc
 from hsissl.stages.common import storage_of
+from hsissl.storage import open_storage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,6 +77,27 @@ def test_torch_projection_and_untrained_decoder_equal_the_pca_inverse():
     decoder = BandDecoder(pca)
     with torch.no_grad():
         assert torch.equal(decoder(scores), reconstruct(scores, mean, comps))
+
+
+def test_three_channel_vit_decoder_starts_at_the_pca_inverse_and_learns():
+    pca = fit_pca(low_rank_pixels(noise=0.2), 3)
+    mean, comps = pca.tensors()
+    torch.manual_seed(0)
+    images = torch.randn(4, 32, 64, 64)
+    scores = project(images, mean, comps)  # (4, 3, 64, 64)
+    decoder = ViTBandDecoder(pca, "vit_tiny_patch8_64")
+    assert decoder.vit.patch_embed.proj.in_channels == 3
+    with torch.no_grad():
+        assert torch.equal(decoder(scores), reconstruct(scores, mean, comps))
+    opt = torch.optim.AdamW(decoder.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        loss = torch.nn.functional.mse_loss(decoder(scores), images)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
 
 
 # -- the stage on a generated dataset ------------------------------------------------------------
@@ -144,6 +174,16 @@ def test_mae_check_scores_masked_pixels_and_keeps_visible_ones(pca_run):
     assert mask.shape == (64, 64) and mask.mean() == pytest.approx(0.75)
     np.testing.assert_array_equal(mae[:, ~mask], original[:, ~mask])  # visible: pasted back
     assert not np.allclose(mae[:, mask], original[:, mask])  # masked: predicted
+
+
+def test_stage_with_the_vit_decoder(pca_run):
+    run_dir = pca_run[0]
+    result = pca_poc.run(cfg_for(run_dir, **{"pca.decoder": "vit", "pca.vit_model": "vit_tiny_patch8_64",
+                                             "pca.name": "pca-vit"}))  # fmt: skip
+    metrics = json.loads(open_storage(result["results"]).get_bytes("metrics.json"))
+    errors = metrics["per_band_mse"]
+    assert metrics["config"]["decoder"] == "vit" and len(errors["decoder"]) == 32
+    assert np.mean(errors["decoder"]) <= np.mean(errors["pca"]) + 1e-6
 
 
 def test_stage_refuses_bad_settings_and_non_mae_checkpoints(pca_run, tmp_path):

@@ -182,6 +182,8 @@ class PCAConfig:
     components: int = 3
     fit_pixels: int = 200_000  # random training pixels the PCA is fitted on
     encoder: str = ""  # optional frozen 32-band MAE encoder record for the reconstruction check
+    decoder: str = "conv"  # conv | vit (a 3-channel ViT + linear patch decoder)
+    vit_model: str = "vit_base_patch8_64"  # the 3-channel ViT of decoder=vit
     decoder_steps: int = 500  # steps training the 3-band -> 32-band decoder
     batch_size: int = 64
     lr: float = 1e-3

@@ -3,7 +3,8 @@
 1. PCA 32 -> ``pca.components`` bands fitted on random normalised training pixels; explained
    variance per component (and cumulative).
 2. Reconstruction error per band (MSE in normalised units) on held-out tiles for (a) the
-   linear PCA inverse and (b) a small convolutional decoder trained from the PCA bands.
+   linear PCA inverse and (b) a decoder trained from the PCA bands (``pca.decoder``: a small
+   convolutional net, or a 3-channel ViT with a linear patch decoder as in the dissertation).
 3. With ``pca.encoder`` naming an MAE encoder record: the 32-band MAE reconstruction check,
    the per-band error of the full MAE (encoder + decoder from ``train.pt`` beside the record)
    on its masked patches, on the same tiles.
@@ -29,7 +30,7 @@ from hsissl.data.loaders import TileBatches, bind
 from hsissl.data.normalize import Normalizer
 from hsissl.data.ohs import BAND_CENTRES_NM, NUM_BANDS
 from hsissl.data.shards import ShardDataset, SplitView
-from hsissl.pca import PCA, BandDecoder, fit_pca, project, reconstruct, sample_pixels
+from hsissl.pca import PCA, fit_pca, make_decoder, project, reconstruct, sample_pixels
 from hsissl.pretrain import checkpoint
 from hsissl.pretrain.runtime import Runtime, setup
 from hsissl.stages.common import dataset_uri, stage_run, storage_of
@@ -134,11 +135,12 @@ def _eval_indices(view: SplitView, seed: int) -> np.ndarray:
 
 
 def train_decoder(cfg: Config, view: SplitView, normalizer: Normalizer, pca: PCA, rt: Runtime,
-                  tracker: Any) -> tuple[BandDecoder, list[dict[str, float]]]:  # fmt: skip
-    """Train :class:`BandDecoder` for ``pca.decoder_steps`` steps on random training tiles (MSE;
+                  tracker: Any) -> tuple[torch.nn.Module, list[dict[str, float]]]:  # fmt: skip
+    """Train the ``pca.decoder`` (conv, or a 3-channel ViT) for ``pca.decoder_steps`` steps on
+    random training tiles (MSE;
     AdamW, linear warm-up over the first 10 % of the steps, then ``pca.lr``)."""
     pc = cfg.pca
-    decoder = BandDecoder(pca).to(rt.device)
+    decoder = make_decoder(pc.decoder, pca, pc.vit_model).to(rt.device)
     mean, comps = pca.tensors(rt.device)
     opt = torch.optim.AdamW(decoder.parameters(), lr=pc.lr, weight_decay=0.0)
     batches = TileBatches(view, pc.batch_size, seed=cfg.seed, drop_last=len(view) >= pc.batch_size,
@@ -219,7 +221,7 @@ def _dataclass_from(cls: type, values: dict[str, Any]) -> Any:
 
 @torch.no_grad()
 def reconstruction_errors(
-    view: SplitView, indices: np.ndarray, normalizer: Normalizer, pca: PCA, decoder: BandDecoder,
+    view: SplitView, indices: np.ndarray, normalizer: Normalizer, pca: PCA, decoder: torch.nn.Module,
     mae: MAECheck | None, rt: Runtime, seed: int, batch_size: int,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:  # fmt: skip
     """Per-band MSE (C,) of each reconstruction on the tiles ``indices``, and the first tile's
