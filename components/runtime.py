@@ -120,7 +120,7 @@ def _client(cfg) -> tuple[Any, str]:
 
     uri = tracking.resolve_uri(cfg.tracking.uri, cfg.run_dir)
     client = MlflowClient(tracking_uri=uri)
-    return client, tracking._experiment_id(client, cfg.tracking.experiment, uri)
+    return client, tracking.experiment_id(client, cfg.tracking.experiment, uri)
 
 
 def find_parent_run(cfg, kfp_run_id: str) -> str | None:
@@ -150,7 +150,7 @@ def open_lineage(preset: str, overrides: list[str], tracking_uri: str, kfp_run_i
         return existing
     client, experiment = _client(cfg)
     tags = {"kfp_run_id": kfp_run_id, "pipeline": pipeline, **PIPELINE_ROLE}
-    sha = tracking._git_sha()
+    sha = tracking.git_sha()
     if sha:
         tags["git_sha"] = sha
     run = client.create_run(experiment, run_name=f"{pipeline} {kfp_run_id}", tags=tags)

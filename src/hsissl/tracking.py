@@ -88,10 +88,10 @@ def start_run(
     """
     uri = resolve_uri(cfg.tracking.uri, run_dir)
     client = MlflowClient(tracking_uri=uri)
-    experiment_id = _experiment_id(client, cfg.tracking.experiment, uri)
+    exp_id = experiment_id(client, cfg.tracking.experiment, uri)
 
     run_tags = {"stage": stage}
-    sha = _git_sha()
+    sha = git_sha()
     if sha:
         run_tags["git_sha"] = sha
     if os.environ.get(KFP_RUN_ENV):
@@ -101,7 +101,7 @@ def start_run(
         run_tags[MLFLOW_PARENT_RUN_ID] = parent
     run_tags.update(tags or {})
 
-    run = client.create_run(experiment_id, run_name=stage, tags=run_tags)
+    run = client.create_run(exp_id, run_name=stage, tags=run_tags)
     tracker = Tracker(client, run.info.run_id)
     try:
         # MLflow rejects values over 6000 chars and more than 100 params per call
@@ -116,7 +116,7 @@ def start_run(
     client.set_terminated(tracker.run_id, "FINISHED")
 
 
-def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -134,7 +134,7 @@ def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
         return experiment.experiment_id
 
 
-def _git_sha() -> str | None:
+def git_sha() -> str | None:
     """$HSISSL_GIT_SHA, else ``git rev-parse HEAD`` in the cwd, else None."""
     if os.environ.get(GIT_SHA_ENV):
         return os.environ[GIT_SHA_ENV]
