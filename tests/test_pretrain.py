@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hsissl.config import load_config
+from hsissl.config import ConfigError, load_config
 from hsissl.data.normalize import NormalizerMismatch
 from hsissl.data.shards import ShardDataset
 from hsissl.pretrain import checkpoint
@@ -126,6 +126,20 @@ def test_resume_refuses_a_checkpoint_from_other_statistics(synthetic_run, tmp_pa
                     storage_of(cfg).get_bytes("checkpoints/foreign/train.pt"))  # fmt: skip
     with pytest.raises(NormalizerMismatch, match="was normalised with statistics"):
         pretrain(other, MAERecipe, "pretrain-mae")
+
+
+def test_resume_refuses_changed_method_settings(synthetic_run):
+    pretrain(
+        cfg_for(synthetic_run, **{"pretrain.name": "changed", "pretrain.max_steps": 2}),
+        MAERecipe,
+        "pretrain-mae",
+    )
+    with pytest.raises(ConfigError, match=r"other mae settings \(lr: 0.002 -> 0.001\)"):
+        pretrain(
+            cfg_for(synthetic_run, **{"pretrain.name": "changed", "mae.lr": 1e-3}),
+            MAERecipe,
+            "pretrain-mae",
+        )
 
 
 def test_cuda_is_optional():

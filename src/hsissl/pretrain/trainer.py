@@ -21,7 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from hsissl.config import Config, OptimConfig
+from hsissl.config import Config, ConfigError, OptimConfig
 from hsissl.data.loaders import TileBatches
 from hsissl.data.shards import ShardDataset
 from hsissl.pretrain import checkpoint, knn
@@ -91,6 +91,14 @@ class Trainer:
         if not self.store.exists(key):
             return False
         state = checkpoint.load(self.store, key, map_location=self.rt.device)
+        saved = state.get("config", {}).get(self.method, {})
+        changed = sorted(k for k, v in asdict(self.opt_cfg).items() if k in saved and saved[k] != v)
+        if changed:
+            raise ConfigError(
+                f"{self.store.join(key)} was trained with other {self.method} settings "
+                f"({', '.join(f'{k}: {saved[k]!r} -> {getattr(self.opt_cfg, k)!r}' for k in changed)}); "
+                "resume with the same settings, or start a new line with pretrain.name=<new name>"
+            )
         self.normalizer.check(
             state["normalizer"]["fingerprint"], f"checkpoint {self.store.join(key)}"
         )
