@@ -40,9 +40,9 @@ def prepare_source(cfg: Config) -> tuple[Path, DataConfig]:
     if not cfg.data.source:
         return ensure_synthetic(run_dir_of(cfg) / "synthetic", cfg), cfg.data
     path = Path(cfg.data.source).expanduser().resolve()
-    if path.is_dir() and next(path.rglob("*.mat"), None) is not None and _is_mat_folder(path):
-        from hsissl.data import realdata
+    from hsissl.data import realdata  # imported here: scipy is only needed for .mat input
 
+    if realdata.is_mat_folder(path):
         out = run_dir_of(cfg) / "converted" / cfg.data.name
         shutil.rmtree(out, ignore_errors=True)
         names = realdata.convert_mat_folder(path, out, split="tr")
@@ -51,12 +51,6 @@ def prepare_source(cfg: Config) -> tuple[Path, DataConfig]:
         )
         return out, replace(cfg.data, splits=["tr"], scene_size=None)
     return path, cfg.data
-
-
-def _is_mat_folder(path: Path) -> bool:
-    from hsissl.data import realdata  # scipy is only needed for .mat input
-
-    return realdata.is_mat_folder(path)
 
 
 def ensure_synthetic(out: Path, cfg: Config) -> Path:
