@@ -78,12 +78,16 @@ def override(key: str, value: Any) -> str:
     return f"{key}={json.dumps(value)}"
 
 
+def managed_overrides(wiring: dict[str, Any]) -> list[str]:
+    """``wiring`` as ``key=value`` overrides; entries whose value is None or "" are left out."""
+    return [override(k, v) for k, v in wiring.items() if v not in (None, "")]
+
+
 def stage_config(preset: str, overrides: list[str], wiring: dict[str, Any] | None = None):
     """The stage's Config; ``wiring`` entries whose value is None or "" are left out."""
     from hsissl.config import load_config
 
-    managed = [override(k, v) for k, v in (wiring or {}).items() if v not in (None, "")]
-    return load_config(resolve_preset(preset), [*overrides, *managed])
+    return load_config(resolve_preset(preset), [*overrides, *managed_overrides(wiring or {})])
 
 
 def dataset_wiring(dataset_uri: str) -> dict[str, str]:
@@ -284,25 +288,65 @@ def ingest(source: str, preset: str, overrides: list[str], storage_uri: str, tra
     return result
 
 
-def pretrain(method: str, dataset: Any, preset: str, overrides: list[str], tracking_uri: str,
-             epochs: float, max_steps: int, kfp_run_id: str, encoder: Any, metrics: Any) -> dict:  # fmt: skip
-    """Pretrain ``method`` (mae | dinov2 | ssvit); with several GPUs in the pod, under torchrun."""
-    setup_logging()
+def pretrain_config(method: str, dataset: Any, preset: str, overrides: list[str],
+                    tracking_uri: str, epochs: float, max_steps: int,
+                    kfp_run_id: str) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+    """The Config of pretraining ``method`` on ``dataset`` and the wiring that made it, with
+    ``pretrain.name`` = this run's checkpoint folder (shared by the single pod and the
+    multi-node PyTorchJob, so both write to ``checkpoints/<method>-<run id>/``)."""
     wiring = {**dataset_wiring(uri_of(dataset)), "tracking.uri": tracking_uri,
               "pretrain.epochs": epochs if epochs > 0 else None,
               "pretrain.max_steps": max_steps if max_steps > 0 else None}  # fmt: skip
     base = stage_config(preset, overrides, wiring)
     wiring["pretrain.name"] = checkpoint_name(method, base.pretrain.name, run_id(kfp_run_id))
-    cfg = stage_config(preset, overrides, wiring)
+    return stage_config(preset, overrides, wiring), wiring
+
+
+def publish_pretrain(method: str, result: dict[str, Any], encoder: Any, metrics: Any) -> None:
+    """The outputs of a pretraining (one pod or a PyTorchJob): the encoder record's URI with
+    method/steps/resumed, and the final training metrics."""
+    publish(encoder, result["encoder_uri"], {"method": method, "steps": result.get("steps", 0),
+                                             "resumed": result.get("resumed", False)})  # fmt: skip
+    log_metrics(metrics, {"steps": result.get("steps", 0), **result.get("metrics", {})})
+
+
+def pretrain(method: str, dataset: Any, preset: str, overrides: list[str], tracking_uri: str,
+             epochs: float, max_steps: int, kfp_run_id: str, encoder: Any, metrics: Any) -> dict:  # fmt: skip
+    """Pretrain ``method`` (mae | dinov2 | ssvit); with several GPUs in the pod, under torchrun."""
+    setup_logging()
+    cfg, wiring = pretrain_config(method, dataset, preset, overrides, tracking_uri, epochs,
+                                  max_steps, kfp_run_id)  # fmt: skip
     procs = processes_per_pod()
     if procs > 1:
         result = _torchrun(f"pretrain-{method}", preset, overrides, wiring, procs, cfg, kfp_run_id)
     else:
         result = call_stage(f"pretrain_{method}", cfg, kfp_run_id)
-    publish(encoder, result["encoder_uri"], {"method": method, "steps": result.get("steps", 0),
-                                             "resumed": result.get("resumed", False)})  # fmt: skip
-    log_metrics(metrics, {"steps": result.get("steps", 0), **result.get("metrics", {})})
+    publish_pretrain(method, result, encoder, metrics)
     return result
+
+
+def stored_pretrain_result(cfg, resumed: bool) -> dict[str, Any]:
+    """What a pretraining that ran elsewhere (a multi-node PyTorchJob) left in the store, in
+    the form ``hsissl.stages.pretrain_*.run`` returns: the encoder URI, the steps and the last
+    logged metrics from ``history.json`` (the final k-NN probe is only in its MLflow run)."""
+    from hsissl.stages.common import storage_of
+
+    store = storage_of(cfg)
+    prefix = f"checkpoints/{cfg.pretrain.name}"
+    if not store.exists(f"{prefix}/encoder.pt"):
+        raise FileNotFoundError(
+            f"{store.join(prefix + '/encoder.pt')} does not exist: the pretraining finished "
+            "without writing its encoder record (expected from hsissl.pretrain.trainer)"
+        )
+    history = []
+    if store.exists(f"{prefix}/history.json"):
+        history = json.loads(store.get_bytes(f"{prefix}/history.json"))
+    else:
+        log.warning("%s missing: no training metrics", store.join(f"{prefix}/history.json"))
+    last = dict(history[-1]) if history else {}
+    steps = int(last.pop("step", 0))
+    return {"encoder_uri": store.join(f"{prefix}/encoder.pt"), "steps": steps, "metrics": last,
+            "resumed": resumed}  # fmt: skip
 
 
 def processes_per_pod() -> int:
@@ -321,7 +365,7 @@ def torchrun_command(stage: str, preset: str, overrides: list[str], wiring: dict
     """One pod, ``procs`` processes (one per GPU): torchrun running ``hsissl <stage>``."""
     preset_path = resolve_preset(preset)
     config = ["--config", str(preset_path)] if preset_path else []
-    managed = [override(k, v) for k, v in wiring.items() if v not in (None, "")]
+    managed = managed_overrides(wiring)
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc-per-node={procs}", "-m", "hsissl.cli", stage, *config, *overrides, *managed]  # fmt: skip
 

@@ -2,9 +2,16 @@
 
     open-lineage -> ingest -> pca-poc
                            -> baseline-deeplabv3plus
-                           -> [if run_<method>] pretrain-<method> -> finetune-heads x heads
+                           -> [if run_<method>] [if nodes > 1] launch-pytorchjob -> finetune x heads
+                                                [else]        pretrain-<method>  -> finetune x heads
                            -> [if control_encoder] random-init encoder -> finetune-heads x heads
     report: the exit task, after everything (also after a failure: it reports what finished)
+
+Multi-node pretraining (``nodes`` > 1) is a light task that runs the pretraining as a
+Kubeflow PyTorchJob and emits the same encoder as the single pod. Each branch has its own
+finetune-heads loop instead of one loop over ``dsl.OneOf`` of the two encoders: kfp.local
+(``make run``) cannot resolve a OneOf of artifacts in kfp 2.17 ("Expected 1 artifact in
+ArtifactSelectorSpec"), and this way the same DAG runs everywhere; only one branch runs.
 
 ``build_pipeline(opts)`` is the pipeline function that is compiled, submitted and run
 locally under ``kfp.local``: one definition for all three. (No ``from __future__ import
@@ -18,6 +25,7 @@ from kfp import dsl
 from components.baseline_deeplabv3plus import baseline_deeplabv3plus
 from components.finetune_heads import finetune_heads
 from components.ingest import ingest
+from components.launch_pytorchjob import launch_pytorchjob
 from components.lineage import close_lineage, open_lineage
 from components.pca_poc import pca_poc
 from components.pretrain_dinov2 import pretrain_dinov2
@@ -78,6 +86,7 @@ def build_pipeline(opts: PipelineOptions | None = None, stages: Iterable[str] = 
         pretrain_max_steps: int = 0,
         gpus: int = 1,
         gpu_type: str = "nvidia.com/gpu",
+        nodes: int = 1,
     ):
         """The hsissl DAG (parameter descriptions show in the KFP UI).
 
@@ -95,8 +104,9 @@ def build_pipeline(opts: PipelineOptions | None = None, stages: Iterable[str] = 
                 random:<factory>, or "" for none.
             pretrain_epochs: Pretraining epochs; 0 = the preset's.
             pretrain_max_steps: Pretraining steps (overrides epochs); 0 = the preset's.
-            gpus: Accelerators per training pod (more than 1: torchrun, one process each).
+            gpus: Accelerators per training pod or node (more than 1: torchrun, one each).
             gpu_type: Accelerator resource name.
+            nodes: Nodes per pretraining; more than 1: a PyTorchJob (Training Operator).
         """
         common = {"preset": preset, "overrides": overrides, "tracking_uri": tracking_uri}
         train = {"gpus": gpus, "gpu_type": gpu_type}
@@ -122,18 +132,29 @@ def build_pipeline(opts: PipelineOptions | None = None, stages: Iterable[str] = 
                     _finetune_all(opts, heads, dataset, ref.outputs["encoder"], "random-init",
                                   common, train)  # fmt: skip
             flags = {"mae": run_mae, "dinov2": run_dinov2, "ssvit": run_ssvit}
+            pretrain = {"dataset": dataset, "epochs": pretrain_epochs,
+                        "max_steps": pretrain_max_steps, "kfp_run_id": RUN_ID, **common}  # fmt: skip
             for method in METHODS:
                 if f"pretrain-{method}" not in stages:
                     continue
                 with dsl.If(flags[method] == True, name=f"run-{method}"):  # noqa: E712 - a DSL condition
-                    task = PRETRAIN[method](dataset=dataset, epochs=pretrain_epochs,
-                                            max_steps=pretrain_max_steps, kfp_run_id=RUN_ID,
-                                            **common)  # fmt: skip
-                    # Not cached: a retried pod resumes from the checkpoint instead.
-                    configure(task, "train", opts, cache=False, retry=True, **train)
-                    if "finetune-heads" in stages:
-                        _finetune_all(opts, heads, dataset, task.outputs["encoder"], method,
-                                      common, train)  # fmt: skip
+                    with dsl.If(nodes > 1, name=f"{method}-multi-node"):
+                        job = launch_pytorchjob(method=method, nodes=nodes, gpus_per_node=gpus,
+                                                gpu_type=gpu_type, options=opts.to_json(),
+                                                **pretrain)  # fmt: skip
+                        # Light: the GPUs are the PyTorchJob's. Retried: it adopts its job.
+                        configure(job, "light", opts, cache=False, retry=True,
+                                  name=f"pytorchjob-{method}")  # fmt: skip
+                        if "finetune-heads" in stages:
+                            _finetune_all(opts, heads, dataset, job.outputs["encoder"], method,
+                                          common, train)  # fmt: skip
+                    with dsl.Else(name=f"{method}-single-pod"):
+                        task = PRETRAIN[method](**pretrain)
+                        # Not cached: a retried pod resumes from the checkpoint instead.
+                        configure(task, "train", opts, cache=False, retry=True, **train)
+                        if "finetune-heads" in stages:
+                            _finetune_all(opts, heads, dataset, task.outputs["encoder"], method,
+                                          common, train)  # fmt: skip
 
     return hsissl
 

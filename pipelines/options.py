@@ -6,7 +6,8 @@ The defaults match the Helm chart in ``charts/hsissl`` installed as release ``hs
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 
 from components.base import CPU_IMAGE, TRAIN_IMAGE
 
@@ -57,7 +58,30 @@ class PipelineOptions:
     cpu: Resources = Resources("4", "16Gi")  # ingest, pca-poc, report
     train: Resources = Resources("8", "64Gi")  # pretraining, finetuning, baseline
     retry: Retry = Retry()
+    # Pods of the multi-node PyTorchJob run as this service account (the chart's pipeline one).
+    pytorchjob_service_account: str = "hsissl-pipeline"
 
     @property
     def default_preset(self) -> str:
         return f"{self.config_mount}/config.yaml"
+
+    def to_json(self) -> str:
+        """These options as JSON: what the launch-pytorchjob task gets, so the PyTorchJob's
+        pods are built with the images, Secrets and GPU placement the pipeline was compiled
+        with."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> PipelineOptions:
+        """Options from :meth:`to_json`; keys left out keep their defaults."""
+        data = json.loads(text or "{}")
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"pipeline options JSON: unknown key(s) {unknown}; expected some of "
+                             f"{sorted(cls.__dataclass_fields__)}")  # fmt: skip
+        for key in ("light", "cpu", "train"):
+            if key in data:
+                data[key] = Resources(**data[key])
+        if "retry" in data:
+            data["retry"] = Retry(**data["retry"])
+        return cls(**data)

@@ -1,17 +1,20 @@
 """Multi-node pretraining as a Kubeflow Training Operator ``PyTorchJob`` (torchrun + NCCL).
 
-For runs that outgrow one node: ``hsissl-pipeline pytorchjob --stage pretrain-mae --nodes 4``
-prints a manifest to ``kubectl apply``. One Master and ``nodes - 1`` Workers, each running
-``torchrun -m hsissl.cli <stage>`` with ``nproc_per_node`` = GPUs per node; the operator sets
-the rendezvous (``PET_NNODES``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR`` …) that torchrun
-reads. The pods get what pipeline pods get: the same image, config preset, Secrets and
-ConfigMap env, GPU placement and a memory-backed /dev/shm. Because the trainer checkpoints
-and resumes exactly, a restarted replica (``restartPolicy: OnFailure``) continues the run.
+For runs that outgrow one node: the DAG's launch-pytorchjob task (pipeline parameter
+``nodes`` > 1, ``pipelines.launcher``) creates it and waits for it, and
+``hsissl-pipeline pytorchjob --stage pretrain-mae --nodes 4`` prints one for ``kubectl apply``.
+One Master and ``nodes - 1`` Workers, each running ``torchrun -m hsissl.cli <stage>`` with
+``nproc_per_node`` = GPUs per node; the operator sets the rendezvous (``PET_NNODES``,
+``PET_NODE_RANK``, ``PET_MASTER_ADDR`` …) that torchrun reads. The pods get what pipeline
+pods get: the same image, config preset, Secrets and ConfigMap env, GPU placement and a
+memory-backed /dev/shm. Because the trainer checkpoints and resumes exactly, a restarted
+replica (``restartPolicy: OnFailure``) continues the run.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from pipelines.options import (
 SCHEMA = Path(__file__).with_name("pytorchjob.schema.json")
 PRETRAIN_STAGES = ("pretrain-mae", "pretrain-dinov2", "pretrain-ssvit")
 KUBERNETES_VERSION = "1.35.0"  # pod templates are validated against this API version
+GPU_RESOURCE = "nvidia.com/gpu"
 
 
 def _env(opts: PipelineOptions, extra: dict[str, str]) -> list[dict[str, Any]]:
@@ -49,10 +53,16 @@ def _env(opts: PipelineOptions, extra: dict[str, str]) -> list[dict[str, Any]]:
 
 
 def pod_template(stage: str, overrides: list[str], gpus_per_node: int, opts: PipelineOptions,
-                 service_account: str, extra_env: dict[str, str]) -> dict[str, Any]:  # fmt: skip
-    """The pod of every replica: container ``pytorch`` running torchrun on ``stage``."""
-    preset = opts.default_preset  # the chart's ConfigMap, mounted at the same place as in KFP pods
-    command = ["torchrun", "-m", "hsissl.cli", stage, "--config", preset, *overrides]
+                 service_account: str, extra_env: dict[str, str], *, config: str | None = None,
+                 gpu_type: str = GPU_RESOURCE) -> dict[str, Any]:  # fmt: skip
+    """The pod of every replica: container ``pytorch`` running torchrun on ``stage``.
+
+    ``config``: the preset path in the pod (None = the chart's ConfigMap, mounted at the same
+    place as in KFP pods; "" = the dataclass defaults).
+    """
+    preset = opts.default_preset if config is None else config
+    command = ["torchrun", "-m", "hsissl.cli", stage, *(["--config", preset] if preset else []),
+               *overrides]  # fmt: skip
     container = {
         "name": "pytorch",  # the name the training operator looks for
         "image": opts.train_image,
@@ -62,9 +72,9 @@ def pod_template(stage: str, overrides: list[str], gpus_per_node: int, opts: Pip
             "requests": {
                 "cpu": opts.train.cpu,
                 "memory": opts.train.memory,
-                "nvidia.com/gpu": str(gpus_per_node),
+                gpu_type: str(gpus_per_node),
             },
-            "limits": {"memory": opts.train.memory, "nvidia.com/gpu": str(gpus_per_node)},
+            "limits": {"memory": opts.train.memory, gpu_type: str(gpus_per_node)},
         },  # fmt: skip
         "volumeMounts": [
             {"name": "dshm", "mountPath": "/dev/shm"},
@@ -89,12 +99,16 @@ def pod_template(stage: str, overrides: list[str], gpus_per_node: int, opts: Pip
 def build_pytorchjob(stage: str, overrides: list[str], *, nodes: int, gpus_per_node: int,
                      name: str, namespace: str | None = None, local_preset: str | Path | None = None,
                      opts: PipelineOptions | None = None, service_account: str = "hsissl-pipeline",
-                     run_id: str = "", backoff_limit: int = 3) -> dict[str, Any]:  # fmt: skip
+                     run_id: str = "", backoff_limit: int = 3, config: str | None = None,
+                     gpu_type: str = GPU_RESOURCE,
+                     extra_env: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
     """A PyTorchJob manifest for a pretraining ``stage`` with config ``overrides``.
 
     The overrides are checked here against the config schema (over ``local_preset``, default
     the dataclass defaults), so a typo fails now rather than on the cluster. ``run_id`` names
     the checkpoint folder (``pretrain.name``) and tags the MLflow runs, like a pipeline run.
+    ``config`` is the preset path inside the pods (default: the chart's ConfigMap);
+    ``extra_env``: literal environment of every replica (e.g. the MLflow parent run).
     """
     if stage not in PRETRAIN_STAGES:
         raise ValueError(f"stage {stage!r}: a PyTorchJob runs one of {list(PRETRAIN_STAGES)}")
@@ -105,8 +119,9 @@ def build_pytorchjob(stage: str, overrides: list[str], *, nodes: int, gpus_per_n
     method = stage.removeprefix("pretrain-")
     if run_id and not cfg.pretrain.name:
         overrides = [*overrides, f"pretrain.name={method}-{run_id}"]
-    extra_env = {"KFP_RUN_ID": run_id} if run_id else {}
-    template = pod_template(stage, overrides, gpus_per_node, opts, service_account, extra_env)
+    env = {**({"KFP_RUN_ID": run_id} if run_id else {}), **(extra_env or {})}
+    template = pod_template(stage, overrides, gpus_per_node, opts, service_account, env,
+                            config=config, gpu_type=gpu_type)  # fmt: skip
     replicas = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": template}}
     if nodes > 1:
         replicas["Worker"] = {"replicas": nodes - 1, "restartPolicy": "OnFailure",
@@ -125,6 +140,17 @@ def build_pytorchjob(stage: str, overrides: list[str], *, nodes: int, gpus_per_n
             "pytorchReplicaSpecs": replicas,
         },
     }
+
+
+def offline_checks_missing() -> str:
+    """What :func:`validate` lacks here ("" = nothing): the schema file and the jsonschema and
+    kubernetes-validate packages are dev tools, not necessarily in the images."""
+    missing = [
+        m for m in ("jsonschema", "kubernetes_validate") if importlib.util.find_spec(m) is None
+    ]
+    if not SCHEMA.is_file():
+        missing.append(str(SCHEMA))
+    return ", ".join(missing)
 
 
 def validate(manifest: dict[str, Any]) -> None:

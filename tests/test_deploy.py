@@ -391,6 +391,11 @@ def test_rbac_is_namespaced_and_bound_to_the_pipeline_service_account(objects: l
     secrets = [r for r in one(objects, "Role", f"{RELEASE}-pipeline")["rules"]
                if "secrets" in r["resources"]]  # fmt: skip
     assert secrets and all(r.get("resourceNames") for r in secrets), "secret access must be by name"
+    # the launch-pytorchjob task (nodes > 1): exactly what it does to PyTorchJobs, nothing more
+    jobs = [r for r in one(objects, "Role", f"{RELEASE}-pipeline")["rules"]
+            if "kubeflow.org" in r["apiGroups"]]  # fmt: skip
+    assert jobs == [{"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"],
+                     "verbs": ["create", "get", "delete"]}]  # fmt: skip
 
 
 def test_external_values_render_no_minio_or_postgres(external_objects: list[dict]):

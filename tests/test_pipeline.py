@@ -167,10 +167,13 @@ def test_caching_and_retries_follow_what_each_stage_can_do(compiled: dict) -> No
     retried = {name for name, t in tasks.items() if "retryPolicy" in t}
     assert {_base(n) for n in cached} == {"ingest", "pca-poc", "baseline-deeplabv3plus",
                                           "encoder-ref", "finetune-heads"}  # fmt: skip
-    assert sum(_base(n) == "finetune-heads" for n in cached) == 4  # 3 encoders + the control
+    # 3 encoders x (single pod | PyTorchJob branch, one runs) + the control
+    assert sum(_base(n) == "finetune-heads" for n in cached) == 7
     pretraining = {n for n in tasks if n.startswith("pretrain-")}
     assert pretraining == {"pretrain-mae", "pretrain-dinov2", "pretrain-ssvit"}
-    assert retried == pretraining | {"ingest"}
+    launchers = {n for n in tasks if _base(n) == "launch-pytorchjob"}
+    assert len(launchers) == 3  # a retried launcher adopts the PyTorchJob it created
+    assert retried == pretraining | launchers | {"ingest"}
     assert tasks["pretrain-mae"]["retryPolicy"] == {"maxRetryCount": 3, "backoffDuration": "60s",
                                                     "backoffFactor": 2.0,
                                                     "backoffMaxDuration": "3600s"}  # fmt: skip
@@ -183,9 +186,64 @@ def test_pipeline_parameters(compiled: dict) -> None:
     params = compiled["spec"]["root"]["inputDefinitions"]["parameters"]
     assert set(params) == {"source", "preset", "overrides", "storage_uri", "tracking_uri",
                            "run_mae", "run_dinov2", "run_ssvit", "heads", "control_encoder",
-                           "pretrain_epochs", "pretrain_max_steps", "gpus", "gpu_type"}  # fmt: skip
+                           "pretrain_epochs", "pretrain_max_steps", "gpus", "gpu_type",
+                           "nodes"}  # fmt: skip
     assert params["preset"]["defaultValue"] == "/etc/hsissl/config.yaml"
+    assert params["nodes"] == {"defaultValue": 1.0, "description": params["nodes"]["description"],
+                               "isOptional": True, "parameterType": "NUMBER_INTEGER"}  # fmt: skip
     assert params["heads"]["defaultValue"] == ["linear", "conv", "segmenter"]
+
+
+def _condition_chains(compiled: dict) -> dict[str, list[str]]:
+    """Task name -> trigger conditions of the groups it sits in, outermost first (for tasks
+    whose name is unique in the spec, like the pretraining and launcher tasks)."""
+    components = {"root": compiled["spec"]["root"], **compiled["spec"]["components"]}
+    holder: dict[str, tuple[str, str]] = {}  # group component -> (its parent, its condition)
+    for name, component in components.items():
+        for task in _tasks(component).values():
+            condition = task.get("triggerPolicy", {}).get("condition", "")
+            holder[task["componentRef"]["name"]] = (name, condition)
+    chains = {}
+    for name, component in components.items():
+        for task_name in _tasks(component):
+            chain, where = [], name
+            while where in holder:
+                where, condition = holder[where]
+                chain = [condition, *chain] if condition else chain
+            chains[task_name] = chain
+    return chains
+
+
+def test_nodes_above_one_launch_a_light_pytorchjob_task_instead_of_the_gpu_pod(compiled) -> None:
+    tasks, chains = _all_tasks(compiled), _condition_chains(compiled)
+    executors, k8s = _executors(compiled), compiled["k8s"]["executors"]
+    components = compiled["spec"]["components"]
+    multi = "int(inputs.parameter_values['pipelinechannel--nodes']) > 1"
+    launchers = {t["inputs"]["parameters"]["method"]["runtimeValue"]["constant"]: name
+                 for name, t in tasks.items() if _base(name) == "launch-pytorchjob"}  # fmt: skip
+    assert sorted(launchers) == ["dinov2", "mae", "ssvit"]
+    for method, name in launchers.items():
+        run = f"inputs.parameter_values['pipelinechannel--run_{method}'] == true"
+        assert chains[name] == [run, multi], name
+        assert chains[f"pretrain-{method}"] == [run, f"!({multi})"]
+        params = tasks[name]["inputs"]["parameters"]
+        assert params["nodes"] == {"componentInputParameter": "pipelinechannel--nodes"}
+        assert params["gpus_per_node"] == {"componentInputParameter": "pipelinechannel--gpus"}
+        options = params["options"]["runtimeValue"]["constant"]
+        assert PipelineOptions.from_json(options) == PipelineOptions()
+        executor = components[tasks[name]["componentRef"]["name"]]["executorLabel"]
+        resources = executors[executor]["container"]["resources"]
+        assert "accelerator" not in resources, f"{name} requests a GPU"
+        assert resources["resourceCpuRequest"] == "250m"  # the light kind
+        assert executors[executor]["container"]["image"] == PipelineOptions().cpu_image
+        assert "tolerations" not in k8s[executor] and "emptyDirMounts" not in k8s[executor]
+        pod = components[tasks[f"pretrain-{method}"]["componentRef"]["name"]]["executorLabel"]
+        assert executors[pod]["container"]["resources"]["accelerator"]["resourceCount"]
+        # the heads of the multi-node branch finetune the launcher's encoder
+        (loop,) = [t for t in tasks.values() if name in t.get("dependentTasks", [])]
+        encoder = loop["inputs"]["artifacts"][f"pipelinechannel--{name}-encoder"]
+        assert encoder["taskOutputArtifact"] == {"outputArtifactKey": "encoder",
+                                                 "producerTask": name}  # fmt: skip
 
 
 def test_compile_flags_set_images_and_gpu_placement(tmp_path: Path) -> None:
@@ -210,6 +268,16 @@ def test_compile_flags_set_images_and_gpu_placement(tmp_path: Path) -> None:
     mounts = {n: e["pvcMount"] for n, e in executors.items() if "pvcMount" in e}
     assert list(mounts) == ["exec-ingest"] and mounts["exec-ingest"][0]["mountPath"] == "/data"
     assert mounts["exec-ingest"][0]["pvcNameParameter"]["runtimeValue"]["constant"] == "whu-ohs"
+    # the PyTorchJob's pods get the same images and placement (the launcher's options input)
+    params = [
+        t.get("inputs", {}).get("parameters", {}) for t in _all_tasks({"spec": spec}).values()
+    ]
+    (options,) = {p["options"]["runtimeValue"]["constant"] for p in params if "options" in p}
+    job_opts = PipelineOptions.from_json(options)
+    assert (job_opts.train_image, job_opts.gpu_node_selector) == ("registry.example/train:abc",
+                                                                  {"pool": "a100"})  # fmt: skip
+    assert job_opts.gpu_tolerations == [{"key": "dedicated", "operator": "Equal", "value": "gpu",
+                                         "effect": "NoExecute"}]  # fmt: skip
 
 
 def test_several_gpus_in_a_pod_run_the_stage_under_torchrun() -> None:

@@ -1,0 +1,260 @@
+"""Multi-node pretraining inside the DAG: what the launch-pytorchjob task does in its pod.
+
+It builds the PyTorchJob of one pretraining (``pipelines.pytorchjob``) from the same preset,
+overrides and run id as the single-pod pretrain task, creates it through the Kubernetes API,
+waits for the Training Operator to finish it and emits the same outputs: an encoder Model
+pointing at ``checkpoints/<method>-<run id>/encoder.pt`` and the training Metrics, so
+finetune-heads downstream works unchanged. The pod itself needs no GPU.
+
+Idempotent: the job's name follows from the checkpoint folder and run id, so a retried task
+adopts the job an earlier attempt created (HTTP 409) and waits for it. A job an earlier
+attempt left Failed is deleted and created again; the trainer resumes from its last
+checkpoint, as a retried single pod does. On timeout the job is deleted (its GPUs freed; the
+checkpoints stay, so a retry resumes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from components import runtime
+from pipelines.options import PipelineOptions
+from pipelines.pytorchjob import build_pytorchjob, offline_checks_missing, validate
+
+log = logging.getLogger("hsissl.launcher")
+
+GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+# The operator names pods and services <job>-master-0 / <job>-worker-<i> (63 characters at most).
+NAME_LIMIT = 48
+MAX_API_ERRORS = 5  # consecutive failed status reads (5xx, connection) before giving up
+GONE_TIMEOUT_S = 300.0  # how long a deleted job may take to disappear before it is recreated
+
+
+class PyTorchJobError(RuntimeError):
+    """The PyTorchJob failed, vanished, or could not be created."""
+
+
+def job_name(checkpoint: str, run_id: str) -> str:
+    """A DNS-1035 name from the checkpoint folder (``mae-<run id>``) and the run id: the same
+    in every attempt of one task, different for every pipeline run."""
+    base = checkpoint if not run_id or run_id in checkpoint else f"{checkpoint}-{run_id}"
+    name = re.sub(r"[^a-z0-9-]+", "-", base.lower()).strip("-")
+    if not name[:1].isalpha():
+        name = f"pt-{name}"
+    if len(name) > NAME_LIMIT:  # cut, and keep it unique with a hash of the whole
+        digest = hashlib.sha1(base.encode()).hexdigest()[:8]
+        name = f"{name[: NAME_LIMIT - 9].rstrip('-')}-{digest}"
+    return name
+
+
+def current_namespace(explicit: str = "") -> str:
+    """``explicit``, else this pod's namespace (its service account's), else the kubeconfig
+    context's, else ``default``."""
+    if explicit:
+        return explicit
+    if SA_NAMESPACE_FILE.is_file():
+        return SA_NAMESPACE_FILE.read_text().strip()
+    try:
+        from kubernetes import config
+
+        _, active = config.list_kube_config_contexts(os.environ.get("KUBECONFIG") or None)
+        return active["context"].get("namespace") or "default"
+    except Exception:  # no kubeconfig: kubectl's default as well
+        return "default"
+
+
+def connect() -> Any:
+    """The CustomObjectsApi of this cluster: in-cluster config in a pod, else the kubeconfig."""
+    from kubernetes import client, config
+
+    try:
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            config.load_incluster_config()
+        else:
+            config.load_kube_config(os.environ.get("KUBECONFIG") or None)  # read now, not at import
+    except config.ConfigException as exc:
+        raise PyTorchJobError(
+            f"no Kubernetes API to create the PyTorchJob: {exc} (expected the pod's service "
+            "account, or a kubeconfig at $KUBECONFIG / ~/.kube/config)"
+        ) from exc
+    return client.CustomObjectsApi()
+
+
+def state_of(job: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(Succeeded | Failed | the latest true condition type | Pending, that condition)."""
+    conditions = [c for c in (job.get("status") or {}).get("conditions") or []
+                  if str(c.get("status")) == "True"]  # fmt: skip
+    for terminal in ("Failed", "Succeeded"):
+        for condition in conditions:
+            if condition.get("type") == terminal:
+                return terminal, condition
+    if conditions:
+        return str(conditions[-1].get("type")), conditions[-1]
+    return "Pending", {}
+
+
+def _describe(namespace: str, name: str, condition: dict[str, Any]) -> str:
+    reason = condition.get("reason") or "no reason given"
+    message = condition.get("message") or "no message"
+    return (f"PyTorchJob {namespace}/{name}: {reason}: {message} (kubectl -n {namespace} "
+            f"describe pytorchjob {name}; logs: kubectl -n {namespace} logs {name}-master-0)")  # fmt: skip
+
+
+def _api_error(action: str, namespace: str, name: str, exc: Exception) -> PyTorchJobError:
+    detail = getattr(exc, "body", None) or exc
+    status = getattr(exc, "status", "")
+    return PyTorchJobError(f"{action} PyTorchJob {namespace}/{name}: HTTP {status} {detail}")
+
+
+def _get(api: Any, namespace: str, name: str) -> dict[str, Any]:
+    return api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+
+def delete(api: Any, namespace: str, name: str, wait_s: float = 0.0) -> None:
+    """Delete the job and its pods; with ``wait_s``, wait until it is gone."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
+                                            propagation_policy="Background")  # fmt: skip
+    except ApiException as exc:
+        if exc.status != 404:
+            raise _api_error("deleting", namespace, name, exc) from exc
+    deadline = time.monotonic() + wait_s
+    while wait_s:
+        try:
+            _get(api, namespace, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            raise _api_error("reading", namespace, name, exc) from exc
+        if time.monotonic() > deadline:
+            raise PyTorchJobError(f"PyTorchJob {namespace}/{name} still exists {wait_s:.0f} s "
+                                  "after it was deleted (a finalizer holding it?)")  # fmt: skip
+        time.sleep(0.5)
+
+
+def create_or_adopt(api: Any, namespace: str, manifest: dict[str, Any]) -> tuple[dict, bool]:
+    """Create the job; if one of that name exists (a retried task), adopt it, unless it has
+    Failed: then it is deleted and created again. Returns (job, adopted)."""
+    from kubernetes.client.exceptions import ApiException
+
+    name = manifest["metadata"]["name"]
+    try:
+        return api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
+                                                   manifest), False  # fmt: skip
+    except ApiException as exc:
+        if exc.status != 409:
+            raise _api_error("creating", namespace, name, exc) from exc
+    try:
+        existing = _get(api, namespace, name)
+    except ApiException as exc:  # e.g. no "get" in the Role
+        raise _api_error("adopting the existing", namespace, name, exc) from exc
+    state, condition = state_of(existing)
+    if state != "Failed":
+        log.info("PyTorchJob %s/%s already exists (%s): adopting it", namespace, name, state)
+        return existing, True
+    log.warning("%s; an earlier attempt left it Failed: deleting it and starting again "
+                "(training resumes from the last checkpoint)",
+                _describe(namespace, name, condition))  # fmt: skip
+    delete(api, namespace, name, wait_s=GONE_TIMEOUT_S)
+    try:
+        return api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
+                                                   manifest), True  # fmt: skip
+    except ApiException as exc:
+        raise _api_error("recreating", namespace, name, exc) from exc
+
+
+def wait(api: Any, namespace: str, name: str, timeout_s: float,
+         poll_s: float = 30.0) -> dict[str, Any]:  # fmt: skip
+    """Poll the job's conditions until Succeeded (returns the job) or Failed (raises). Polls
+    after 1 s, then doubling up to ``poll_s``; deletes the job when ``timeout_s`` runs out."""
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    deadline = time.monotonic() + timeout_s
+    interval, errors, last = min(1.0, poll_s), 0, ""
+    condition: dict[str, Any] = {}
+    while True:
+        try:
+            job = _get(api, namespace, name)
+            errors = 0
+        except ApiException as exc:
+            if exc.status == 404:
+                raise PyTorchJobError(f"PyTorchJob {namespace}/{name} disappeared while this "
+                                      "task waited for it (deleted by someone else?)") from exc  # fmt: skip
+            if exc.status < 500 or errors >= MAX_API_ERRORS:
+                raise _api_error("reading", namespace, name, exc) from exc
+            errors += 1
+        except HTTPError as exc:  # the API server unreachable for a moment
+            if errors >= MAX_API_ERRORS:
+                raise _api_error("reading", namespace, name, exc) from exc
+            errors += 1
+        else:
+            state, condition = state_of(job)
+            if state != last:
+                log.info("PyTorchJob %s/%s: %s", namespace, name, state)
+                last = state
+            if state == "Succeeded":
+                return job
+            if state == "Failed":
+                raise PyTorchJobError(f"failed: {_describe(namespace, name, condition)}")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            delete(api, namespace, name)
+            raise TimeoutError(
+                f"PyTorchJob {namespace}/{name} not finished after {timeout_s:.0f} s (last "
+                f"state {last or 'unknown'}: {condition.get('message') or 'no message'}); "
+                "deleted it to free its GPUs, its checkpoints stay (a retry resumes)"
+            )
+        time.sleep(min(interval, left))
+        interval = min(interval * 2, poll_s)
+
+
+def launch(method: str, dataset: Any, preset: str, overrides: list[str], tracking_uri: str,
+           epochs: float, max_steps: int, kfp_run_id: str, nodes: int, gpus_per_node: int,
+           gpu_type: str, options: str, namespace: str, timeout_s: float, encoder: Any,
+           metrics: Any, *, api: Any = None, poll_s: float = 30.0) -> dict[str, Any]:  # fmt: skip
+    """Pretrain ``method`` as a PyTorchJob of ``nodes`` x ``gpus_per_node`` and publish its
+    encoder and metrics like ``components.runtime.pretrain``. ``options``: the compile-time
+    :class:`PipelineOptions` as JSON; ``api``: a CustomObjectsApi (default: :func:`connect`)."""
+    runtime.setup_logging()
+    cfg, wiring = runtime.pretrain_config(method, dataset, preset, overrides, tracking_uri,
+                                          epochs, max_steps, kfp_run_id)  # fmt: skip
+    run_id = runtime.run_id(kfp_run_id)
+    opts = PipelineOptions.from_json(options)
+    parent = runtime.join_lineage(cfg, kfp_run_id)  # the job's MLflow run nests under it too
+    preset_path = runtime.resolve_preset(preset)
+    namespace = current_namespace(namespace)
+    manifest = build_pytorchjob(
+        f"pretrain-{method}", [*overrides, *runtime.managed_overrides(wiring)], nodes=nodes,
+        gpus_per_node=gpus_per_node, name=job_name(cfg.pretrain.name, run_id),
+        namespace=namespace, local_preset=preset_path, opts=opts,
+        service_account=opts.pytorchjob_service_account, run_id=run_id,
+        config=str(preset_path) if preset_path else "", gpu_type=gpu_type,
+        extra_env={runtime.PARENT_RUN_ENV: parent} if parent else {},
+    )  # fmt: skip
+    missing = offline_checks_missing()
+    if missing:
+        log.info("offline PyTorchJob checks skipped (%s); the API server validates it", missing)
+    else:
+        validate(manifest)
+    from hsissl.stages.common import storage_of
+
+    had_checkpoint = storage_of(cfg).exists(f"checkpoints/{cfg.pretrain.name}/train.pt")
+    api = api or connect()
+    name = manifest["metadata"]["name"]
+    _, adopted = create_or_adopt(api, namespace, manifest)
+    log.info("PyTorchJob %s/%s: %d node(s) x %d GPU(s), checkpoints in %s", namespace, name,
+             nodes, gpus_per_node, storage_of(cfg).join(f"checkpoints/{cfg.pretrain.name}"))  # fmt: skip
+    wait(api, namespace, name, timeout_s, poll_s)
+    result = runtime.stored_pretrain_result(cfg, resumed=adopted or had_checkpoint)
+    runtime.publish_pretrain(method, result, encoder, metrics)
+    return result
