@@ -62,3 +62,64 @@ def test_evaluate_real_runs_end_to_end(shared_data, tmp_path):
                              "pretrain.batch_size=8", "tracking.uri="])  # fmt: skip
     result = evaluate_real.run(cfg)
     assert "pixel-lr" in result["table"] and "mae+linear" in result["table"]
+    assert "mae+probe" in result["table"] and "random-init+segmenter" in result["table"]
+
+
+# -- heads trained on one scene's cached windows -------------------------------------------------
+def test_scene_windows_cover_every_dihedral_view():
+    from hsissl.data.tiling import tile_positions
+    from hsissl.segment.scene_heads import SceneWindows
+
+    x = torch.arange(2 * 64 * 80, dtype=torch.float32).reshape(2, 64, 80)
+    windows = SceneWindows(tile=64, stride=16).cut(x)
+    per_view = [len(tile_positions(64, 80, 64, 16)), len(tile_positions(80, 64, 64, 16))]
+    assert windows.shape == (4 * sum(per_view), 2, 64, 64)
+    assert torch.equal(windows[0], x[:, :, :64])  # identity view, first window
+    assert torch.equal(windows[per_view[0] - 1], x[:, :, 16:])  # flush with the right edge
+    assert torch.equal(windows[per_view[0]], torch.rot90(x, 1, dims=(-2, -1))[:, :64])
+
+
+def _two_class_scene(seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """(32, 64, 64) spectra: left half one spectral shape, right half another, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.linspace(-1, 1, 32), torch.linspace(1, -1, 32)
+    image = torch.where(torch.arange(64) < 32, a[:, None, None], b[:, None, None]).expand(
+        32, 64, 64
+    )
+    image = image + 0.3 * torch.randn(32, 64, 64, generator=g)
+    label = np.where(np.arange(64) < 32, 1, 2)[None].repeat(64, 0).astype(np.uint8)
+    return image.contiguous(), label
+
+
+def test_scene_head_learns_a_separable_scene_from_few_pixels():
+    from hsissl.models import create_model
+    from hsissl.segment.scene_heads import SceneWindows, train_scene_head, window_features
+
+    torch.manual_seed(0)
+    encoder = create_model("vit_tiny_patch8_64").eval()
+    image, label = _two_class_scene()
+    train = block_split(label.shape, 8, 0.2, seed=0)
+    windows = SceneWindows(tile=64, stride=32)
+    feats = window_features(encoder, windows.cut(image), n_blocks=4)
+    target = np.where(train, label, 0)
+    pred = train_scene_head(encoder, "linear", image, target, feats=feats, windows=windows,
+                            steps=60, lr=1e-2, seed=0)  # fmt: skip
+    assert pred.shape == label.shape and set(np.unique(pred)) <= {1, 2}
+    assert miou(pred, label, ~train) > 0.9
+    for head in ("conv", "segmenter"):  # the other heads run on the same cache
+        pred = train_scene_head(encoder, head, image, target, feats=feats, windows=windows,
+                                steps=3, seed=0)  # fmt: skip
+        assert pred.shape == label.shape and 0 not in pred
+
+
+def test_scene_head_refuses_misaligned_features_and_empty_targets():
+    from hsissl.models import create_model
+    from hsissl.segment.scene_heads import SceneWindows, train_scene_head
+
+    encoder = create_model("vit_tiny_patch8_64").eval()
+    image, label = _two_class_scene()
+    feats = [torch.zeros(3, 64, 8, 8)] * 4
+    with pytest.raises(ValueError, match="feature maps"):
+        train_scene_head(encoder, "linear", image, label, feats=feats, windows=SceneWindows(64, 32))
+    with pytest.raises(ValueError, match="no labelled pixel"):
+        train_scene_head(encoder, "linear", image, np.zeros_like(label), steps=1)

@@ -211,11 +211,14 @@ class RealEvalConfig:
         default_factory=lambda: {"half": [16, 0.5], "few-label": [8, 0.1]}
     )
     methods: list[str] = field(default_factory=lambda: ["mae", "dinov2", "ssvit"])
-    heads: list[str] = field(default_factory=lambda: ["linear", "conv"])
+    # probe: logistic regression on per-pixel features; linear | conv | segmenter: finetune heads
+    heads: list[str] = field(default_factory=lambda: ["probe", "linear", "conv", "segmenter"])
     pretrain_steps: int = 300  # per method, on tiles of every shared scene
     tile_stride: int = 16  # overlapping 64-px pretraining tiles (the scenes are small)
     window_stride: int = 16  # sliding-window stride for per-pixel encoder features
-    head_steps: int = 300  # conv head and DeepLabV3+ optimisation steps per split
+    head_steps: int = 300  # head and DeepLabV3+ optimisation steps per split
+    head_lr: float = 3e-3  # peak of the heads' poly schedule (few steps on few pixels: high)
+    head_batch: int = 8  # cached windows per head step
     baseline_encoder: str = "resnet18d"  # DeepLabV3+ encoder (timm); small: the scenes are tiny
 
 

@@ -3,8 +3,9 @@
 Pretrains every method on overlapping 64-px tiles of all shared scenes (resampled to the
 32 OHS bands), then evaluates each labelled scene with spatially disjoint block splits
 (two protocols x seeds): per-pixel spectral floors (logistic regression, random forest),
-frozen encoders (pretrained and random-init) with a linear or a small conv head on
-per-pixel features, and DeepLabV3+ from scratch. Everything is normalised by the one
+frozen encoders (pretrained and random-init) with a logistic-regression probe on per-pixel
+features and with the finetune stage's heads (multiscale linear, conv decoder, Segmenter)
+trained on the scene's windows, and DeepLabV3+ from scratch. Everything is normalised by the one
 Normalizer of the ingested real dataset (carried by the encoders).
 """
 
@@ -35,6 +36,7 @@ from hsissl.pretrain.trainer import pretrain
 from hsissl.segment.baseline import DeepLabV3PlusAux
 from hsissl.segment.blocks import block_split
 from hsissl.segment.metrics import ConfusionMatrix
+from hsissl.segment.scene_heads import SceneWindows, train_scene_head, window_features
 from hsissl.segment.sliding import predict_scene
 from hsissl.stages import ingest
 from hsissl.stages.common import dataset_uri, run_dir_of, stage_run, storage_of
@@ -140,11 +142,6 @@ def train_dense(
         return logits.argmax(0).numpy()
 
 
-def conv_head(dim: int) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(dim, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-                         nn.Conv2d(64, NUM_LOGITS, 1))  # fmt: skip
-
-
 def pretrain_encoders(cfg: Config, root: Path) -> tuple[dict[str, nn.Module], Normalizer, str]:
     rc = cfg.real
     pcfg = replace(
@@ -176,7 +173,10 @@ def evaluate_scene(cfg: Config, name: str, root: Path, encoders: dict[str, nn.Mo
     rc = cfg.real
     image, label = realdata.load_scene(root, realdata.SCENES[name])
     x = normalizer(torch.from_numpy(image))  # (32, H, W)
-    feats = {k: pixel_features(e, x, rc.window_stride) for k, e in encoders.items()}
+    windows = SceneWindows(tile=64, stride=rc.window_stride)
+    cached = {k: window_features(e, windows.cut(x), n_blocks=4) for k, e in encoders.items()}
+    probes = ({k: pixel_features(e, x, rc.window_stride) for k, e in encoders.items()}
+              if "probe" in rc.heads else {})  # fmt: skip
     rows = []
     for protocol, (block, fraction) in rc.protocols.items():
         for seed in rc.seeds:
@@ -184,14 +184,15 @@ def evaluate_scene(cfg: Config, name: str, root: Path, encoders: dict[str, nn.Mo
             train, test = split & (label > 0), ~split & (label > 0)
             scores = {f"pixel-{k}": miou(pixel_classifier(k, x.numpy(), label, train, seed), label, test)
                       for k in ("lr", "rf")}  # fmt: skip
-            for enc, f in feats.items():
+            for enc, encoder in encoders.items():
                 for head in rc.heads:
-                    if head == "linear":
-                        pred = pixel_classifier("lr", f.numpy(), label, train, seed)
+                    if head == "probe":
+                        pred = pixel_classifier("lr", probes[enc].numpy(), label, train, seed)
                     else:
-                        pred = train_dense(
-                            conv_head(f.shape[0]), f[None], label, train, rc.head_steps, 1e-3, seed
-                        )
+                        pred = train_scene_head(encoder, head, x, np.where(train, label, 0),
+                                                feats=cached[enc], windows=windows,
+                                                steps=rc.head_steps, lr=rc.head_lr,
+                                                batch_size=rc.head_batch, seed=seed)  # fmt: skip
                     scores[f"{enc}+{head}"] = miou(pred, label, test)
             torch.manual_seed(seed)
             deeplab = DeepLabV3PlusAux(encoder=rc.baseline_encoder, in_channels=32)
