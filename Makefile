@@ -8,7 +8,7 @@ DATA   ?=
 # A real WHU-OHS copy: make run DATA=/data/WHU-OHS CONFIG=configs/base.yaml
 RUN_ARGS := $(if $(DATA),data.source=$(abspath $(DATA)))
 
-.PHONY: help install run test lint bench bench-ingest bench-train bench-loader images tools pipeline submit clean
+.PHONY: help install run test lint bench bench-ingest bench-train bench-gpu bench-loader images tools pipeline submit clean
 KFP_HOST   ?=
 EXPERIMENT ?= hsissl
 IMAGE_TAG  ?= $(shell git rev-parse HEAD 2>/dev/null || echo dev)
@@ -52,8 +52,12 @@ bench-ingest: $(STAMP)  ## ingest throughput vs raw rasterio reads of the same f
 bench-loader: $(STAMP)  ## random-tile throughput of the shard loader
 	$(PY) scripts/bench_loader.py
 
-bench-train: $(STAMP)  ## pretraining img/s, MFU, peak memory per method (base models on CUDA)
-	$(PY) scripts/bench_train.py
+BENCH_ARGS ?=
+bench-train: $(STAMP)  ## pretraining img/s, MFU, peak memory per method (base models on CUDA); BENCH_ARGS="--quick ..."
+	$(PY) scripts/bench_train.py $(BENCH_ARGS)
+
+bench-gpu:  ## the GPU pretraining bench in one command, no venv needed (scripts/gpu_bench.sh; results in OUT, default runs/bench-gpu/)
+	bash scripts/gpu_bench.sh
 
 images:  ## build images/cpu.Dockerfile and images/train.Dockerfile (docker or buildah), tag = git SHA
 	@builder="$$(command -v docker || command -v buildah)"; \

@@ -198,6 +198,56 @@ def test_ibot_teacher_probs_sinkhorn_and_shape_check() -> None:
         loss_fn(torch.zeros(4, 6), torch.zeros(4, 6), masks)
 
 
+def _ibot_reference(student: torch.Tensor, teacher: torch.Tensor, masks: torch.Tensor,
+                    temp: float) -> torch.Tensor:  # fmt: skip
+    """The former implementation (boolean indexing, host-side count), kept as the reference."""
+    per_token = -(teacher * F.log_softmax(student / temp, dim=-1)).sum(dim=-1)  # (M,)
+    per_image_count = masks.sum(dim=-1).clamp(min=1).float()  # (B,)
+    weights = (1.0 / per_image_count).unsqueeze(-1).expand_as(masks)[masks]  # (M,)
+    return (per_token * weights).sum() / masks.shape[0]
+
+
+def _random_ibot_case(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.rand(6, 16, generator=g) < torch.rand(6, 1, generator=g)  # ratios vary
+    masks[1] = False  # an image without masked patches
+    masks[2] = True  # one fully masked
+    n_masked = int(masks.sum())
+    student = torch.randn(n_masked, 10, generator=g) * 3
+    teacher = torch.softmax(torch.randn(n_masked, 10, generator=g), dim=-1)
+    return student, teacher, masks
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ibot_fixed_shape_loss_and_grads_match_the_boolean_index_reference(seed: int) -> None:
+    student, teacher, masks = _random_ibot_case(seed)
+    loss_fn = IBOTPatchLoss(out_dim=10, student_temp=STUDENT_TEMP)
+    s_new = student.clone().requires_grad_(True)
+    s_ref = student.clone().requires_grad_(True)
+    new = loss_fn(s_new, teacher, masks)
+    ref = _ibot_reference(s_ref, teacher, masks, STUDENT_TEMP)
+    assert abs(new.item() - ref.item()) <= 1e-6 and ref.item() > 0
+    new.backward()
+    ref.backward()
+    torch.testing.assert_close(s_new.grad, s_ref.grad, atol=1e-7, rtol=1e-5)
+
+
+def test_ibot_loss_reads_nothing_back_from_the_device() -> None:
+    """On the meta device a host read (int(masks.sum()), boolean indexing) would raise: the loss
+    runs there, so on a GPU it issues no host sync; and it compiles as one graph."""
+    student, teacher, masks = _random_ibot_case(3)
+    loss_fn = IBOTPatchLoss(out_dim=10, student_temp=STUDENT_TEMP)
+    on_meta = loss_fn(student.to("meta"), teacher.to("meta"), masks.to("meta"))
+    assert on_meta.device.type == "meta" and on_meta.shape == ()
+    with pytest.raises(Exception, match="meta"):  # what the old count would have done
+        int(masks.to("meta").sum())
+    explained = torch._dynamo.explain(loss_fn)(student, teacher, masks)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    compiled = torch.compile(loss_fn, backend="eager", fullgraph=True)
+    ref = _ibot_reference(student, teacher, masks, STUDENT_TEMP)
+    assert abs(compiled(student, teacher, masks).item() - ref.item()) <= 1e-6
+
+
 # --- KoLeo -------------------------------------------------------------------------------------
 
 

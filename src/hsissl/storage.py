@@ -18,12 +18,14 @@ import tempfile
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from minio import Minio
-from minio.deleteobjects import DeleteObject
-from minio.error import S3Error
+if TYPE_CHECKING:
+    from minio import Minio
+    from minio.error import S3Error
 
 ENDPOINT_VARS = ("HSISSL_S3_ENDPOINT", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
 _MISSING_CODES = {"NoSuchKey", "NoSuchObject", "NotFound", "NoSuchBucket"}
@@ -317,6 +319,29 @@ class LocalTransaction(Transaction):
 # ----------------------------------------------------------------------------- S3 (minio SDK)
 
 
+def _minio() -> ModuleType:
+    """The minio SDK, imported on first S3 use: local stores work on machines without it."""
+    try:
+        import minio
+        import minio.deleteobjects
+        import minio.error
+    except ImportError as exc:
+        raise ImportError(
+            f"s3:// storage needs the 'minio' package, which failed to import ({exc}); install "
+            "it with `pip install minio`, or use a local path as the store"
+        ) from exc
+    return minio
+
+
+def __getattr__(name: str) -> Any:
+    """``hsissl.storage.Minio`` / ``S3Error`` / ``DeleteObject`` still resolve (lazily)."""
+    where = {"Minio": "", "S3Error": "error", "DeleteObject": "deleteobjects"}
+    if name in where:
+        module = _minio()
+        return getattr(getattr(module, where[name]) if where[name] else module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def s3_client_from_env() -> Minio:
     """A minio client from HSISSL_S3_ENDPOINT | AWS_ENDPOINT_URL | MLFLOW_S3_ENDPOINT_URL,
     AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and optional AWS_REGION."""
@@ -334,7 +359,7 @@ def s3_client_from_env() -> Minio:
     parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ValueError(f"S3 endpoint {endpoint!r}: expected http(s)://host[:port]")
-    return Minio(
+    return _minio().Minio(
         parsed.netloc,
         access_key=os.environ["AWS_ACCESS_KEY_ID"],
         secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
@@ -361,11 +386,12 @@ class S3Storage(Storage):
         self.bucket = bucket
         self.prefix = _clean(prefix, allow_empty=True)
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.S3Error: type[S3Error] = _minio().error.S3Error  # what the client raises
         self.client = client or s3_client_from_env()
         if create_bucket and not self.client.bucket_exists(bucket):
             try:
                 self.client.make_bucket(bucket)
-            except S3Error as err:  # another process may have created it meanwhile
+            except self.S3Error as err:  # another process may have created it meanwhile
                 if err.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
 
@@ -379,7 +405,7 @@ class S3Storage(Storage):
     def get_bytes(self, key: str) -> bytes:
         try:
             response = self.client.get_object(self.bucket, self._name(key))
-        except S3Error as err:
+        except self.S3Error as err:
             raise self._not_found(key, err) from err
         try:
             return response.read()
@@ -397,7 +423,7 @@ class S3Storage(Storage):
         try:
             self.client.fget_object(self.bucket, self._name(key), str(tmp))
             os.replace(tmp, local)
-        except S3Error as err:
+        except self.S3Error as err:
             raise self._not_found(key, err) from err
         finally:
             tmp.unlink(missing_ok=True)
@@ -406,7 +432,7 @@ class S3Storage(Storage):
     def exists(self, key: str) -> bool:
         try:
             stat = self.client.stat_object(self.bucket, self._name(key))
-        except S3Error as err:
+        except self.S3Error as err:
             if err.code in _MISSING_CODES:
                 return False
             raise
@@ -431,7 +457,7 @@ class S3Storage(Storage):
     def _delete(self, keys: list[str]) -> None:
         if not keys:
             return
-        objects = [DeleteObject(self._name(k)) for k in keys]
+        objects = [_minio().deleteobjects.DeleteObject(self._name(k)) for k in keys]
         errors = list(self.client.remove_objects(self.bucket, objects))  # lazy: must iterate
         if errors:
             raise OSError(f"{self.uri}: failed to delete {len(errors)} object(s): {errors[:3]}")
@@ -444,7 +470,7 @@ class S3Storage(Storage):
         local = Path(cache_dir or _default_cache_dir()) / self.bucket / name
         try:
             size = self.client.stat_object(self.bucket, name).size
-        except S3Error as err:
+        except self.S3Error as err:
             raise self._not_found(key, err) from err
         if local.is_file() and local.stat().st_size == size:
             return local  # cached copy of the same size: reuse

@@ -11,29 +11,55 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+from hsissl.config import flatten, to_yaml
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before mlflow is imported
 
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
-from mlflow.utils.validation import (  # noqa: E402
-    MAX_METRICS_PER_BATCH,
-    MAX_PARAM_VAL_LENGTH,
-    MAX_PARAMS_TAGS_PER_BATCH,
-)
-
-from hsissl.config import flatten, to_yaml  # noqa: E402
-
 if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
     from hsissl.config import Config
 
 PARENT_RUN_ENV = "HSISSL_PARENT_RUN_ID"
 GIT_SHA_ENV = "HSISSL_GIT_SHA"
 KFP_RUN_ENV = "KFP_RUN_ID"
+_MLFLOW_NAMES = ("Metric", "Param", "RunTag", "MlflowException", "MlflowClient",
+                 "MLFLOW_PARENT_RUN_ID", "MAX_METRICS_PER_BATCH", "MAX_PARAM_VAL_LENGTH",
+                 "MAX_PARAMS_TAGS_PER_BATCH")  # fmt: skip
+
+
+@cache
+def _mlflow() -> SimpleNamespace:
+    """The MLflow names this module uses, imported on first use: only tracked runs need mlflow,
+    so the library (training, benchmarks) imports and runs on machines without it."""
+    try:
+        from mlflow import entities, exceptions, tracking
+        from mlflow.utils import mlflow_tags, validation
+    except ImportError as exc:
+        raise ImportError(
+            f"experiment tracking (hsissl.tracking) needs the 'mlflow' package, which failed to "
+            f"import ({exc}); install it with `pip install mlflow`"
+        ) from exc
+    return SimpleNamespace(
+        Metric=entities.Metric, Param=entities.Param, RunTag=entities.RunTag,
+        MlflowException=exceptions.MlflowException, MlflowClient=tracking.MlflowClient,
+        MLFLOW_PARENT_RUN_ID=mlflow_tags.MLFLOW_PARENT_RUN_ID,
+        MAX_METRICS_PER_BATCH=validation.MAX_METRICS_PER_BATCH,
+        MAX_PARAM_VAL_LENGTH=validation.MAX_PARAM_VAL_LENGTH,
+        MAX_PARAMS_TAGS_PER_BATCH=validation.MAX_PARAMS_TAGS_PER_BATCH,
+    )  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    """``from hsissl.tracking import MlflowClient`` (and the other MLflow names) keep working."""
+    if name in _MLFLOW_NAMES:
+        return getattr(_mlflow(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_uri(configured: str, run_dir: str | Path) -> str:
@@ -57,9 +83,10 @@ class Tracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         now_ms = int(time.time() * 1000)
-        items = [Metric(k, float(v), now_ms, step or 0) for k, v in metrics.items()]
-        for i in range(0, len(items), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=items[i : i + MAX_METRICS_PER_BATCH])
+        ml = _mlflow()
+        items = [ml.Metric(k, float(v), now_ms, step or 0) for k, v in metrics.items()]
+        for i in range(0, len(items), ml.MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i : i + ml.MAX_METRICS_PER_BATCH])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -69,9 +96,10 @@ class Tracker:
         self.client.log_dict(self.run_id, data, name)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
-        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            self.client.log_batch(self.run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+        ml = _mlflow()
+        items = [ml.RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), ml.MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(self.run_id, tags=items[i : i + ml.MAX_PARAMS_TAGS_PER_BATCH])
 
 
 @contextmanager
@@ -86,8 +114,9 @@ def start_run(
 
     Nested under ``parent_run_id`` (or $HSISSL_PARENT_RUN_ID) when given.
     """
+    ml = _mlflow()
     uri = resolve_uri(cfg.tracking.uri, run_dir)
-    client = MlflowClient(tracking_uri=uri)
+    client = ml.MlflowClient(tracking_uri=uri)
     exp_id = experiment_id(client, cfg.tracking.experiment, uri)
 
     run_tags = {"stage": stage}
@@ -98,16 +127,16 @@ def start_run(
         run_tags["kfp_run_id"] = os.environ[KFP_RUN_ENV]
     parent = parent_run_id or os.environ.get(PARENT_RUN_ENV)
     if parent:
-        run_tags[MLFLOW_PARENT_RUN_ID] = parent
+        run_tags[ml.MLFLOW_PARENT_RUN_ID] = parent
     run_tags.update(tags or {})
 
     run = client.create_run(exp_id, run_name=stage, tags=run_tags)
     tracker = Tracker(client, run.info.run_id)
     try:
         # MLflow rejects values over 6000 chars and more than 100 params per call
-        params = [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in flatten(cfg).items()]
-        for i in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
-            client.log_batch(tracker.run_id, params=params[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+        params = [ml.Param(k, str(v)[: ml.MAX_PARAM_VAL_LENGTH]) for k, v in flatten(cfg).items()]
+        for i in range(0, len(params), ml.MAX_PARAMS_TAGS_PER_BATCH):
+            client.log_batch(tracker.run_id, params=params[i : i + ml.MAX_PARAMS_TAGS_PER_BATCH])
         client.log_text(tracker.run_id, to_yaml(cfg), "config.yaml")
         yield tracker
     except BaseException:
@@ -126,7 +155,7 @@ def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
         location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
-    except MlflowException:
+    except _mlflow().MlflowException:
         # parallel stages may race to create it; the loser reuses the winner's
         experiment = client.get_experiment_by_name(name)
         if experiment is None:

@@ -4,23 +4,43 @@ from __future__ import annotations
 
 import os
 import warnings
+from functools import cache
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
-import rasterio
-from rasterio.errors import NotGeoreferencedWarning
-from rasterio.transform import Affine
+
+if TYPE_CHECKING:
+    from affine import Affine
 
 # A plausible default georeference for generated scenes: UTM 50N, 10 m pixels (OHS GSD).
 DEFAULT_CRS = "EPSG:32650"
 
-# Georeference is optional in the data contract (the real .mat scenes have none).
-warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+
+@cache
+def _rasterio() -> ModuleType:
+    """rasterio, imported on first GeoTIFF use: the shard-based stages (training, benchmarks)
+    run on machines without it."""
+    try:
+        import rasterio
+        import rasterio.transform
+        from rasterio.errors import NotGeoreferencedWarning
+    except ImportError as exc:
+        raise ImportError(
+            f"GeoTIFF scene I/O (hsissl.data.geotiff) needs the 'rasterio' package, which failed "
+            f"to import ({exc}); install it with `pip install rasterio`"
+        ) from exc
+    # Georeference is optional in the data contract (the real .mat scenes have none).
+    warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+    return rasterio
 
 
 def default_transform(index: int = 0, size: int = 512, gsd: float = 10.0) -> Affine:
     """Non-overlapping placement of generated scene ``index`` on a 10 m grid."""
-    return Affine(gsd, 0.0, 500000.0 + index * size * gsd, 0.0, -gsd, 3400000.0)
+    return _rasterio().transform.Affine(
+        gsd, 0.0, 500000.0 + index * size * gsd, 0.0, -gsd, 3400000.0
+    )
 
 
 def write_image(
@@ -62,7 +82,7 @@ def _write(path: str | Path, data: np.ndarray, transform: Affine | None, crs: st
     if transform is not None:
         profile["transform"] = transform
         profile["crs"] = crs
-    with rasterio.open(tmp, "w", **profile) as dst:
+    with _rasterio().open(tmp, "w", **profile) as dst:
         dst.write(data)
     os.replace(tmp, path)
     return path
@@ -70,11 +90,11 @@ def _write(path: str | Path, data: np.ndarray, transform: Affine | None, crs: st
 
 def read_image(path: str | Path) -> np.ndarray:
     """(C, H, W) array in the file's dtype."""
-    with rasterio.open(path) as src:
+    with _rasterio().open(path) as src:
         return src.read()
 
 
 def read_label(path: str | Path) -> np.ndarray:
     """(H, W) array in the file's dtype."""
-    with rasterio.open(path) as src:
+    with _rasterio().open(path) as src:
         return src.read(1)

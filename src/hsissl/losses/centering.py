@@ -65,7 +65,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, n_iters: int = 3) 
         raise ValueError(f"sinkhorn_knopp: n_iters must be >= 1, got {n_iters}")
     log_q = (teacher_logits.float() / temp).t()  # (K, B): log of exp(logits / temp)
     n_prototypes = log_q.shape[0]
-    n_samples = torch.tensor(float(log_q.shape[1]), device=log_q.device)
+    n_samples = torch.full((), float(log_q.shape[1]), device=log_q.device)  # no host sync
     _all_reduce(n_samples)  # global B, also right when ranks hold different counts
     log_k, log_b = math.log(n_prototypes), torch.log(n_samples)
     # dinov2 first divides Q by its total; the first row normalisation absorbs that.
@@ -107,7 +107,7 @@ class Centering(nn.Module):
                 f"got {teacher_logits.shape[1]}"
             )
         row_sum = teacher_logits.float().sum(dim=0, keepdim=True)  # (1, K)
-        n_rows = torch.tensor(float(teacher_logits.shape[0]), device=row_sum.device)
+        n_rows = torch.full((), float(teacher_logits.shape[0]), device=row_sum.device)
         _all_reduce(row_sum)
         _all_reduce(n_rows)
         batch_mean = row_sum / n_rows

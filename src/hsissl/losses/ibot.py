@@ -47,13 +47,17 @@ class IBOTPatchLoss(TeacherTargets):
                 in row-major order of `masks` (i.e. `tokens[masks]`).
             teacher_patch_probs: (M, K) teacher targets for the same tokens.
             masks: (B, N) bool, True where the student's patch was masked; M = masks.sum().
+                On the data's device: nothing is read back to the host (no sync), so
+                M = masks.sum() is checked only for CPU masks.
         """
         if masks.ndim != 2 or masks.dtype != torch.bool:
             raise ValueError(
                 f"IBOTPatchLoss: masks must be a (B, N) bool tensor, got "
                 f"{tuple(masks.shape)} {masks.dtype}"
             )
-        n_masked = int(masks.sum())
+        n_masked = student_patch_logits.shape[0]  # M, static: no count read back from the GPU
+        if _can_count(masks):  # CPU masks: checking M against masks.sum() costs no GPU sync
+            n_masked = int(masks.sum())
         expected = (n_masked, self.out_dim)
         for name, t in (("student", student_patch_logits), ("teacher", teacher_patch_probs)):
             if tuple(t.shape) != expected:
@@ -62,7 +66,25 @@ class IBOTPatchLoss(TeacherTargets):
                     f"{self.out_dim}), got {tuple(t.shape)}"
                 )
         per_token = soft_cross_entropy(teacher_patch_probs, student_patch_logits, self.student_temp)
-        per_image_count = masks.sum(dim=-1).clamp(min=1).float()  # (B,)
-        # Weight each masked token by 1 / (#masked in its image); same order as tokens[masks].
-        weights = (1.0 / per_image_count).unsqueeze(-1).expand_as(masks)[masks]  # (M,)
-        return (per_token * weights).sum() / masks.shape[0]
+        return masked_image_mean(per_token, masks)
+
+
+def masked_image_mean(per_token: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean over the B images of each image's mean over its masked tokens (0 if it has none).
+
+    per_token (M,) values of the masked tokens in row-major order of masks (B, N) bool. Fixed
+    shapes, no host sync: every token gets the index of its image from the per-image counts
+    (``repeat_interleave`` with the static output size M) and the weight ``1 / clamp(count, 1)``
+    of that image; the weighted tokens are summed and divided by B (the same sum, in the same
+    order, as boolean indexing gave, without its data-dependent shape).
+    """
+    counts = masks.sum(dim=-1)  # (B,) masked tokens per image
+    weights = 1.0 / counts.clamp(min=1).to(per_token.dtype)  # (B,)
+    image = torch.arange(len(counts), device=masks.device)
+    image = image.repeat_interleave(counts, output_size=per_token.shape[0])  # (M,)
+    return (per_token * weights[image]).sum() / masks.shape[0]
+
+
+def _can_count(masks: torch.Tensor) -> bool:
+    """Whether masks.sum() can be read on the host for free: CPU tensors, outside compilation."""
+    return masks.device.type == "cpu" and not torch.compiler.is_compiling()

@@ -178,6 +178,22 @@ class DINOv2Recipe(Recipe):
         self.teacher.eval()
         return self
 
+    def compile_networks(self, **options: Any) -> None:
+        """torch.compile the student and teacher backbones and heads, each on its own.
+
+        The step around them (multi-crop, CPU-drawn masks, data-dependent masked-token counts,
+        losses) stays eager: compiled whole, the recipe graph-breaks there. Backbones get static
+        shapes (global and local crops each get their graph), heads a dynamic row count (the
+        number of masked tokens changes every step). ``options`` go to ``torch.compile``.
+        """
+        for net in (self.student, self.teacher):
+            backbone = net["backbone"]
+            # The recipe calls forward_features (not forward): compile that bound method.
+            backbone.forward_features = torch.compile(
+                backbone.forward_features, **{"dynamic": False, **options}
+            )
+            net["head"].compile(**{"dynamic": True, **options})
+
     @torch.no_grad()
     def after_step(self, step: int, total: int) -> dict[str, float]:
         """EMA: teacher <- m * teacher + (1 - m) * student, m at the step just taken."""
@@ -205,11 +221,11 @@ class DINOv2Recipe(Recipe):
     # -- step -----------------------------------------------------------------------------
     def forward(
         self, images: torch.Tensor, step: int, total: int
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         globals_, locals_ = self.multicrop(images)
         x_global = torch.cat(globals_)  # (2B, C, G, G): both global crops in one pass
         masks = self.draw_masks(len(x_global))
-        device_masks = {k: m.to(x_global.device, non_blocking=True) for k, m in masks.items()}
+        device_masks = {k: _to_device(m, x_global.device) for k, m in masks.items()}
         temp = self.teacher_temp(step, total)
         with torch.no_grad():
             teacher = self.features(self.teacher["backbone"], x_global)
@@ -226,9 +242,7 @@ class DINOv2Recipe(Recipe):
             weight = 1.0 if weight_key is None else getattr(self.dc, weight_key)
             loss = loss + weight * stream_loss
             logs |= {f"{key}{suffix}": value for key, value in stream_logs.items()}
-        values = torch.stack([v.detach().float() for v in logs.values()]).tolist()  # one sync
-        out = dict(zip(logs, values, strict=True))
-        return loss, out | {"teacher_temp": temp}
+        return loss, host_free_logs(logs) | {"teacher_temp": temp}
 
     def stream_losses(self, name: str, s_global: torch.Tensor, s_local: torch.Tensor | None,
                       t_global: torch.Tensor, masks: torch.Tensor | None,
@@ -245,7 +259,7 @@ class DINOv2Recipe(Recipe):
         n_masked = 0 if masks is None else int(masks.sum())
         flat = None  # flat (2B * L) indices of the masked tokens, from the CPU masks: no sync
         if n_masked:
-            flat = masks.flatten().nonzero().squeeze(1).to(s_global.device, non_blocking=True)
+            flat = _to_device(masks.flatten().nonzero().squeeze(1), s_global.device)
         # One head pass over every student token that needs prototype scores.
         parts = [s_cls] + ([s_local[:, 0]] if s_local is not None else [])
         parts += [_tokens_at(s_global, prefix, flat)] if n_masked else []
@@ -278,6 +292,24 @@ class DINOv2Recipe(Recipe):
 
     def build(self) -> dict[str, Any]:
         return {"factory": self.factory, "kwargs": self.kwargs, "attr": None}
+
+
+def host_free_logs(logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | float]:
+    """Logs as the trainer takes them: floats when they live on the CPU (reading them is free),
+    else detached device tensors that the trainer reads only when it logs (reading them here
+    would make the host wait for the GPU at every step)."""
+    values = [v.detach() for v in logs.values()]
+    if all(v.device.type == "cpu" for v in values):
+        return dict(zip(logs, torch.stack([v.float() for v in values]).tolist(), strict=True))
+    return dict(zip(logs, values, strict=True))
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small CPU tensor to ``device`` without stalling the host: a copy to CUDA from
+    pageable memory may wait for the GPU, one from pinned memory is truly asynchronous."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _tokens_at(tokens: torch.Tensor, prefix: int, flat: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,11 @@ class MAERecipe(Recipe):
         loss, _, mask = self.model(x, self.mask_ratio)
         return loss, {"loss_mae": loss.detach(), "mask_ratio": mask.detach().float().mean()}
 
+    def compile_networks(self, **options: Any) -> None:
+        """Compile the MAE model (encoder, decoder, loss: one full graph at static shapes); the
+        augmentation before it stays eager."""
+        self.model.compile(**{"dynamic": False, **options})
+
     def encoder(self) -> nn.Module:
         return self.model.encoder
 

@@ -1,9 +1,10 @@
 """The one training loop every pretraining method runs (MAE, DINOv2, SS-ViT).
 
 AdamW (fused on CUDA) with warmup + cosine schedule, bf16 autocast on CUDA, optional
-torch.compile, gradient clipping, DDP under torchrun, checkpoints every N steps with
-everything needed for an exact resume (weights, optimiser, step, RNG states, loader
-position, Normalizer), a k-NN probe on labelled validation tiles, and MLflow logging.
+torch.compile of the recipe's networks (``Recipe.compile_modules``), gradient clipping, DDP
+under torchrun, checkpoints every N steps with everything needed for an exact resume (weights,
+optimiser, step, RNG states, loader position, Normalizer), a k-NN probe on labelled
+validation tiles, and MLflow logging.
 """
 
 from __future__ import annotations
@@ -145,13 +146,13 @@ class Trainer:
     # -- loop -------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         resumed = self.maybe_resume()
+        if self.pc.compile:  # networks one by one: the whole step would graph-break
+            self.recipe.compile_modules()
         model: torch.nn.Module = self.recipe
         if self.rt.world_size > 1:
             model = DistributedDataParallel(
                 model, device_ids=[self.rt.device.index] if self.rt.cuda else None
             )
-        if self.pc.compile:
-            model = torch.compile(model)
         tracked = stage_run(self.cfg, self.stage) if self.rt.is_main else contextlib.nullcontext()
         with tracked as tracker:
             if tracker is not None:
