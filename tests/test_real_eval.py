@@ -123,3 +123,18 @@ def test_scene_head_refuses_misaligned_features_and_empty_targets():
         train_scene_head(encoder, "linear", image, label, feats=feats, windows=SceneWindows(64, 32))
     with pytest.raises(ValueError, match="no labelled pixel"):
         train_scene_head(encoder, "linear", image, np.zeros_like(label), steps=1)
+
+
+def test_unknown_head_or_missing_learning_rate_fails_before_any_work(tmp_path):
+    from hsissl.config import ConfigError
+    from hsissl.stages import evaluate_real
+
+    cfg = load_config(None, [f"run_dir={tmp_path}", "real.heads=[probe, unet]"])
+    with pytest.raises(ConfigError, match="unknown head 'unet'"):
+        evaluate_real.run(cfg)
+    cfg = load_config(
+        None, [f"run_dir={tmp_path}", "real.heads=[conv]", "real.head_lr={linear: 0.1}"]
+    )
+    with pytest.raises(ConfigError, match="no learning rate for head 'conv'"):
+        evaluate_real.run(cfg)
+    assert not any(tmp_path.iterdir())  # nothing written

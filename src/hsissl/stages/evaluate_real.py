@@ -27,10 +27,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from hsissl.config import Config
+from hsissl.config import Config, ConfigError, RealEvalConfig
 from hsissl.data import realdata
 from hsissl.data.normalize import Normalizer
 from hsissl.data.shards import ShardDataset
+from hsissl.models.heads import HEADS
 from hsissl.pretrain.checkpoint import build_encoder, load_encoder
 from hsissl.pretrain.trainer import pretrain
 from hsissl.segment.baseline import DeepLabV3PlusAux
@@ -191,7 +192,7 @@ def evaluate_scene(cfg: Config, name: str, root: Path, encoders: dict[str, nn.Mo
                     else:
                         pred = train_scene_head(encoder, head, x, np.where(train, label, 0),
                                                 feats=cached[enc], windows=windows,
-                                                steps=rc.head_steps, lr=rc.head_lr,
+                                                steps=rc.head_steps, lr=rc.head_lr[head],
                                                 batch_size=rc.head_batch, seed=seed)  # fmt: skip
                     scores[f"{enc}+{head}"] = miou(pred, label, test)
             torch.manual_seed(seed)
@@ -223,7 +224,21 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
     return summary, "\n".join(lines)
 
 
+def check_heads(rc: RealEvalConfig) -> None:
+    """Fail before any work on a head that is unknown or has no learning rate."""
+    for head in rc.heads:
+        if head != "probe" and head not in HEADS:
+            raise ConfigError(
+                f"real.heads: unknown head {head!r}; expected probe or one of {sorted(HEADS)}"
+            )
+        if head != "probe" and head not in rc.head_lr:
+            raise ConfigError(
+                f"real.head_lr has no learning rate for head {head!r} (has {sorted(rc.head_lr)})"
+            )
+
+
 def run(cfg: Config) -> dict[str, Any]:
+    check_heads(cfg.real)
     root = Path(cfg.real.source).expanduser().resolve()
     if not realdata.is_mat_folder(root):
         raise FileNotFoundError(f"real.source={cfg.real.source!r} ({root}) holds none of the known .mat scenes "
