@@ -96,7 +96,7 @@ def test_three_channel_vit_decoder_starts_at_the_pca_inverse_and_learns():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
 
 
