@@ -25,7 +25,7 @@ from typing import Any
 
 from components import runtime
 from pipelines.options import PipelineOptions
-from pipelines.pytorchjob import build_pytorchjob, offline_checks_missing, validate
+from pipelines.pytorchjob import build_pytorchjob, validate
 
 log = logging.getLogger("hsissl.launcher")
 
@@ -241,11 +241,7 @@ def launch(method: str, dataset: Any, preset: str, overrides: list[str], trackin
         config=str(preset_path) if preset_path else "", gpu_type=gpu_type,
         extra_env={runtime.PARENT_RUN_ENV: parent} if parent else {},
     )  # fmt: skip
-    missing = offline_checks_missing()
-    if missing:
-        log.info("offline PyTorchJob checks skipped (%s); the API server validates it", missing)
-    else:
-        validate(manifest)
+    validate(manifest)
     from hsissl.stages.common import storage_of
 
     had_checkpoint = storage_of(cfg).exists(f"checkpoints/{cfg.pretrain.name}/train.pt")

@@ -14,7 +14,6 @@ replica (``restartPolicy: OnFailure``) continues the run.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -140,17 +139,6 @@ def build_pytorchjob(stage: str, overrides: list[str], *, nodes: int, gpus_per_n
             "pytorchReplicaSpecs": replicas,
         },
     }
-
-
-def offline_checks_missing() -> str:
-    """What :func:`validate` lacks here ("" = nothing): the schema file and the jsonschema and
-    kubernetes-validate packages are dev tools, not necessarily in the images."""
-    missing = [
-        m for m in ("jsonschema", "kubernetes_validate") if importlib.util.find_spec(m) is None
-    ]
-    if not SCHEMA.is_file():
-        missing.append(str(SCHEMA))
-    return ", ".join(missing)
 
 
 def validate(manifest: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from hsissl.config import load_config
 from hsissl.data.shards import ShardDataset
@@ -23,7 +24,7 @@ from hsissl.report.collect import cls_attention, config_from_dict, example_tiles
 from hsissl.report.plots import PALETTE, colorize
 from hsissl.stages import baseline, finetune, ingest, pca_poc, report
 from hsissl.stages.common import storage_of
-from hsissl.tracking import MlflowClient, resolve_uri
+from hsissl.tracking import resolve_uri
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

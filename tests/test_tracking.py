@@ -7,9 +7,10 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from hsissl.config import Config, to_yaml
-from hsissl.tracking import MlflowClient, resolve_uri, start_run
+from hsissl.tracking import resolve_uri, start_run
 
 
 def _cfg(uri: str) -> Config:

@@ -19,7 +19,7 @@ import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -331,15 +331,6 @@ def _minio() -> ModuleType:
             "it with `pip install minio`, or use a local path as the store"
         ) from exc
     return minio
-
-
-def __getattr__(name: str) -> Any:
-    """``hsissl.storage.Minio`` / ``S3Error`` / ``DeleteObject`` still resolve (lazily)."""
-    where = {"Minio": "", "S3Error": "error", "DeleteObject": "deleteobjects"}
-    if name in where:
-        module = _minio()
-        return getattr(getattr(module, where[name]) if where[name] else module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def s3_client_from_env() -> Minio:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hsissl.config import flatten, to_yaml
 
@@ -28,9 +28,6 @@ if TYPE_CHECKING:
 PARENT_RUN_ENV = "HSISSL_PARENT_RUN_ID"
 GIT_SHA_ENV = "HSISSL_GIT_SHA"
 KFP_RUN_ENV = "KFP_RUN_ID"
-_MLFLOW_NAMES = ("Metric", "Param", "RunTag", "MlflowException", "MlflowClient",
-                 "MLFLOW_PARENT_RUN_ID", "MAX_METRICS_PER_BATCH", "MAX_PARAM_VAL_LENGTH",
-                 "MAX_PARAMS_TAGS_PER_BATCH")  # fmt: skip
 
 
 @cache
@@ -53,13 +50,6 @@ def _mlflow() -> SimpleNamespace:
         MAX_PARAM_VAL_LENGTH=validation.MAX_PARAM_VAL_LENGTH,
         MAX_PARAMS_TAGS_PER_BATCH=validation.MAX_PARAMS_TAGS_PER_BATCH,
     )  # fmt: skip
-
-
-def __getattr__(name: str) -> Any:
-    """``from hsissl.tracking import MlflowClient`` (and the other MLflow names) keep working."""
-    if name in _MLFLOW_NAMES:
-        return getattr(_mlflow(), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_uri(configured: str, run_dir: str | Path) -> str:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torchvision.ops import roi_align
 
+from hsissl.data.loaders import to_device
+
 Size = int | tuple[int, int]
 
 
@@ -31,21 +33,13 @@ def _rand(n: int, generator: torch.Generator | None, *extra: int) -> torch.Tenso
     return torch.rand((n, *extra), generator=generator, device=device)
 
 
-def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move CPU-drawn parameters to ``device``; to CUDA from pinned memory, which does not make
-    the host wait for the GPU (a copy from pageable memory does)."""
-    if t.device.type == "cpu" and torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def _uniform(n: int, low: float, high: float, g: torch.Generator | None,
              device: torch.device) -> torch.Tensor:  # fmt: skip
-    return _to(low + (high - low) * _rand(n, g), device)
+    return to_device(low + (high - low) * _rand(n, g), device)
 
 
 def _coin(n: int, p: float, g: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    return _to(_rand(n, g) < p, device)
+    return to_device(_rand(n, g) < p, device)
 
 
 def crop_boxes(batch: int, height: int, width: int, scale: tuple[float, float],
@@ -84,7 +78,7 @@ def resample(x: torch.Tensor, boxes: torch.Tensor, size: Size) -> torch.Tensor:
     samples per output pixel when shrinking, which avoids aliasing). (B, C, h, w)."""
     out = (size, size) if isinstance(size, int) else tuple(size)
     index = torch.arange(len(x), device=x.device, dtype=x.dtype)[:, None]
-    rois = torch.cat([index, _to(boxes, x.device).to(x.dtype)], dim=1)  # (B, 5)
+    rois = torch.cat([index, to_device(boxes, x.device).to(x.dtype)], dim=1)  # (B, 5)
     return roi_align(x, rois, out, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
@@ -112,7 +106,7 @@ def random_flip(x: torch.Tensor, p: float = 0.5, rotate90: bool = False,
     if rotate90:
         if h != w:
             raise ValueError(f"rotate90 needs square images, got {h}x{w}")
-        k = _to(torch.floor(_rand(b, generator) * 4), x.device)[:, None, None]
+        k = to_device(torch.floor(_rand(b, generator) * 4), x.device)[:, None, None]
         for turns in (1, 2, 3):
             src = torch.where(k == turns, src.rot90(turns, (-2, -1)), src)
     index = src.reshape(b, 1, h * w).expand(b, c, h * w)

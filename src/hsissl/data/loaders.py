@@ -230,6 +230,14 @@ def gather_into(split: SplitView, idx: np.ndarray, images: np.ndarray, labels: n
         np.take(split.labels[k], local, axis=0, out=labels[a:b])
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Move a small CPU tensor (random parameters, masks) to ``device``; to CUDA from pinned
+    memory, which does not make the host wait for the GPU (a copy from pageable memory does)."""
+    if t.device.type == "cpu" and torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def device_normalize(
     batch: torch.Tensor, normalizer: Normalizer, device: torch.device | str
 ) -> torch.Tensor:

@@ -31,6 +31,7 @@ from torch import nn
 
 from hsissl.config import Config, DINOv2Config
 from hsissl.data.augment import MultiCrop
+from hsissl.data.loaders import to_device
 from hsissl.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
 from hsissl.models import create_model, dino_head
 from hsissl.pretrain.recipe import Recipe
@@ -225,7 +226,7 @@ class DINOv2Recipe(Recipe):
         globals_, locals_ = self.multicrop(images)
         x_global = torch.cat(globals_)  # (2B, C, G, G): both global crops in one pass
         masks = self.draw_masks(len(x_global))
-        device_masks = {k: _to_device(m, x_global.device) for k, m in masks.items()}
+        device_masks = {k: to_device(m, x_global.device) for k, m in masks.items()}
         temp = self.teacher_temp(step, total)
         with torch.no_grad():
             teacher = self.features(self.teacher["backbone"], x_global)
@@ -259,7 +260,7 @@ class DINOv2Recipe(Recipe):
         n_masked = 0 if masks is None else int(masks.sum())
         flat = None  # flat (2B * L) indices of the masked tokens, from the CPU masks: no sync
         if n_masked:
-            flat = _to_device(masks.flatten().nonzero().squeeze(1), s_global.device)
+            flat = to_device(masks.flatten().nonzero().squeeze(1), s_global.device)
         # One head pass over every student token that needs prototype scores.
         parts = [s_cls] + ([s_local[:, 0]] if s_local is not None else [])
         parts += [_tokens_at(s_global, prefix, flat)] if n_masked else []
@@ -302,14 +303,6 @@ def host_free_logs(logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | fl
     if all(v.device.type == "cpu" for v in values):
         return dict(zip(logs, torch.stack([v.float() for v in values]).tolist(), strict=True))
     return dict(zip(logs, values, strict=True))
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a small CPU tensor to ``device`` without stalling the host: a copy to CUDA from
-    pageable memory may wait for the GPU, one from pinned memory is truly asynchronous."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _tokens_at(tokens: torch.Tensor, prefix: int, flat: torch.Tensor) -> torch.Tensor:

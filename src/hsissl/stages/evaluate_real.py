@@ -37,7 +37,12 @@ from hsissl.pretrain.trainer import pretrain
 from hsissl.segment.baseline import DeepLabV3PlusAux
 from hsissl.segment.blocks import block_split
 from hsissl.segment.metrics import ConfusionMatrix
-from hsissl.segment.scene_heads import SceneWindows, train_scene_head, window_features
+from hsissl.segment.scene_heads import (
+    SceneWindows,
+    dihedral_views,
+    train_scene_head,
+    window_features,
+)
 from hsissl.segment.sliding import predict_scene
 from hsissl.stages import ingest
 from hsissl.stages.common import dataset_uri, run_dir_of, stage_run, storage_of
@@ -106,9 +111,7 @@ def pixel_classifier(
 def dihedral(x: torch.Tensor) -> torch.Tensor:
     """(1, ..., H, W) -> (8, ..., S, S): the 8 flips/rotations of the scene's top-left square."""
     side = min(x.shape[-2:])
-    x = x[..., :side, :side]
-    views = [torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
-    return torch.cat(views + [v.flip(-1) for v in views])
+    return torch.cat(dihedral_views(x[..., :side, :side]))
 
 
 def train_dense(
@@ -175,7 +178,8 @@ def evaluate_scene(cfg: Config, name: str, root: Path, encoders: dict[str, nn.Mo
     image, label = realdata.load_scene(root, realdata.SCENES[name])
     x = normalizer(torch.from_numpy(image))  # (32, H, W)
     windows = SceneWindows(tile=64, stride=rc.window_stride)
-    cached = {k: window_features(e, windows.cut(x), n_blocks=4) for k, e in encoders.items()}
+    cut = windows.cut(x)  # (N, 32, 64, 64): the windows of every dihedral view
+    cached = {k: window_features(e, cut, n_blocks=4) for k, e in encoders.items()}
     probes = ({k: pixel_features(e, x, rc.window_stride) for k, e in encoders.items()}
               if "probe" in rc.heads else {})  # fmt: skip
     rows = []
