@@ -3,6 +3,7 @@
     PYTHONPATH=src python scripts/bench_train.py [--methods mae dinov2 ssvit] [--size base]
         [--batch 512 dinov2=256] [--fit-batch] [--steps N] [--warmup N] [--quick]
         [--compile/--no-compile] [--compile-scope networks|blocks] [--json OUT] [--data DIR]
+        [--profile DIR]
 
 On CUDA: the base (ViT-B/8) models, bf16, batch 512, torch.compile. On the CPU: the tiny
 variants (the numbers then only show that the benchmark runs). Data: random int16 tiles
@@ -14,7 +15,9 @@ Per method: one eager step under ``FlopCounterMode`` (FLOP per image; with ``--f
 batch shrinks until that step fits in memory), compile + warm-up (if compiling fails, the
 method is rerun eager and says so), timed steps on one resident batch (model img/s, MFU),
 timed steps fed by the loader (end-to-end img/s), then the loader alone up to normalised
-tiles on the device (tiles/s). Results go to stdout and, after every method, to ``--json``.
+tiles on the device (tiles/s). With ``--profile DIR``, 3 more steps under ``torch.profiler``:
+the top kernels, how busy the GPU was and the share of matrix products (bench_profile.py).
+Results go to stdout and, after every method, to ``--json``.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ from hsissl.data.shards import FORMAT, MANIFEST, ShardWriter
 from hsissl.pretrain.recipe import COMPILE_SCOPES
 from hsissl.pretrain.trainer import Trainer
 from hsissl.storage import open_storage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench_profile.py
+from bench_profile import profile_steps  # noqa: E402
 
 RECIPES = {"mae": "hsissl.pretrain.mae:MAERecipe", "dinov2": "hsissl.pretrain.dinov2:DINOv2Recipe",
            "ssvit": "hsissl.pretrain.ssvit:SSViTRecipe"}  # fmt: skip
@@ -161,7 +167,7 @@ def batch_candidates(batch: int, fit: bool) -> list[int]:
     while b > 8:
         sizes += [b * 3 // 4, b // 2]
         b //= 2
-    return sorted({s for s in sizes if s >= 8}, reverse=True)
+    return sorted({s for s in sizes if s >= min(8, batch)}, reverse=True)
 
 
 def fitted_trainer(method: str, args: argparse.Namespace) -> tuple[Trainer, float]:
@@ -181,7 +187,10 @@ def fitted_trainer(method: str, args: argparse.Namespace) -> tuple[Trainer, floa
             print(f"{method}: batch {batch} does not fit in memory; trying a smaller one")
         del trainer, x  # outside the except block: the traceback no longer pins the tensors
         free_memory(device)
-    raise RuntimeError(f"{method}: not even batch {batch} fits in memory")
+    raise RuntimeError(
+        f"{method}: not even the smallest batch tried fits in memory "
+        f"({batch_candidates(wanted, args.fit_batch)})"
+    )
 
 
 def timed_steps(trainer: Trainer, batches: Callable[[], torch.Tensor], steps: int) -> float:
@@ -227,6 +236,20 @@ def loader_rate(trainer: Trainer, batches: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
+def profile_or_error(trainer: Trainer, x: torch.Tensor, method: str,
+                     args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+    """3 profiled steps (bench_profile.py); a profiler failure is recorded, never fatal: the
+    figures measured before it are what the GPU run is for."""
+    device = trainer.rt.device
+    title = f"{method} batch {len(x)} on {device_name(device)}"
+    try:
+        return profile_steps(lambda: trainer.train_step(trainer.recipe, x, 1e-4), 3, device,
+                             args.profile / f"profile-{method}.txt", title)  # fmt: skip
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        return {"profile_error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+
 def compile_counters() -> dict[str, int]:
     from torch._dynamo.utils import counters
 
@@ -250,6 +273,7 @@ def bench_method(method: str, args: argparse.Namespace, compile_: bool) -> dict[
     reset_peak_memory(device)
     model_rate = timed_steps(trainer, lambda: x, args.steps)
     syncs = host_syncs_per_step(trainer, x)
+    profiled = profile_or_error(trainer, x, method, args) if args.profile else {}
     stream = endless(trainer.loader)
     to_device = lambda: trainer.normalizer(next(stream)[0].to(device, non_blocking=True))  # noqa: E731
     e2e_rate = timed_steps(trainer, to_device, args.steps)
@@ -265,7 +289,7 @@ def bench_method(method: str, args: argparse.Namespace, compile_: bool) -> dict[
         "mfu_end_to_end": flops_per_image * e2e_rate / peak if peak else None,
         "peak_mem_gib": mem_gib, "peak_mem_kind": mem_kind, "loader_tiles_per_s": loader,
         "loader_over_training": loader / model_rate, "host_syncs_per_step": syncs,
-        **(compile_counters() if compile_ else {}),
+        **(compile_counters() if compile_ else {}), **profiled,
     }  # fmt: skip
     return row  # the trainer goes with this frame; the caller frees the memory
 
@@ -300,7 +324,9 @@ def format_row(row: dict[str, Any]) -> str:
             f"peak memory {row['peak_mem_gib']:.2f} GiB ({row['peak_mem_kind']}) | "
             f"loader {row['loader_tiles_per_s']:.0f} tiles/s ({row['loader_over_training']:.2f}x training) | "
             f"warm-up {row['warmup_s']:.1f} s | host syncs/step {'n/a' if syncs is None else syncs}"
-            + (f" | graph breaks {row['graph_breaks']}" if "graph_breaks" in row else ""))  # fmt: skip
+            + (f" | graph breaks {row['graph_breaks']}" if "graph_breaks" in row else "")
+            + (f" | GPU busy {row['gpu_busy']:.0%}, matmul {row['gemm_share']:.0%} of GPU time"
+               if row.get("gpu_busy") is not None and row.get("gemm_share") is not None else ""))  # fmt: skip
 
 
 # -- command line -----------------------------------------------------------------------------
@@ -347,6 +373,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="inductor",
         help="torch.compile backend (aot_eager: no codegen)",
     )
+    add("--profile", type=Path, metavar="DIR",
+        help="profile 3 steps per method: top kernels to DIR/profile-<method>.txt, GPU busy "
+             "fraction and matmul share into the results")  # fmt: skip
     add("--peak-tflops", type=float, default=0.0, help="dense bf16 peak for MFU (default: by name)")
     add("--data", type=Path, help="folder for the generated shards (reused); default a temp dir")
     add("--json", "--out", dest="json", type=Path, help="write the results here as JSON")

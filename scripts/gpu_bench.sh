@@ -20,6 +20,8 @@
 #   BATCH     starting batch (default 512);   QUICK=0 for 20 timed steps instead of 8
 #   DEADLINE  seconds this script may take in all (default 300); later runs get what is left
 #   LIMIT_MAE / LIMIT_DINOV2 / LIMIT_SSVIT  seconds for one compiled run (default 90/120/120)
+#   PROFILE   1 (default): 3 more steps per method under torch.profiler -> profile-<method>.txt
+#             (top kernels), GPU busy fraction and matmul share in the rows; 0 to skip
 #   EXTRA     more bench_train.py flags, e.g. "--compile-mode max-autotune-no-cudagraphs"
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +32,7 @@ SCOPE=${SCOPE:-blocks}
 BATCH=${BATCH:-512}
 DEADLINE=${DEADLINE:-300}
 QUICK_FLAG=$([ "${QUICK:-1}" = 1 ] && echo --quick || true)
+PROFILE_FLAG=$([ "${PROFILE:-1}" = 1 ] && echo "--profile $OUT" || true)
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_bench.log") 2>&1
@@ -68,7 +71,7 @@ run() {  # run METHOD LIMIT JSON ARGS...: one method in its own process under a 
   ((limit > cap)) && limit=$cap
   echo "== $method: $* (limit ${limit} s)"
   timeout --signal=INT --kill-after=15 "$limit" "$PY" scripts/bench_train.py --methods "$method" \
-    --data "$DATA" --json "$json" $QUICK_FLAG ${EXTRA:-} "$@"
+    --data "$DATA" --json "$json" $QUICK_FLAG $PROFILE_FLAG ${EXTRA:-} "$@"
 }
 
 for method in $METHODS; do
@@ -111,5 +114,7 @@ for r in rows:
           f" (end-to-end {pct(r['mfu_end_to_end'])}) | peak {r['peak_mem_gib']:.1f} GiB"
           f" | loader {r['loader_tiles_per_s']:.0f} tiles/s = {r['loader_over_training']:.2f}x model"
           f" | warm-up {r['warmup_s']:.0f} s | syncs/step {r['host_syncs_per_step']}"
+          + (f" | GPU busy {r['gpu_busy']:.0%}, matmul {r['gemm_share']:.0%}"
+             if r.get("gpu_busy") is not None and r.get("gemm_share") is not None else "")
           + (f" | compile error: {r['compile_error']}" if "compile_error" in r else ""))
 EOF

@@ -51,7 +51,8 @@ def test_bench_runs_without_rasterio_minio_mlflow_smp(tmp_path: Path) -> None:
     """All three methods and the loader, tiny, one step each; an unknown compile backend makes
     every method fall back to eager (what the GPU script relies on when compiling fails)."""
     proc, result = run_bench(tmp_path, "--steps", "1", "--warmup", "1", "--loader-batches", "2",
-                             "--batch", "4", "--compile", "--compile-backend", "no-such-backend")  # fmt: skip
+                             "--batch", "4", "--compile", "--compile-backend", "no-such-backend",
+                             "--profile", str(tmp_path / "profiles"))  # fmt: skip
     out = proc.stdout
     assert out.startswith("device: CPU ")
     for field in ("model ", " img/s", "end-to-end", "MFU n/a", "peak memory", "loader ", "tiles/s",
@@ -65,6 +66,10 @@ def test_bench_runs_without_rasterio_minio_mlflow_smp(tmp_path: Path) -> None:
         assert row["loader_tiles_per_s"] > 0 and row["peak_mem_gib"] > 0
         assert row["gflop_per_image_fwd_bwd"] > 0 and row["mfu"] is None  # no peak on a CPU
         assert row["compiled"] is False and "no-such-backend" in row["compile_error"]
+        # --profile: the top ops of 3 steps, by self time (no GPU: no busy fraction)
+        table = Path(row["profile"]).read_text()
+        assert row["profile"].endswith(f"profile-{row['method']}.txt") and "aten::mm" in table
+        assert row["step_ms"] > 0 and row["gpu_busy"] is None and "profile_error" not in row
     # The shards stay in --data for the next run (the GPU script shares them across methods).
     assert (tmp_path / "data" / "artifacts" / "datasets" / "bench" / "manifest.json").is_file()
 
@@ -103,6 +108,7 @@ def test_batch_flags() -> None:
     assert bench.batch_candidates(512, fit=False) == [512]
     assert bench.batch_candidates(512, fit=True)[:5] == [512, 384, 256, 192, 128]
     assert bench.batch_candidates(512, fit=True)[-1] == 8
+    assert bench.batch_candidates(4, fit=True) == [4]  # below 8: the batch itself, not nothing
 
 
 # -- compile: every network is one full graph ---------------------------------------------------
