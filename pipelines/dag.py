@@ -19,6 +19,7 @@ annotations`` here: KFP reads the pipeline parameters' types from real annotatio
 """
 
 from collections.abc import Callable, Iterable
+from functools import partial
 
 from kfp import dsl
 
@@ -137,26 +138,33 @@ def build_pipeline(opts: PipelineOptions | None = None, stages: Iterable[str] = 
             for method in METHODS:
                 if f"pretrain-{method}" not in stages:
                     continue
+                finetune = None
+                if "finetune-heads" in stages:  # (encoder) -> the heads on it
+                    finetune = partial(_finetune_all, opts, heads, dataset, label=method,
+                                       common=common, train=train)  # fmt: skip
                 with dsl.If(flags[method] == True, name=f"run-{method}"):  # noqa: E712 - a DSL condition
-                    with dsl.If(nodes > 1, name=f"{method}-multi-node"):
-                        job = launch_pytorchjob(method=method, nodes=nodes, gpus_per_node=gpus,
-                                                gpu_type=gpu_type, options=opts.to_json(),
-                                                **pretrain)  # fmt: skip
-                        # Light: the GPUs are the PyTorchJob's. Retried: it adopts its job.
-                        configure(job, "light", opts, cache=False, retry=True,
-                                  name=f"pytorchjob-{method}")  # fmt: skip
-                        if "finetune-heads" in stages:
-                            _finetune_all(opts, heads, dataset, job.outputs["encoder"], method,
-                                          common, train)  # fmt: skip
-                    with dsl.Else(name=f"{method}-single-pod"):
-                        task = PRETRAIN[method](**pretrain)
-                        # Not cached: a retried pod resumes from the checkpoint instead.
-                        configure(task, "train", opts, cache=False, retry=True, **train)
-                        if "finetune-heads" in stages:
-                            _finetune_all(opts, heads, dataset, task.outputs["encoder"], method,
-                                          common, train)  # fmt: skip
+                    _pretrain(method, nodes, opts, pretrain, train, finetune)
 
     return hsissl
+
+
+def _pretrain(method: str, nodes, opts: PipelineOptions, pretrain: dict, train: dict,
+              then: Callable | None = None) -> None:  # fmt: skip
+    """Pretrain ``method``: a PyTorchJob when ``nodes`` > 1, else one GPU pod. ``then(encoder)``
+    adds what consumes the encoder, once in each branch (see the module docstring)."""
+    with dsl.If(nodes > 1, name=f"{method}-multi-node"):
+        job = launch_pytorchjob(method=method, nodes=nodes, gpus_per_node=train["gpus"],
+                                gpu_type=train["gpu_type"], options=opts.to_json(), **pretrain)  # fmt: skip
+        # Light: the GPUs are the PyTorchJob's. Retried: it adopts its job.
+        configure(job, "light", opts, cache=False, retry=True, name=f"pytorchjob-{method}")
+        if then is not None:
+            then(job.outputs["encoder"])
+    with dsl.Else(name=f"{method}-single-pod"):
+        task = PRETRAIN[method](**pretrain)
+        # Not cached: a retried pod resumes from the checkpoint instead.
+        configure(task, "train", opts, cache=False, retry=True, **train)
+        if then is not None:
+            then(task.outputs["encoder"])
 
 
 def _finetune_all(opts, heads, dataset, encoder, label: str, common: dict, train: dict) -> None:
@@ -171,6 +179,7 @@ def build_stage_pipeline(stage: str, opts: PipelineOptions | None = None) -> Cal
     Inputs are referenced, not recomputed: ``dataset_uri`` ("" = the dataset the config
     names) and, for finetune-heads, ``encoder_uri`` ("" = the encoder that pretraining
     ``encoder_method`` wrote in pipeline run ``source_run_id``; or ``random:<factory>``).
+    A pretraining rerun with ``nodes`` > 1 runs as a PyTorchJob, as in the full DAG.
     """
     opts = opts or PipelineOptions()
     _check_stages([stage])
@@ -194,6 +203,7 @@ def build_stage_pipeline(stage: str, opts: PipelineOptions | None = None) -> Cal
         pretrain_max_steps: int = 0,
         gpus: int = 1,
         gpu_type: str = "nvidia.com/gpu",
+        nodes: int = 1,
     ):
         common = {"preset": preset, "overrides": overrides, "tracking_uri": tracking_uri}
         train = {"gpus": gpus, "gpu_type": gpu_type}
@@ -214,10 +224,9 @@ def build_stage_pipeline(stage: str, opts: PipelineOptions | None = None) -> Cal
             configure(ref, "light", opts, cache=False)
             dataset = ref.outputs["dataset"]
             if stage.startswith("pretrain-"):
-                method = stage.removeprefix("pretrain-")
-                task = PRETRAIN[method](dataset=dataset, epochs=pretrain_epochs,
-                                        max_steps=pretrain_max_steps, kfp_run_id=RUN_ID, **common)  # fmt: skip
-                configure(task, "train", opts, cache=False, retry=True, **train)
+                pretrain = {"dataset": dataset, "epochs": pretrain_epochs,
+                            "max_steps": pretrain_max_steps, "kfp_run_id": RUN_ID, **common}  # fmt: skip
+                _pretrain(stage.removeprefix("pretrain-"), nodes, opts, pretrain, train)
             elif stage == "finetune-heads":
                 enc = encoder_ref(uri=encoder_uri, preset=preset, overrides=overrides,
                                   storage_uri=storage_uri, method=encoder_method,

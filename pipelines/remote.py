@@ -21,7 +21,7 @@ from pipelines.options import PipelineOptions
 SERVICE_ACCOUNT = "hsissl-pipeline"  # created by charts/hsissl for release "hsissl"
 # Parameters a one-stage rerun takes over from the earlier run (the rest are the stage's own).
 INHERITED = ("source", "preset", "overrides", "storage_uri", "tracking_uri", "pretrain_epochs",
-             "pretrain_max_steps", "gpus", "gpu_type")  # fmt: skip
+             "pretrain_max_steps", "gpus", "gpu_type", "nodes")  # fmt: skip
 
 
 def connect(host: str, namespace: str | None = None, token: str | None = None) -> kfp.Client:

@@ -246,6 +246,23 @@ def test_nodes_above_one_launch_a_light_pytorchjob_task_instead_of_the_gpu_pod(c
                                                  "producerTask": name}  # fmt: skip
 
 
+def test_a_pretraining_rerun_with_nodes_above_one_is_a_pytorchjob_too(tmp_path: Path) -> None:
+    path = compile_pipeline(tmp_path / "stage.yaml", PipelineOptions(), stage="pretrain-dinov2")
+    stage = {"spec": next(yaml.safe_load_all(path.read_text()))}
+    tasks, chains = _all_tasks(stage), _condition_chains(stage)
+    multi = "int(inputs.parameter_values['pipelinechannel--nodes']) > 1"
+    (launcher,) = [name for name in tasks if _base(name) == "launch-pytorchjob"]
+    assert chains[launcher] == [multi] and chains["pretrain-dinov2"] == [f"!({multi})"]
+    params = tasks[launcher]["inputs"]["parameters"]
+    assert params["method"]["runtimeValue"]["constant"] == "dinov2"
+    assert params["nodes"] == {"componentInputParameter": "pipelinechannel--nodes"}
+    assert stage["spec"]["root"]["inputDefinitions"]["parameters"]["nodes"]["defaultValue"] == 1
+    # A rerun on KFP keeps the earlier run's nodes and GPUs (and the run's own overrides).
+    earlier = {"nodes": 4, "gpus": 8, "overrides": ["a=1"], "run_mae": True}
+    args = remote.rerun_arguments(earlier, "run-1", "pretrain-dinov2", ["b=2"])
+    assert args == {"nodes": 4, "gpus": 8, "overrides": ["a=1", "b=2"]}
+
+
 def test_compile_flags_set_images_and_gpu_placement(tmp_path: Path) -> None:
     out = tmp_path / "custom.yaml"
     proc = subprocess.run(
