@@ -119,10 +119,10 @@ TINY = {"mae": "mae_vit_tiny_patch8_64", "dinov2": "dinov2_vit_tiny_patch8_64",
 def tiny_recipe(cls: type):
     """A tiny recipe with small DINO heads and no dropout (compiled and eager then agree)."""
     m = cls.method
-    overrides = [f"{m}.model={TINY[m]}"]
+    overrides = [f"{m}.model={TINY[m]}", f"{m}.drop_rate=0"]
     if m != "mae":
         overrides += [f"{m}.out_dim=64", f"{m}.head_hidden=32", f"{m}.head_bottleneck=16",
-                      f"{m}.n_local_crops=2", f"{m}.drop_rate=0"]  # fmt: skip
+                      f"{m}.n_local_crops=2"]  # fmt: skip
     torch.manual_seed(0)
     return cls(load_config(None, overrides))
 

@@ -27,6 +27,22 @@ def test_base_preset_is_the_paper_setting():
     assert (cfg.data.scene_size, cfg.data.tile_size, cfg.data.stride) == (512, 64, 64)
 
 
+def test_fast_preset_is_the_base_with_a_larger_batch_scaled_lrs_no_dropout_and_compile():
+    base = load_config(REPO / "configs" / "base.yaml")
+    fast = load_config(REPO / "configs" / "fast.yaml")
+    batch = fast.pretrain.batch_size
+    assert batch == 4 * base.pretrain.batch_size and fast.pretrain.compile
+    assert fast.mae.lr == pytest.approx(1.5e-4 * batch / 256)  # MAE's linear rule
+    for method in ("dinov2", "ssvit"):
+        assert getattr(fast, method).lr == pytest.approx(5e-4 * batch / 256)  # DINO's rule
+    assert {getattr(fast, m).drop_rate for m in ("mae", "dinov2", "ssvit")} == {0.0}
+    assert base.mae.drop_rate == 0.1  # the paper's
+    changed = {k for k, v in flatten(to_dict(fast)).items() if flatten(to_dict(base))[k] != v}
+    assert changed == {"run_dir", "pretrain.batch_size", "pretrain.compile",
+                       "pretrain.loader_threads", "mae.lr", "mae.drop_rate", "dinov2.lr",
+                       "ssvit.lr"}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -223,6 +223,20 @@ def test_mae_backward_leaves_fixed_tables_alone(tiles) -> None:
     assert mae.decoder_pred.weight.grad.abs().sum() > 0
 
 
+def test_mae_dropout_in_encoder_and_decoder_only_while_training(tiles) -> None:
+    mae = create_model("mae_vit_tiny_patch8_64", drop_rate=0.1)
+    rates = {m.p for m in mae.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0}
+    assert rates == {0.1}
+    for blocks in (mae.encoder.blocks, mae.decoder_blocks):
+        assert all(b.attn.proj_drop.p == 0.1 and b.mlp.drop2.p == 0.1 for b in blocks)
+    latent = mae.encoder.forward_features  # no masking: only dropout can differ between calls
+    assert not torch.equal(latent(tiles), latent(tiles))
+    mae.eval()
+    assert torch.equal(latent(tiles), latent(tiles))
+    plain = create_model("mae_vit_tiny_patch8_64")
+    assert not any(m.p > 0 for m in plain.modules() if isinstance(m, torch.nn.Dropout))
+
+
 def test_mae_norm_pix_loss(tiles) -> None:
     mae = create_model("mae_vit_tiny_patch8_64", norm_pix_loss=True)
     tiles = 3 * tiles + 2  # far from per-patch zero mean / unit variance

@@ -151,3 +151,11 @@ def test_cuda_is_optional():
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         setup(cfg.pretrain.device)
     assert setup("auto").device.type == "cpu"
+
+
+def test_mae_recipe_trains_with_the_configured_dropout_and_saves_an_encoder_without_it():
+    cfg = load_config(None, ["mae.model=mae_vit_tiny_patch8_64", "mae.drop_rate=0.2"])
+    recipe = MAERecipe(cfg)
+    rates = {m.p for m in recipe.model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0}
+    assert rates == {0.2}
+    assert "drop_rate" not in recipe.build()["kwargs"]  # the saved encoder is rebuilt without it

@@ -2,7 +2,9 @@
 
 Encoder: ViT-B/8 (an `HsiViT`, no head) with fixed 2D sin-cos position embeddings; 75 % of the
 patches are dropped per sample. Decoder: 8 blocks, dim 512, 16 heads, predicting the 8*8*32 pixel
-values of every patch. The loss is the MSE on masked patches only. Base size: 113,378,560
+values of every patch. The loss is the MSE on masked patches only. ``drop_rate``: dropout after
+every attention and MLP projection of encoder and decoder (the dissertation's 0.1; the
+reference MAE has none). Base size: 113,378,560
 parameters (the fixed position embeddings count: they are Parameters with requires_grad=False,
 as in the reference).
 """
@@ -74,6 +76,7 @@ class MaskedAutoencoderViT(nn.Module):
         decoder_num_heads: int = 16,
         mlp_ratio: float = 4.0,
         norm_pix_loss: bool = False,
+        drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
         self.in_chans = in_chans
@@ -88,6 +91,7 @@ class MaskedAutoencoderViT(nn.Module):
             depth=depth,
             num_heads=num_heads,
             mlp_ratio=mlp_ratio,
+            proj_drop_rate=drop_rate,  # after attention and MLP projections (the paper's 0.1)
         )
         self.num_prefix_tokens = self.encoder.num_prefix_tokens
         self.grid_size = img_size // patch_size
@@ -104,6 +108,7 @@ class MaskedAutoencoderViT(nn.Module):
                 decoder_num_heads,
                 mlp_ratio,
                 qkv_bias=True,
+                proj_drop=drop_rate,
                 norm_layer=layer_norm,
             )
             for _ in range(decoder_depth)

@@ -20,8 +20,9 @@ class MAERecipe(Recipe):
         super().__init__(cfg)
         mc = cfg.mae
         self.factory = mc.model or "mae_vit_base_patch8_64"
-        self.kwargs = {"norm_pix_loss": mc.norm_pix_loss}
-        self.model = create_model(self.factory, **self.kwargs)
+        self.kwargs = {"norm_pix_loss": mc.norm_pix_loss}  # what build() records
+        # Dropout only while pretraining: the saved encoder is rebuilt without it.
+        self.model = create_model(self.factory, **self.kwargs, drop_rate=mc.drop_rate)
         self.augment = MAEAugment(size=cfg.data.tile_size, scale=tuple(mc.crop_scale))
         self.mask_ratio = mc.mask_ratio
 
