@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     from hsissl.data.normalize import NormalizerMismatch
     from hsissl.data.scenes import DataContractError
+    from hsissl.pretrain.checkpoint import CheckpointError
 
     try:
         flags = [f"{key}={getattr(args, key)}" for key, _ in FLAGS.get(args.stage, {}).values()
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"hsissl.stages.{STAGES[args.stage][0]}")
         kwargs = {"report": True} if getattr(args, "report", False) else {}
         result = module.run(cfg, **kwargs)
-    except (ConfigError, DataContractError, NormalizerMismatch) as exc:
+    except (ConfigError, DataContractError, NormalizerMismatch, CheckpointError) as exc:
         print(f"hsissl {args.stage}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

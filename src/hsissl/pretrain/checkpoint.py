@@ -24,6 +24,10 @@ ENCODER_FORMAT = "hsissl-encoder/1"
 TRAIN_FORMAT = "hsissl-train/1"
 
 
+class CheckpointError(ValueError):
+    """A file given as a checkpoint or encoder record that is not one (or not the right one)."""
+
+
 def save(storage: Storage, key: str, payload: dict[str, Any]) -> str:
     """torch.save to the store, atomically (a reader never sees half a file)."""
     fd, tmp = tempfile.mkstemp(suffix=".pt")
@@ -67,7 +71,9 @@ def load_encoder(
     parent, _, name = uri.rstrip("/").rpartition("/")
     record = load(open_storage(parent), name, map_location=map_location)
     if record.get("format") != ENCODER_FORMAT:
-        raise ValueError(f"{uri}: format {record.get('format')!r}, expected {ENCODER_FORMAT!r}")
+        raise CheckpointError(
+            f"{uri}: format {record.get('format')!r}, expected {ENCODER_FORMAT!r}"
+        )
     if "normalizer" not in record:
         raise NormalizerMismatch(
             f"{uri}: the checkpoint carries no Normalizer; refusing to guess one"
