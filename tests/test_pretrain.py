@@ -17,6 +17,7 @@ from hsissl.config import ConfigError, load_config
 from hsissl.data.normalize import NormalizerMismatch
 from hsissl.data.shards import ShardDataset
 from hsissl.pretrain import checkpoint
+from hsissl.pretrain.dinov2 import DINOv2Recipe
 from hsissl.pretrain.mae import MAERecipe
 from hsissl.pretrain.trainer import cosine_lr, pretrain
 from hsissl.stages import ingest
@@ -134,12 +135,27 @@ def test_resume_refuses_changed_method_settings(synthetic_run):
         MAERecipe,
         "pretrain-mae",
     )
-    with pytest.raises(ConfigError, match=r"other mae settings \(lr: 0.002 -> 0.001\)"):
+    with pytest.raises(ConfigError, match=r"other settings \(mae.lr: 0.002 -> 0.001\)"):
         pretrain(
             cfg_for(synthetic_run, **{"pretrain.name": "changed", "mae.lr": 1e-3}),
             MAERecipe,
             "pretrain-mae",
         )
+    # the loader position and the schedule depend on the batch: refused too
+    with pytest.raises(ConfigError, match=r"pretrain.batch_size: 16 -> 8"):
+        pretrain(cfg_for(synthetic_run, **{"pretrain.name": "changed", "pretrain.batch_size": 8}),
+                 MAERecipe, "pretrain-mae")  # fmt: skip
+    # a longer run is a continuation, not a change
+    longer = cfg_for(synthetic_run, **{"pretrain.name": "changed", "pretrain.max_steps": 3})
+    assert pretrain(longer, MAERecipe, "pretrain-mae")["resumed"] is True
+
+
+def test_resume_refuses_another_methods_checkpoint(synthetic_run):
+    pretrain(cfg_for(synthetic_run, **{"pretrain.name": "shared", "pretrain.max_steps": 1}),
+             MAERecipe, "pretrain-mae")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"holds a mae training state, not dinov2"):
+        pretrain(cfg_for(synthetic_run, **{"pretrain.name": "shared"}), DINOv2Recipe,
+                 "pretrain-dinov2")  # fmt: skip
 
 
 def test_cuda_is_optional():

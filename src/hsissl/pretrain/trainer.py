@@ -31,6 +31,8 @@ from hsissl.pretrain.runtime import Runtime, autocast, rng_state, set_rng_state,
 from hsissl.stages.common import dataset_uri, stage_run, storage_of
 
 log = logging.getLogger(__name__)
+# (section, key) a resumed run must share with its checkpoint besides the method's own section.
+RESUME_FIXED = (("pretrain", "batch_size"), ("data", "tile_size"))
 
 
 def cosine_lr(step: int, total: int, opt: OptimConfig) -> float:
@@ -92,12 +94,15 @@ class Trainer:
         if not self.store.exists(key):
             return False
         state = checkpoint.load(self.store, key, map_location=self.rt.device)
-        saved = state.get("config", {}).get(self.method, {})
-        changed = sorted(k for k, v in asdict(self.opt_cfg).items() if k in saved and saved[k] != v)
+        if state.get("method") != self.method:
+            raise ConfigError(
+                f"{self.store.join(key)} holds a {state.get('method')} training state, not "
+                f"{self.method}: give this pretraining its own pretrain.name"
+            )
+        changed = self._changed_settings(state.get("config", {}))
         if changed:
             raise ConfigError(
-                f"{self.store.join(key)} was trained with other {self.method} settings "
-                f"({', '.join(f'{k}: {saved[k]!r} -> {getattr(self.opt_cfg, k)!r}' for k in changed)}); "
+                f"{self.store.join(key)} was trained with other settings ({', '.join(changed)}); "
                 "resume with the same settings, or start a new line with pretrain.name=<new name>"
             )
         self.normalizer.check(
@@ -110,6 +115,19 @@ class Trainer:
         self.step = state["step"]
         log.info("resumed %s from step %d (%s)", self.method, self.step, self.store.join(key))
         return True
+
+    def _changed_settings(self, saved: dict[str, Any]) -> list[str]:
+        """``key: saved -> now`` for every setting that a resumed run must keep: the method's
+        section, and the batch and tile size the loader position and schedule depend on. The
+        length (max_steps, epochs), logging, checkpoint interval and device may change."""
+        now = asdict(self.cfg)
+        keys = [(self.method, k) for k in asdict(self.opt_cfg)] + list(RESUME_FIXED)
+        changed = []
+        for section, k in keys:
+            before = saved.get(section, {})
+            if k in before and before[k] != now[section][k]:
+                changed.append(f"{section}.{k}: {before[k]!r} -> {now[section][k]!r}")
+        return changed
 
     def save_encoder(self) -> str:
         record = checkpoint.encoder_record(
