@@ -125,7 +125,7 @@ def test_scene_head_refuses_misaligned_features_and_empty_targets():
         train_scene_head(encoder, "linear", image, np.zeros_like(label), steps=1)
 
 
-def test_unknown_head_or_missing_learning_rate_fails_before_any_work(tmp_path):
+def test_bad_methods_heads_and_scenes_fail_before_any_work(tmp_path):
     from hsissl.config import ConfigError
     from hsissl.stages import evaluate_real
 
@@ -137,4 +137,16 @@ def test_unknown_head_or_missing_learning_rate_fails_before_any_work(tmp_path):
     )
     with pytest.raises(ConfigError, match="no learning rate for head 'conv'"):
         evaluate_real.run(cfg)
-    assert not any(tmp_path.iterdir())  # nothing written
+    cfg = load_config(None, [f"run_dir={tmp_path}", "real.methods=[mae, simclr]"])
+    with pytest.raises(ConfigError, match="unknown method 'simclr'"):
+        evaluate_real.run(cfg)
+    for scene, problem in (("Nope", "not a labelled scene"), ("abu-beach-4", "not a labelled")):
+        cfg = load_config(None, [f"run_dir={tmp_path}", f"real.scenes=[{scene}]"])
+        with pytest.raises(ConfigError, match=f"real.scenes: '{scene}' is {problem}"):
+            evaluate_real.run(cfg)
+    (tmp_path / "src" / "Samson").mkdir(parents=True)  # a source without the scene asked for
+    (tmp_path / "src" / "Samson" / "Samson.mat").touch()
+    cfg = load_config(None, [f"run_dir={tmp_path}", f"real.source={tmp_path / 'src'}"])
+    with pytest.raises(FileNotFoundError, match="'houston_dataset' .* is not below real.source"):
+        evaluate_real.run(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing written

@@ -49,6 +49,7 @@ from hsissl.stages.common import dataset_uri, run_dir_of, stage_run, storage_of
 
 log = logging.getLogger(__name__)
 NUM_LOGITS = 25
+METHODS = ("mae", "dinov2", "ssvit")
 
 
 def _recipe(method: str):
@@ -228,8 +229,13 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
     return summary, "\n".join(lines)
 
 
-def check_heads(rc: RealEvalConfig) -> None:
-    """Fail before any work on a head that is unknown or has no learning rate."""
+def check_config(rc: RealEvalConfig, root: Path) -> None:
+    """Fail before any work (pretraining takes the better part of an hour on a CPU) on an
+    unknown method or head, a head without a learning rate, or a scene that is unknown,
+    unlabelled or not below ``root``."""
+    for method in rc.methods:
+        if method not in METHODS:
+            raise ConfigError(f"real.methods: unknown method {method!r}; expected {list(METHODS)}")
     for head in rc.heads:
         if head != "probe" and head not in HEADS:
             raise ConfigError(
@@ -239,14 +245,25 @@ def check_heads(rc: RealEvalConfig) -> None:
             raise ConfigError(
                 f"real.head_lr has no learning rate for head {head!r} (has {sorted(rc.head_lr)})"
             )
+    labelled = sorted(name for name, scene in realdata.SCENES.items()
+                      if scene.label_fn is not realdata.all_unlabelled)  # fmt: skip
+    for name in rc.scenes:
+        if name not in labelled:
+            raise ConfigError(f"real.scenes: {name!r} is not a labelled scene; expected some of "
+                              f"{labelled}")  # fmt: skip
+    if not realdata.is_mat_folder(root):
+        raise FileNotFoundError(f"real.source={rc.source!r} ({root}) holds none of the known .mat "
+                                f"scenes {sorted(realdata.SCENES)}")  # fmt: skip
+    present = {p.stem for p in root.rglob("*.mat")}
+    for name in rc.scenes:
+        if name not in present:
+            raise FileNotFoundError(f"real.scenes: {name!r} ({realdata.SCENES[name].relpath}) "
+                                    f"is not below real.source={rc.source!r} ({root})")  # fmt: skip
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    check_heads(cfg.real)
     root = Path(cfg.real.source).expanduser().resolve()
-    if not realdata.is_mat_folder(root):
-        raise FileNotFoundError(f"real.source={cfg.real.source!r} ({root}) holds none of the known .mat scenes "
-                                f"{sorted(realdata.SCENES)}")  # fmt: skip
+    check_config(cfg.real, root)
     start = time.perf_counter()
     encoders, normalizer, data_uri = pretrain_encoders(cfg, root)
     with stage_run(cfg, "evaluate-real") as tracker:
