@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,120 @@ def test_cli_help_lists_every_stage_and_each_stage_explains_itself(capsys):
             main([stage, "--help"])
         assert info.value.code == 0
         assert "KEY=VALUE" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "preset",
+    sorted((REPO / "configs").rglob("*.yaml")),
+    ids=lambda p: str(p.relative_to(REPO / "configs")),
+)
+def test_every_preset_loads_validates_and_round_trips(preset, tmp_path):
+    cfg = load_config(preset)  # type checks and validate() pass
+    assert load_config(save_resolved(cfg, tmp_path / "resolved.yaml")) == cfg
+
+
+def test_preset_list_is_not_empty():
+    # guards the parametrization above against a moved configs/ folder (0 cases pass silently)
+    assert len(list((REPO / "configs").rglob("*.yaml"))) >= 12
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("data:\n  tile_size: [64", r"bad.yaml:2:17: not valid YAML: expected ',' or '\]'"),
+        ("data:\n\ttile_size: 64\n", r"bad.yaml:2:1: not valid YAML: .*spaces, not tabs"),
+        ("data: {a: b: c}\n", r"bad.yaml:1:\d+: not valid YAML"),
+    ],
+)
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path, text, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(bad)
+    assert "<unicode string>" not in str(info.value)
+
+
+def test_bad_yaml_in_an_override_names_the_override():
+    with pytest.raises(
+        ConfigError, match=r"override 'data.splits=\[tr': value '\[tr' is not valid"
+    ):
+        load_config(None, ["data.splits=[tr"])
+
+
+def test_type_errors_name_where_the_value_came_from(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("data: {tile_size: big}\n")
+    with pytest.raises(
+        ConfigError, match=r"preset.yaml: config key 'data.tile_size': expected int"
+    ):
+        load_config(preset)
+    preset.write_text("synthetic: {scenes: {tr: 1, va: x}}\n")  # a dict field: whole from the file
+    with pytest.raises(ConfigError, match=r"preset.yaml: config key 'synthetic.scenes.va'"):
+        load_config(preset)
+    with pytest.raises(ConfigError, match=r"^command line: config key 'synthetic.scenes.va'"):
+        load_config(preset, ["synthetic.scenes.tr=y", "synthetic.scenes.va=2", "synthetic.scenes.tr=3",
+                             "synthetic.scenes.va=z"])  # fmt: skip
+    preset.write_text("data: {splits: [tr, {a: 1}]}\n")
+    with pytest.raises(ConfigError, match=r"preset.yaml: config key 'data.splits\[1\]'"):
+        load_config(preset)
+    with pytest.raises(ConfigError, match=r"^command line: config key 'data' is a section"):
+        load_config(preset, ["data=3"])
+
+
+def test_override_replacing_a_file_value_takes_the_blame(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("synthetic: {scenes: {tr: x}}\n")
+    with pytest.raises(ConfigError, match=r"^command line: config key 'synthetic.scenes.tr'"):
+        load_config(preset, ["synthetic.scenes={tr: y}"])
+    assert load_config(preset, ["synthetic.scenes={tr: 2}"]).synthetic.scenes == {"tr": 2}
+
+
+def test_a_directory_is_not_a_config_file(tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path} is a directory, not a YAML file")):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("pretrain.device=gpu", "pretrain.device='gpu'; expected auto | cpu | cuda | cuda:N"),
+        ("pretrain.device=cuda:x", "pretrain.device='cuda:x'"),
+        ("dinov2.centering=ema", "dinov2.centering='ema'; expected one of sinkhorn | center"),
+        ("ssvit.centering=Sinkhorn", "ssvit.centering='Sinkhorn'"),
+        ("pca.decoder=unet", "pca.decoder='unet'; expected one of conv | vit"),
+        ("finetune.n_blocks=0", "finetune.n_blocks=0; expected >= 1"),
+        ("data.tile_size=0", "data.tile_size=0; expected >= 1"),
+        ("data.stride=-8", "data.stride=-8; expected >= 1"),
+        ("pretrain.batch_size=0", "pretrain.batch_size=0"),
+        ("pretrain.ckpt_every=0", "pretrain.ckpt_every=0"),
+        ("pretrain.log_every=0", "pretrain.log_every=0"),
+        ("pretrain.max_steps=-1", "pretrain.max_steps=-1; expected >= 0"),
+        ("finetune.batch_size=0", "finetune.batch_size=0"),
+        ("mae.lr=0", "mae.lr=0.0; expected > 0.0"),
+        ("mae.mask_ratio=1.5", "mae.mask_ratio=1.5; expected a value in [0.0, 1.0]"),
+        ("dinov2.betas=[0.9]", "dinov2.betas=[0.9]; expected [beta1, beta2]"),
+        ("dinov2.mask_ratio=[0.5, 0.1]", "dinov2.mask_ratio=[0.5, 0.1]; expected [low, high]"),
+        ("seed=-1", "seed=-1"),
+    ],
+)
+def test_values_outside_the_allowed_set_name_key_value_and_allowed(override, message):
+    with pytest.raises(ConfigError, match="^command line: config key " + re.escape(message)):
+        load_config(None, [override])
+
+
+def test_allowed_edge_values_load():
+    cfg = load_config(None, ["pretrain.device=cuda:1", "dinov2.centering=center",
+                             "ssvit.centering=sinkhorn", "pca.decoder=vit", "finetune.n_blocks=1",
+                             "data.tile_size=24", "pretrain.max_steps=0", "pretrain.knn_tiles=0",
+                             "data.scene_size=null", "mae.mask_ratio=0"])  # fmt: skip
+    assert (cfg.pretrain.device, cfg.data.tile_size, cfg.data.scene_size) == ("cuda:1", 24, None)
+    for device in ("auto", "cpu", "cuda"):
+        assert load_config(None, [f"pretrain.device={device}"]).pretrain.device == device
+
+
+def test_out_of_range_value_in_a_file_names_the_file(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("pca: {decoder: unet}\n")
+    with pytest.raises(ConfigError, match=r"preset.yaml: config key pca.decoder='unet'"):
+        load_config(preset)
+    assert load_config(preset, ["pca.decoder=conv"]).pca.decoder == "conv"  # the override wins

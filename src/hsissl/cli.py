@@ -1,7 +1,7 @@
 """``hsissl <stage> --config configs/tiny.yaml key.sub=value …``
 
 Every stage is ``hsissl.stages.<module>.run(cfg)``; this file only parses arguments,
-loads the config and maps failures to exit codes (2: bad input or config).
+loads the config and maps failures to exit codes (2: bad input or config, 130: Ctrl-C).
 """
 
 from __future__ import annotations
@@ -69,7 +69,9 @@ Settings come from the dataclass defaults (the paper's settings), then the --con
 then KEY=VALUE overrides with dotted keys, e.g.:
   hsissl ingest --config configs/tiny.yaml data.tile_size=32 data.source=/data/WHU-OHS
 Each run saves its fully resolved config beside its outputs and in MLflow.
-Exit codes: 0 ok, 1 unexpected error, 2 invalid input data or config."""
+Exit codes: 0 ok, 1 unexpected error, 2 invalid input data or config, 130 interrupted (Ctrl-C)."""
+
+EXIT_INTERRUPTED = 128 + 2  # the shell's code for a command stopped by SIGINT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +115,14 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"hsissl.stages.{STAGES[args.stage][0]}")
         kwargs = {"report": True} if getattr(args, "report", False) else {}
         result = module.run(cfg, **kwargs)
-    except (ConfigError, DataContractError, NormalizerMismatch, CheckpointError) as exc:
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"hsissl {args.stage}: interrupted{_resume_hint(args.stage)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    # FileNotFoundError: a dataset, scene or checkpoint the user named is missing
+    except (ConfigError, DataContractError, NormalizerMismatch, CheckpointError,
+            FileNotFoundError) as exc:  # fmt: skip
         print(f"hsissl {args.stage}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
@@ -123,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
               "traceback)", file=sys.stderr)  # fmt: skip
         return 1
     return _print_result(args.stage, result)
+
+
+def _resume_hint(stage: str) -> str:
+    """Pretraining saves resumable checkpoints; the other stages start over."""
+    if stage.startswith("pretrain-"):
+        return "; rerun the same command to resume from the last checkpoint"
+    return ""
 
 
 def _print_result(stage: str, result: dict) -> int:

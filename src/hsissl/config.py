@@ -1,13 +1,15 @@
 """One config loader for every stage: dataclass defaults <- YAML preset <- dotted overrides.
 
 The dataclass defaults are the paper's (``base``) settings; presets in ``configs/``
-override only what differs. Unknown keys and wrongly typed values are errors that
-name the key, so a typo never silently falls back to a default.
+override only what differs. Unknown keys, wrongly typed values and values outside a key's
+allowed set (``config_rules.RULES``) are errors that name the key and where the value came from (the
+file or "command line"), so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from hsissl import config_rules
 
 
 class ConfigError(ValueError):
@@ -248,26 +252,72 @@ class Config:
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
-    """Defaults, then the YAML preset at ``path``, then ``key.sub=value`` overrides."""
+    """Defaults, then the YAML preset at ``path``, then ``key.sub=value`` overrides.
+
+    The result is type-checked and :func:`validate`-d; every :class:`ConfigError` names the
+    key and where its value came from (the file or "command line").
+    """
     tree = dataclasses.asdict(Config())
+    origins: dict[str, str] = {}  # dotted key -> where its value was set (defaults: absent)
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(
+                f"config file {path} is a directory, not a YAML file (e.g. configs/tiny.yaml)"
+            )
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
+        loaded = _parse_yaml(text, path=str(path)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(
                 f"{path}: expected a mapping at top level, found {type(loaded).__name__}"
             )
-        _merge(tree, loaded, Config, prefix="", origin=str(path))
+        _merge(tree, loaded, Config, prefix="", origin=str(path), origins=origins)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key.sub=value")
-        _set_dotted(
-            tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "", origin="command line"
-        )
-    return _build(Config, tree, prefix="")
+        value = _parse_yaml(raw, override=item) if raw.strip() else ""
+        _set_dotted(tree, key.strip(), value, origin="command line", origins=origins)
+    cfg = _build(Config, tree, prefix="", origins=origins)
+    validate(cfg, origins)
+    return cfg
+
+
+def _parse_yaml(text: str, path: str | None = None, override: str = "") -> Any:
+    """``yaml.safe_load`` whose errors name the file (``path:line:column``) or the override."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc)
+        mark, context = getattr(exc, "problem_mark", None), getattr(exc, "context", None)
+        if "\\t" in problem:  # the scanner's repr of a tab
+            problem += " (YAML indents with spaces, not tabs)"
+        elif context:
+            problem += f" ({context})"
+        if path is None:  # an override: columns count within its value
+            at = f" at column {mark.column + 1}" if mark is not None else ""
+            where = f"command line override {override!r}: value {text!r} is not valid YAML{at}"
+        else:
+            at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+            where = f"{path}{at}: not valid YAML"
+        raise ConfigError(f"{where}: {problem}") from None
+
+
+def validate(cfg: Config, origins: dict[str, str] | None = None) -> None:
+    """Raise :class:`ConfigError` for the first value outside its key's allowed set
+    (``hsissl.config_rules.RULES``).
+
+    ``origins`` (dotted key -> file path or "command line") prefixes the message with where
+    the value came from; :func:`load_config` passes it.
+    """
+    for key, value, allowed in config_rules.violations(cfg):  # the first one is reported
+        where = _where(key, origins or {})
+        raise ConfigError(f"{where}config key {key}={value!r}; expected {allowed}")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -299,7 +349,9 @@ def flatten(cfg: Config | dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _merge(tree: dict, loaded: dict, cls: type, prefix: str, origin: str) -> None:
+def _merge(
+    tree: dict, loaded: dict, cls: type, prefix: str, origin: str, origins: dict[str, str]
+) -> None:
     hints = typing.get_type_hints(cls)
     for key, value in loaded.items():
         name = f"{prefix}{key}"
@@ -312,14 +364,31 @@ def _merge(tree: dict, loaded: dict, cls: type, prefix: str, origin: str) -> Non
                 raise ConfigError(
                     f"{origin}: config key {name!r} is a section; expected a mapping, found {value!r}"
                 )
-            _merge(tree[key], value, hints[key], prefix=f"{name}.", origin=origin)
+            _merge(tree[key], value, hints[key], prefix=f"{name}.", origin=origin, origins=origins)
         else:
-            tree[key] = (
-                value  # plain values and dict fields (e.g. synthetic.scenes) are replaced whole
-            )
+            # plain values and dict fields (e.g. synthetic.scenes) are replaced whole
+            tree[key] = value
+            _record(origins, name, origin)
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any, origin: str) -> None:
+def _record(origins: dict[str, str], name: str, origin: str) -> None:
+    """Remember where ``name`` was set; a value replaced whole forgets its sub-keys' origins."""
+    for key in [k for k in origins if k.startswith(f"{name}.")]:
+        del origins[key]
+    origins[name] = origin
+
+
+def _where(name: str, origins: dict[str, str]) -> str:
+    """``"<origin>: "`` for the closest set key above ``name`` (``data.splits[1]`` -> ``data.splits``)."""
+    parts = re.sub(r"\[\d+\]", "", name).split(".")
+    for i in range(len(parts), 0, -1):
+        origin = origins.get(".".join(parts[:i]))
+        if origin is not None:
+            return f"{origin}: "
+    return ""
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, origin: str, origins: dict[str, str]) -> None:
     parts = dotted.split(".")
     node, cls = tree, Config
     for i, part in enumerate(parts):
@@ -338,6 +407,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any, origin: str) -> None:
             raise ConfigError(f"{origin}: unknown config key {name!r}")
         if last:
             node[part] = value
+            _record(origins, dotted, origin)
         else:
             if not isinstance(node.get(part), dict):
                 raise ConfigError(
@@ -347,7 +417,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any, origin: str) -> None:
             cls = tp if dataclasses.is_dataclass(tp) else None
 
 
-def _build(cls: type, tree: dict, prefix: str) -> Any:
+def _build(cls: type, tree: dict, prefix: str, origins: dict[str, str]) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -356,35 +426,37 @@ def _build(cls: type, tree: dict, prefix: str) -> Any:
         if dataclasses.is_dataclass(hints[f.name]):
             if not isinstance(value, dict):
                 raise ConfigError(
-                    f"config key {name!r} is a section; expected a mapping, found {value!r}"
+                    f"{_where(name, origins)}config key {name!r} is a section; "
+                    f"expected a mapping, found {value!r}"
                 )
-            kwargs[f.name] = _build(hints[f.name], value, prefix=f"{name}.")
+            kwargs[f.name] = _build(hints[f.name], value, prefix=f"{name}.", origins=origins)
         else:
-            kwargs[f.name] = _coerce(value, hints[f.name], name)
+            kwargs[f.name] = _coerce(value, hints[f.name], name, origins)
     return cls(**kwargs)
 
 
-def _coerce(value: Any, tp: Any, name: str) -> Any:
+def _coerce(value: Any, tp: Any, name: str, origins: dict[str, str]) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    where = _where(name, origins)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _coerce(value, arg, name)
+                return _coerce(value, arg, name, origins)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0])
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"config key {name!r}: expected a list, found {value!r}")
-        return [_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
+            raise ConfigError(f"{where}config key {name!r}: expected a list, found {value!r}")
+        return [_coerce(v, args[0], f"{name}[{i}]", origins) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"config key {name!r}: expected a mapping, found {value!r}")
-        return {str(k): _coerce(v, args[1], f"{name}.{k}") for k, v in value.items()}
+            raise ConfigError(f"{where}config key {name!r}: expected a mapping, found {value!r}")
+        return {str(k): _coerce(v, args[1], f"{name}.{k}", origins) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -407,5 +479,5 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     elif tp is Any:
         return value
     raise ConfigError(
-        f"config key {name!r}: expected {getattr(tp, '__name__', tp)}, found {value!r}"
+        f"{where}config key {name!r}: expected {getattr(tp, '__name__', tp)}, found {value!r}"
     )
