@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,34 @@ def save(storage: Storage, key: str, payload: dict[str, Any]) -> str:
     return storage.join(key)
 
 
+# What torch.load raises on a file it did not write (text, another pickle, a truncated or foreign
+# zip) or on a pickle naming classes this code does not have.
+_UNREADABLE = (
+    pickle.UnpicklingError,
+    EOFError,
+    RuntimeError,
+    ValueError,
+    AttributeError,
+    ImportError,
+)
+
+
 def load(storage: Storage, key: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The dict saved by :func:`save` at ``key``; FileNotFoundError naming the URI when it is
+    missing, CheckpointError naming it when the file is not such a dict."""
     data = storage.get_bytes(key)
-    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+    try:
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+    except _UNREADABLE as exc:
+        raise CheckpointError(
+            f"{storage.join(key)}: not a checkpoint written by hsissl ({type(exc).__name__}: {exc})"
+        ) from exc
+    if not isinstance(payload, dict):
+        raise CheckpointError(
+            f"{storage.join(key)}: not a checkpoint written by hsissl "
+            f"(holds a {type(payload).__name__}, expected a dict)"
+        )
+    return payload
 
 
 def encoder_record(encoder: nn.Module, build: dict[str, Any], normalizer: Normalizer, method: str,
@@ -60,6 +86,7 @@ def encoder_record(encoder: nn.Module, build: dict[str, Any], normalizer: Normal
 
 
 def build_encoder(build: dict[str, Any]) -> nn.Module:
+    """The (untrained) encoder that ``build`` describes (see :func:`encoder_record`)."""
     model = create_model(build["factory"], **build.get("kwargs", {}))
     return getattr(model, build["attr"]) if build.get("attr") else model
 
@@ -79,6 +106,20 @@ def load_encoder(
             f"{uri}: the checkpoint carries no Normalizer; refusing to guess one"
         )
     normalizer = Normalizer.from_dict(record["normalizer"], origin=uri)
-    encoder = build_encoder(record["build"])
-    encoder.load_state_dict(record.pop("state_dict"))
+    build = record.get("build")
+    try:
+        encoder = build_encoder(build)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # factory or kwargs unknown
+        reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise CheckpointError(
+            f"{uri}: cannot rebuild its encoder from build {build!r}: {reason}"
+        ) from exc
+    try:
+        encoder.load_state_dict(record.pop("state_dict"))
+    except (KeyError, RuntimeError) as exc:  # no weights, or weights of another architecture
+        reason = "it holds no state_dict" if isinstance(exc, KeyError) else exc
+        raise CheckpointError(
+            f"{uri}: its weights do not fit the encoder its build makes (factory "
+            f"{build['factory']!r}, kwargs {build.get('kwargs', {})}): {reason}"
+        ) from exc
     return encoder.eval(), normalizer, record

@@ -29,11 +29,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from hsissl.config import Config, DINOv2Config
+from hsissl.config import Config, ConfigError, DINOv2Config
 from hsissl.data.augment import MultiCrop
 from hsissl.data.loaders import to_device
 from hsissl.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
-from hsissl.models import create_model, dino_head
+from hsissl.models import MODELS, create_model, dino_head
 from hsissl.pretrain.recipe import Recipe
 
 Masks = dict[str, torch.Tensor]  # stream name -> (n, L) bool on the CPU, True = masked
@@ -142,6 +142,11 @@ class DINOv2Recipe(Recipe):
         self.dc = dc
         _check_config(dc, self.method)
         self.factory = dc.model or self.default_model
+        if self.factory not in MODELS:
+            kind = self.default_model.split("_")[0] + "_"  # "dinov2_", "ssvit_"
+            known = [name for name in MODELS if name.startswith(kind)]
+            raise ConfigError(f"{self.method}.model={self.factory!r} is not a model factory; "
+                              f"expected one of {known}")  # fmt: skip
         self.kwargs: dict[str, Any] = {}  # architecture kwargs: what build() records
         drop = {"proj_drop_rate": dc.drop_rate} if dc.drop_rate > 0 else {}  # student-only
         backbone = create_model(self.factory, **self.kwargs, **drop)

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from hsissl.config import Config
+from hsissl.config import Config, ConfigError
 from hsissl.data.augment import MAEAugment
-from hsissl.models import create_model
+from hsissl.models import MODELS, create_model
 from hsissl.pretrain.recipe import Recipe
 
 
@@ -20,6 +20,10 @@ class MAERecipe(Recipe):
         super().__init__(cfg)
         mc = cfg.mae
         self.factory = mc.model or "mae_vit_base_patch8_64"
+        known = [name for name in MODELS if name.startswith("mae_")]  # MaskedAutoencoderViTs
+        if self.factory not in known:
+            raise ConfigError(f"mae.model={self.factory!r} is not an MAE model factory; "
+                              f"expected one of {known}")  # fmt: skip
         self.kwargs = {"norm_pix_loss": mc.norm_pix_loss}  # what build() records
         # Dropout only while pretraining: the saved encoder is rebuilt without it.
         self.model = create_model(self.factory, **self.kwargs, drop_rate=mc.drop_rate)

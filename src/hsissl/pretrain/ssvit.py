@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from hsissl.config import Config
+from hsissl.config import Config, ConfigError
 from hsissl.pretrain.dinov2 import DINOv2Recipe, Masks, mask_counts, random_masks
 
 
@@ -39,7 +39,7 @@ class SSViTRecipe(DINOv2Recipe):
         backbone = self.student["backbone"]
         sizes = getattr(backbone, "crop_sizes", None)
         if sizes is None or not hasattr(backbone, "spectral_embed"):
-            raise ValueError(f"ssvit.model={self.factory!r} is not a Spatial-Spectral ViT "
+            raise ConfigError(f"ssvit.model={self.factory!r} is not a Spatial-Spectral ViT "
                              f"(use ssvit_base_patch8_64 or ssvit_tiny_patch8_64)")  # fmt: skip
         for key, size in (
             ("data.tile_size", cfg.data.tile_size),

@@ -22,6 +22,7 @@ import torch
 
 from hsissl.config import Config, ConfigError, FinetuneConfig
 from hsissl.data.shards import ShardDataset
+from hsissl.models import MODELS
 from hsissl.models.heads import HEADS
 from hsissl.pretrain.runtime import setup
 from hsissl.segment.finetune import (
@@ -39,7 +40,7 @@ from hsissl.segment.finetune import (
     train_head,
 )
 from hsissl.stages.common import dataset_uri, stage_run, storage_of
-from hsissl.storage import Storage
+from hsissl.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +158,47 @@ def run(cfg: Config) -> dict[str, Any]:
 
 
 def resolve_encoder(uri: str, store: Storage) -> str:
-    """``uri`` as given (``random:…``, ``scheme://…`` or an existing file), else a key in the
-    artifact store, so presets can say ``checkpoints/mae/encoder.pt`` wherever the store is."""
-    if uri.startswith(RANDOM_PREFIX) or "://" in uri or Path(uri).expanduser().is_file():
+    """The encoder URI that ``finetune.encoder`` names, checked to exist before anything trains.
+
+    ``random:<factory>`` and ``scheme://…`` URIs are used as given, and so is an absolute path.
+    A relative name is a file (relative to the working directory) if there is one, else a key in
+    the artifact store, so presets can say ``checkpoints/mae/encoder.pt`` wherever the store is.
+    ConfigError naming ``finetune.encoder``, what it holds and where it was looked for otherwise.
+    """
+    given = f"finetune.encoder={uri!r}"
+    if uri.startswith(RANDOM_PREFIX):
+        factory = uri[len(RANDOM_PREFIX) :]
+        if factory not in MODELS:
+            raise ConfigError(
+                f"{given}: unknown model factory {factory!r}; known factories: {sorted(MODELS)}"
+            )
         return uri
-    return store.join(uri)
+    if "://" in uri:
+        parent, _, name = uri.rstrip("/").rpartition("/")
+        try:
+            found = open_storage(parent).exists(name)
+        except ValueError as exc:  # unsupported scheme, malformed URI or key
+            raise ConfigError(f"{given}: {exc}") from exc
+        if not found:
+            raise ConfigError(f"{given}: no such file")
+        return uri
+    path = Path(uri).expanduser()
+    if path.is_absolute():
+        if not path.is_file():
+            raise ConfigError(f"{given}: no such file")
+        return str(path)
+    if path.is_file():
+        return str(path.absolute())  # recorded in results: independent of the working directory
+    try:
+        key_found = store.exists(uri)
+    except ValueError:  # not a valid store key ('..' components): only the file was possible
+        raise ConfigError(f"{given}: no such file ({path.absolute()})") from None
+    if key_found:
+        return store.join(uri)
+    raise ConfigError(
+        f"{given}: no such file; looked for {path.absolute()} and for key {uri!r} in the "
+        f"artifact store ({store.join(uri)})"
+    )
 
 
 def check_config(ft: FinetuneConfig, dataset: ShardDataset) -> None:
