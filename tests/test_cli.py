@@ -73,3 +73,10 @@ def test_a_value_outside_its_allowed_set_is_exit_2_naming_the_key(capsys):
     assert cli.main(["pretrain-mae", "pretrain.device=gpu"]) == 2
     err = capsys.readouterr().err
     assert "hsissl pretrain-mae: error: command line: config key pretrain.device='gpu'" in err
+
+
+def test_report_with_missing_inputs_is_written_but_exits_2(tmp_path, capsys):
+    rc = cli.main(["report", f"run_dir={tmp_path}", "tracking.uri=", "report.results=[nope]"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "hsissl report: error: report.results names ['nope']" in err
+    assert list(tmp_path.rglob("report.html"))  # the page exists all the same

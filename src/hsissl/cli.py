@@ -69,7 +69,8 @@ Settings come from the dataclass defaults (the paper's settings), then the --con
 then KEY=VALUE overrides with dotted keys, e.g.:
   hsissl ingest --config configs/tiny.yaml data.tile_size=32 data.source=/data/WHU-OHS
 Each run saves its fully resolved config beside its outputs and in MLflow.
-Exit codes: 0 ok, 1 unexpected error, 2 invalid input data or config, 130 interrupted (Ctrl-C)."""
+Exit codes: 0 ok, 1 unexpected error, 2 invalid input data or config (report: inputs missing,
+the page is still written), 130 interrupted (Ctrl-C)."""
 
 EXIT_INTERRUPTED = 128 + 2  # the shell's code for a command stopped by SIGINT
 
@@ -149,7 +150,11 @@ def _print_result(stage: str, result: dict) -> int:
         return 2 if result["violations"] else 0
     summary = {k: v for k, v in result.items() if k != "manifest"}
     print(json.dumps(summary, indent=1, default=str))
-    return 0
+    # The report is written even when inputs are missing (it is the pipeline's exit task);
+    # from the command line, an incomplete report is a failed request.
+    for problem in result.get("problems", []):
+        print(f"hsissl {stage}: error: {problem}", file=sys.stderr)
+    return 2 if result.get("problems") else 0
 
 
 if __name__ == "__main__":
