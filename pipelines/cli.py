@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,16 +23,43 @@ from pipelines.compile import GOLDEN, add_options, compile_pipeline, options_fro
 from pipelines.dag import METHODS, PIPELINE_NAME, STAGES
 from pipelines.options import PipelineOptions
 
+# A Kubernetes object name (RFC 1123 label), as pytorchjob.schema.json checks it
+K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
-def _param(text: str) -> tuple[str, Any]:
-    """``name=value`` with the value parsed as JSON when it is JSON (false, 3, ["linear"])."""
+
+def _param(text: str) -> tuple[str, str]:
+    """``name=value``; the value is parsed once the parameter's type is known."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE")
-    try:
-        return key, json.loads(raw)
-    except json.JSONDecodeError:
-        return key, raw
+    return key, raw
+
+
+def check_k8s_name(flag: str, text: str) -> None:
+    """Raise ValueError unless ``text`` is a Kubernetes object name (RFC 1123 label)."""
+    if not K8S_NAME.match(text):
+        raise ValueError(
+            f"{flag} {text!r} is not a Kubernetes name: lowercase RFC 1123 label, at most 63 "
+            "characters of a-z, 0-9 and '-', starting and ending with a letter or digit"
+        )
+
+
+def pipeline_parameters(pipeline: Any, pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """``--param`` values typed by ``pipeline``'s parameters: String as written, the others as
+    JSON (false, 3, 0.5, ["linear"]); unknown names and wrong types raise ParameterError."""
+    from pipelines.local import ParameterError, check_arguments
+
+    inputs = pipeline.component_spec.inputs or {}
+    arguments: dict[str, Any] = {}
+    for name, raw in pairs:
+        kind = inputs[name].type if name in inputs else "String"  # unknown: check_arguments
+        try:
+            arguments[name] = raw if kind == "String" else json.loads(raw)
+        except json.JSONDecodeError:
+            raise ParameterError(f"--param {name}={raw}: {name} is of type {kind}, written as JSON "
+                                 "(true, 3, 0.5, [\"linear\"])") from None  # fmt: skip
+    check_arguments(pipeline, arguments)
+    return arguments
 
 
 def _stages(text: str) -> list[str]:
@@ -166,12 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--name", required=True, help="PyTorchJob name")
+    p.add_argument("--name", required=True, help="PyTorchJob name (lowercase RFC 1123)")
     p.add_argument("--namespace")
     p.add_argument("--run-id", default="", help="names the checkpoint folder; reuse it to resume")
     p.add_argument("--config", type=Path, help="local preset the overrides are checked against")
-    p.add_argument("--service-account", default="hsissl-pipeline")
-    add_options(p)
+    p.add_argument(
+        "--service-account",
+        dest="pytorchjob_service_account",
+        metavar="NAME",
+        help=f"of the job's pods (default {PipelineOptions().pytorchjob_service_account})",
+    )
+    add_options(p, pytorchjob_service_account=False)
     _overrides(p)
     return parser
 
@@ -183,9 +216,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"hsissl-pipeline {args.command}: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        message = _user_error(exc)
+        if message is None:
+            raise  # a bug: keep the traceback
+        print(f"hsissl-pipeline {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _user_error(exc: Exception) -> str | None:
+    """The one-line message of an error the user can fix (bad config, option, parameter,
+    manifest field, missing file), else None."""
+    if isinstance(exc, ValueError | FileNotFoundError):  # hsissl.config.ConfigError too
+        return str(exc)
+    try:
+        from jsonschema import ValidationError
+    except ImportError:  # not installed: then nothing raised one
+        return None
+    if isinstance(exc, ValidationError):  # a manifest field (pytorchjob.validate)
+        where = ".".join(str(p) for p in exc.absolute_path) or "(the manifest)"
+        return f"{where}: {exc.message}"
+    return None
 
 
 def _compile(args: argparse.Namespace) -> int:
@@ -207,9 +258,11 @@ def _print_local(run) -> int:
 
 
 def _run_local(args: argparse.Namespace) -> int:
+    from pipelines.dag import build_pipeline
     from pipelines.local import run_local
 
-    run = run_local(args.config, args.overrides, args.stages, dict(args.param),
+    parameters = pipeline_parameters(build_pipeline(), args.param)
+    run = run_local(args.config, args.overrides, args.stages, parameters,
                     run_id=args.run_id, cache=args.cache, check=False)  # fmt: skip
     return _print_local(run)
 
@@ -241,10 +294,20 @@ def _rerun(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     from pipelines import remote
 
+    opts = options_from(args)
+    if args.package:
+        from kfp import components
+
+        pipeline = components.load_component_from_file(str(args.package))
+    else:
+        from pipelines.dag import build_pipeline
+
+        pipeline = build_pipeline(opts)
+    arguments = {"preset": args.config, "overrides": args.overrides}
+    arguments |= pipeline_parameters(pipeline, args.param)  # before connecting: fail fast
     client = remote.connect(args.host, args.namespace, args.token)
-    arguments = {"preset": args.config, "overrides": args.overrides} | dict(args.param)
     run_id = remote.submit(client, arguments, experiment=args.experiment, run_name=args.run_name,
-                           opts=options_from(args), package=args.package,
+                           opts=opts, package=args.package,
                            service_account=args.service_account)  # fmt: skip
     print(json.dumps({"run_id": run_id, "experiment": args.experiment}))
     return 0
@@ -265,10 +328,14 @@ def _pytorchjob(args: argparse.Namespace) -> int:
 
     from pipelines.pytorchjob import build_pytorchjob, validate
 
+    check_k8s_name("--name", args.name)
+    if args.namespace:
+        check_k8s_name("--namespace", args.namespace)
+    opts = options_from(args)
     manifest = build_pytorchjob(args.stage, args.overrides, nodes=args.nodes,
                                 gpus_per_node=args.gpus_per_node, name=args.name,
-                                namespace=args.namespace, local_preset=args.config,
-                                opts=options_from(args), service_account=args.service_account,
+                                namespace=args.namespace, local_preset=args.config, opts=opts,
+                                service_account=opts.pytorchjob_service_account,
                                 run_id=args.run_id)  # fmt: skip
     validate(manifest)
     print(yaml.safe_dump(manifest, sort_keys=False), end="")

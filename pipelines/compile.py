@@ -53,8 +53,11 @@ def _toleration(text: str) -> dict[str, str]:
     return {"key": key, "operator": "Exists", "effect": effect}
 
 
-def add_options(parser: argparse.ArgumentParser) -> None:
-    """Flags for :class:`PipelineOptions` (shared by compile, submit, upload and rerun)."""
+def add_options(parser: argparse.ArgumentParser, pytorchjob_service_account: bool = True) -> None:
+    """Flags for :class:`PipelineOptions` (shared by compile, submit, upload, rerun and
+    pytorchjob). The defaults are the names the chart creates as release ``hsissl``;
+    ``pytorchjob_service_account=False`` leaves that flag to the caller (``pytorchjob`` has
+    ``--service-account`` for it)."""
     d = PipelineOptions()
     g = parser.add_argument_group("compile options")
     g.add_argument(
@@ -94,6 +97,27 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         help="optional Secret with MLFLOW_TRACKING_USERNAME/PASSWORD (default %(default)s)",
     )
     g.add_argument(
+        "--env-config-map",
+        default=d.env_config_map,
+        metavar="NAME",
+        help="ConfigMap with HSISSL_S3_ENDPOINT, AWS_REGION, MLFLOW_TRACKING_URI "
+        "(default %(default)s; the chart's <release>-pipeline-env)",
+    )
+    g.add_argument(
+        "--config-map",
+        default=d.config_map,
+        metavar="NAME",
+        help=f"ConfigMap with config.yaml, mounted at {d.config_mount} "
+        "(default %(default)s; the chart's <release>-pipeline-config)",
+    )
+    if pytorchjob_service_account:
+        g.add_argument(
+            "--pytorchjob-service-account",
+            metavar="NAME",
+            help="service account of multi-node PyTorchJob pods (default: --service-account "
+            f"where the command has it, else {d.pytorchjob_service_account})",
+        )
+    g.add_argument(
         "--shm-size", default=d.shm_size, help="/dev/shm of GPU pods (default %(default)s)"
     )
     g.add_argument("--data-pvc", default=d.data_pvc, metavar="CLAIM",
@@ -102,9 +126,16 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from(args: argparse.Namespace) -> PipelineOptions:
-    opts = replace(PipelineOptions(), cpu_image=args.cpu_image, train_image=args.train_image,
+    """The :class:`PipelineOptions` the flags of :func:`add_options` ask for."""
+    d = PipelineOptions()
+    # PyTorchJob pods run as the run's pods do unless told otherwise (submit, rerun)
+    job_account = (getattr(args, "pytorchjob_service_account", None)
+                   or getattr(args, "service_account", None) or d.pytorchjob_service_account)  # fmt: skip
+    opts = replace(d, cpu_image=args.cpu_image, train_image=args.train_image,
                    s3_secret=args.s3_secret, mlflow_secret=args.mlflow_secret,
-                   shm_size=args.shm_size, data_pvc=args.data_pvc)  # fmt: skip
+                   env_config_map=args.env_config_map, config_map=args.config_map,
+                   pytorchjob_service_account=job_account, shm_size=args.shm_size,
+                   data_pvc=args.data_pvc)  # fmt: skip
     if args.gpu_node_selector:
         selector = {k: v for k, v in args.gpu_node_selector if k != "none"}
         opts = replace(opts, gpu_node_selector=selector)

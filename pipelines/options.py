@@ -1,7 +1,9 @@
 """Compile-time settings of the pipeline: images, Kubernetes names, resources, GPU placement.
 
-The defaults match the Helm chart in ``charts/hsissl`` installed as release ``hsissl``;
-``hsissl-pipeline compile --help`` lists the flags that change them.
+The defaults match the Helm chart in ``charts/hsissl`` installed as release ``hsissl``.
+``hsissl-pipeline compile --help`` lists the flags for what differs between clusters and
+releases (images, Secret and ConfigMap names, the PyTorchJob service account, GPU placement,
+/dev/shm, the data PVC; ``pipelines.compile.add_options``); resources and retries change here.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ class PipelineOptions:
     cpu: Resources = Resources("4", "16Gi")  # ingest, pca-poc, report
     train: Resources = Resources("8", "64Gi")  # pretraining, finetuning, baseline
     retry: Retry = Retry()
-    # Pods of the multi-node PyTorchJob run as this service account (the chart's pipeline one).
+    # Pods of the multi-node PyTorchJob run as this service account (the chart's pipeline one;
+    # the KFP run's own service account is chosen at submit time, not compiled in).
     pytorchjob_service_account: str = "hsissl-pipeline"
 
     @property
