@@ -175,3 +175,40 @@ def test_mae_recipe_trains_with_the_configured_dropout_and_saves_an_encoder_with
     rates = {m.p for m in recipe.model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0}
     assert rates == {0.2}
     assert "drop_rate" not in recipe.build()["kwargs"]  # the saved encoder is rebuilt without it
+
+
+DDP_SCRIPT = """
+import sys, torch
+from hsissl.config import load_config
+from hsissl.pretrain.dinov2 import DINOv2Recipe
+from hsissl.pretrain.trainer import Trainer
+
+trainer = Trainer(load_config(sys.argv[1], sys.argv[3:]), DINOv2Recipe, "pretrain-dinov2")
+result = trainer.fit()
+first = next(iter(trainer.loader))[0]  # this rank's share of the next batch
+torch.save({"state": trainer.recipe.state_dict(), "tiles": first, "result": result},
+           f"{sys.argv[2]}/rank{trainer.rt.rank}.pt")
+"""
+
+
+def test_two_processes_under_torchrun_train_one_dinov2_model(synthetic_run, tmp_path):
+    """DDP on the CPU (gloo): each rank reads its own tiles, and student, teacher and centering
+    stay identical on both ranks (the teacher is synced once, then moved by the same EMA)."""
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    overrides = mae_overrides(synthetic_run, **{"pretrain.name": "ddp", "pretrain.max_steps": 3,
+                                                "pretrain.batch_size": 4, "pretrain.knn_tiles": 0})  # fmt: skip
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(script),
+           str(REPO / "configs" / "tiny.yaml"), str(tmp_path), *overrides]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["result"]["steps"] == 3 and ranks[0]["result"]["encoder_uri"]
+    assert ranks[1]["result"]["encoder_uri"] == ""  # only rank 0 writes
+    assert not torch.equal(ranks[0]["tiles"], ranks[1]["tiles"])  # sharded input
+    a, b = ranks[0]["state"], ranks[1]["state"]
+    assert a.keys() == b.keys() and any(k.startswith("teacher.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs between the ranks"

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hsissl {args.stage}: failed: {type(exc).__name__}: {exc} (rerun with --debug for the "
               "traceback)", file=sys.stderr)  # fmt: skip
         return 1
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 prints the result once
+        return 0
     return _print_result(args.stage, result)
 
 
