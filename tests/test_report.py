@@ -6,12 +6,14 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import asdict
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from mlflow.tracking import MlflowClient
 
 from hsissl.config import load_config
@@ -20,8 +22,12 @@ from hsissl.pretrain import checkpoint
 from hsissl.pretrain.mae import MAERecipe
 from hsissl.pretrain.trainer import pretrain
 from hsissl.report import collect as report_collect
+from hsissl.report.captions import results_caption
 from hsissl.report.collect import cls_attention, config_from_dict, example_tiles, mae_reconstruct
-from hsissl.report.plots import PALETTE, colorize
+from hsissl.report.labels import unique_labels
+from hsissl.report.plots import PALETTE, attention_figure, colorize
+from hsissl.report.reference import REFERENCE_NAME, majority_reference, references_for
+from hsissl.segment.metrics import ConfusionMatrix
 from hsissl.stages import baseline, finetune, ingest, pca_poc, report
 from hsissl.stages.common import storage_of
 from hsissl.tracking import resolve_uri
@@ -30,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 HEADINGS = (
     "1. Segmentation results",
-    "2. Pretraining loss curves",
+    "2. Training loss curves",
     "3. Per-class IoU",
     "4. Predicted vs ground-truth maps",
     "5. Last-layer CLS attention",
@@ -202,8 +208,9 @@ def test_every_section_is_built_from_the_runs(runs):
 
 def test_page_is_self_contained_with_valid_embedded_pngs(runs):
     parsed = runs["parsed"]
-    # loss curves, per-class bars, scenes + legend, attention, MAE recon + MSE, PCA x2, data x2
-    assert len(parsed.imgs) == 10 + runs["scenes"]
+    # pretraining + segmentation loss curves, per-class bars, scenes + legend, attention,
+    # MAE recon + MSE, PCA x2, data x2
+    assert len(parsed.imgs) == 11 + runs["scenes"]
     for src in parsed.imgs:
         assert src.startswith("data:image/png;base64,"), src[:80]
         png = base64.b64decode(src.removeprefix("data:image/png;base64,"), validate=True)
@@ -219,7 +226,7 @@ def test_page_is_self_contained_with_valid_embedded_pngs(runs):
 def test_main_table_shows_each_runs_metrics_from_metrics_json(runs):
     table = table_of(runs["parsed"], "results")
     metrics = runs["metrics"]
-    rows = rows_by_name(table)
+    rows = {n: r for n, r in rows_by_name(table).items() if r["cls"] != "reference"}
     segmentation = {n for n, m in metrics.items() if m["kind"] in ("finetune", "baseline")}
     assert set(rows) == segmentation
     for name, row in rows.items():
@@ -240,7 +247,151 @@ def test_main_table_shows_each_runs_metrics_from_metrics_json(runs):
         metrics["finetune-mae-linear"]["scene"]["miou"]
         - metrics["finetune-random-linear"]["scene"]["miou"]
     )
-    assert float(gain["Δ scene mIoU vs random"]["value"]) == pytest.approx(expected)
+    assert float(gain["Δ scene mIoU vs random (pp)"]["value"]) == pytest.approx(expected)
+
+
+def section_of(page: str, sid: str) -> str:
+    start = page.index(f'<section id="{sid}">')
+    return page[start : page.index("</section>", start)]
+
+
+def test_results_caption_and_column_say_how_each_row_was_predicted(runs):
+    table = table_of(runs["parsed"], "results")
+    rows, col = rows_by_name(table), table["header"].index("Scene inference")
+    assert rows["baseline-deeplabv3plus"]["cells"][col]["text"] == "whole scene, one pass"
+    finetuned = ("finetune-mae-linear", "finetune-random-linear", STALE)
+    for name in finetuned:
+        assert rows[name]["cells"][col]["text"] == "sliding window, stride 64 px", name
+        m = runs["metrics"][name]  # the caption's claim holds for these runs
+        assert m["tile"]["matrix"] == m["scene"]["matrix"], name
+    caption = unescape(section_of(runs["page"], "results"))
+    assert "baseline-deeplabv3plus predicts each scene in one pass" in caption
+    assert "(64 px, 3 run(s))" in caption
+    assert "Tile and Scene metrics coincide (identical confusion matrices)" in caption
+    assert "sliding window)" not in caption  # the old blanket claim
+    assert "percentage points (pp)" in caption and "untrained vit_tiny_patch8_64" in caption
+
+
+def test_results_caption_claims_nothing_the_rows_do_not_support():
+    run = {"name": "a", "kind": "finetune", "encoder": {"method": "mae", "factory": "m"}}
+    sliding = run | {"config": {"eval_stride": 32}, "tile": {"matrix": [1]}, "scene": {}}
+    caption = unescape(results_caption([sliding], [], 64))
+    assert "coincide" not in caption and "one pass" not in caption and "Δ" not in caption
+    control = run | {"name": "c", "encoder": {"method": "random", "factory": "vit_s"}}
+    caption = unescape(results_caption([sliding, control], [], 64))
+    assert "untrained vit_s" in caption and "MAE (m) use another architecture" in caption
+    odd = {"name": "odd", "kind": "finetune", "config": "not a dict", "encoder": None}
+    assert "Metrics in %" in results_caption([odd, control], [], 64)  # no raise
+
+
+def test_reference_row_is_the_train_majority_class_scored_like_the_runs(runs):
+    dataset = ShardDataset(runs["store"].join("datasets/whu-ohs"))
+    train = np.asarray(dataset.manifest["splits"]["tr"]["class_pixels"])
+    majority = 1 + int(np.argmax(train[1:]))
+    # brute force: every pixel of every eval tile predicted as the train split's majority class
+    split = dataset.split("ts")
+    target = torch.from_numpy(split.get(np.arange(len(split)))[1].astype(np.int64))  # (n, T, T)
+    cm = ConfusionMatrix()
+    cm.update(torch.full_like(target, majority), target)
+    expected = cm.compute()
+    assert expected["pixels"] == runs["metrics"]["finetune-mae-linear"]["tile"]["pixels"]
+    eval_counts = np.asarray(dataset.manifest["splits"]["ts"]["class_pixels"])
+    assert expected["oa"] == pytest.approx(eval_counts[majority] / eval_counts[1:].sum())
+
+    table = table_of(runs["parsed"], "results")
+    row = rows_by_name(table)[REFERENCE_NAME]
+    assert row["cls"] == "reference" and table["rows"][-1] is row
+    cells = dict(zip(table["header"], row["cells"], strict=True))
+    assert cells["Kind"]["text"] == "reference, not a model"
+    assert cells["Encoder"]["text"].startswith(f"predicts {majority} ")
+    for part in ("Tile", "Scene"):
+        for key, label in (("miou", "mIoU"), ("macc", "mAcc"), ("oa", "OA")):
+            cell = cells[f"{part} {label} %"]
+            assert float(cell["value"]) == pytest.approx(expected[key]), (part, key)
+            assert "best" not in cell["cls"]
+    md = runs["store"].get_bytes("reports/report/summary.md").decode()
+    line = next(ln for ln in md.splitlines() if REFERENCE_NAME in ln and ln.startswith("|"))
+    assert "not a model" in line and f"| {100 * expected['miou']:.2f} |" in line
+
+
+def test_majority_reference_counts_absent_classes_like_the_confusion_matrix():
+    names = ["unlabelled", "a", "b", "c"]
+    manifest = {"num_classes": 3, "class_names": names, "tile_size": 64, "stride": 32}
+    manifest["splits"] = {
+        "tr": {"class_pixels": [5, 1, 9, 2]},
+        "ts": {"class_pixels": [7, 6, 2, 0]},
+    }
+    ref = majority_reference(manifest, "ts")
+    assert (ref["class_id"], ref["class_name"]) == (2, "b")
+    tile = ref["tile"]
+    assert tile["oa"] == pytest.approx(2 / 8) and tile["pixels"] == 8
+    assert tile["per_class_iou"] == [0.0, pytest.approx(0.25), None]  # class 3 absent: left out
+    assert tile["miou"] == pytest.approx(0.125) and tile["macc"] == pytest.approx(0.5)
+    assert ref["scene"] == {}  # overlapping tiles: scene pixels are not the tiles' pixels
+    assert majority_reference(manifest | {"stride": 64}, "ts")["scene"] == tile
+    problems: list[str] = []
+    assert references_for(manifest, [{"config": {"eval_split": "va"}}], problems) == []
+    assert len(problems) == 1 and "splits.va.class_pixels" in problems[0]
+    defaulted = references_for(manifest, [{"config": "not a dict"}], problems)  # eval split ts
+    assert [r["eval_split"] for r in defaulted] == ["ts"] and len(problems) == 1
+
+
+def test_segmentation_loss_curves_show_every_heads_and_the_baselines_history(runs, monkeypatch):
+    panels: dict = {}
+    monkeypatch.setattr(report.plots, "loss_panels", lambda p, title: panels.update(p) or b"")
+    cfg = cfg_for(runs["run_dir"])
+    report.section_training(report_collect.collect(cfg), cfg)
+    metrics = runs["metrics"]
+    assert panels["DeepLabV3+ baseline"] == {
+        "from scratch": metrics["baseline-deeplabv3plus"]["history"]
+    }
+    linear = panels["linear head"]
+    assert set(panels) == {"DeepLabV3+ baseline", "linear head"} and len(linear) == 3
+    assert linear["random init"] == metrics["finetune-random-linear"]["history"]
+    mae = [v for k, v in linear.items() if k.startswith("MAE ")]  # two MAE runs: told apart
+    assert sorted(map(len, mae)) == sorted(
+        len(metrics[n]["history"]) for n in (STALE, "finetune-mae-linear")
+    )
+    assert all(len(label) <= 30 for label in linear)
+    section = section_of(runs["page"], "training")
+    assert section.count("<img") == 2  # the MAE pretraining curve and the segmentation panels
+    assert section.index("Segmentation heads and baseline") < section.rindex("<img")
+
+
+def test_attention_rows_have_short_labels_that_fit_their_row(runs):
+    names = {
+        "mae-local-20261126-053056-5db01b": "mae",
+        "dinov2-local-20261126-053056-5db01b": "dinov2",
+    }
+    assert list(unique_labels(names | {"ssvit-x": "ssvit"}).values()) == ["MAE", "DINOv2", "SS-ViT"]
+    two = unique_labels({"mae-local-20261126-053056-5db01b": "mae", "mae-local-1-aaa": "mae"})
+    assert sorted(two.values()) == ["MAE mae-local-1-aaa", "MAE mae-local-202…5db01b"]
+    assert "MAE = checkpoints/mae" in unescape(section_of(runs["page"], "attention"))
+
+    rgbs = [np.zeros((64, 64, 3), np.uint8)] * 2
+    long = "mae-local-20261126-053056-5db01b (mae)"  # what the rows were labelled before
+    maps = {label: np.random.default_rng(0).random((2, 8, 8)) for label in (long, "MAE")}
+    fig = attention_figure(rgbs, maps, ["tile 0", "tile 1"])
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    labelled = [ax for ax in fig.axes if ax.get_ylabel()]
+    assert len(labelled) == 3  # RGB + one per encoder
+    for ax in labelled:
+        text = ax.yaxis.label.get_window_extent(canvas.get_renderer())
+        box = ax.get_window_extent(canvas.get_renderer())
+        assert text.height <= box.height, (ax.get_ylabel(), text.height, box.height)
+
+
+def test_stage_runs_are_named_after_their_result_with_the_encoder_as_a_param(runs):
+    client = MlflowClient(tracking_uri=resolve_uri("", runs["run_dir"]))
+    experiment = client.get_experiment_by_name("hsissl")
+    found = client.search_runs([experiment.experiment_id], "tags.stage = 'finetune'")
+    by_name = {r.info.run_name: r.data.params for r in found}
+    assert set(by_name) == {"finetune-mae-linear", "finetune-random-linear"}
+    assert by_name["finetune-mae-linear"]["encoder_uri"] == runs["encoder_uri"]
+    assert by_name["finetune-random-linear"]["encoder_uri"] == "random:vit_tiny_patch8_64"
+    pretrain = client.search_runs([experiment.experiment_id], "tags.stage = 'pretrain-mae'")
+    assert [r.info.run_name for r in pretrain] == ["pretrain-mae"]  # checkpoints/mae
 
 
 def test_per_class_tables_show_absent_classes_as_a_dash(runs):
@@ -279,6 +430,7 @@ def test_fingerprints_shown_and_a_mismatching_run_flagged_red(runs):
             assert cell["text"].startswith(dataset_fp) and "bad" not in cell["inner"], name
     assert result["mismatches"] == [f"result {STALE}"]
     main = rows_by_name(table_of(parsed, "results"))
+    main.pop(REFERENCE_NAME)  # a reference, never bold: tested with the reference
     assert "bad" in main[STALE]["cells"][-1]["inner"] and main[STALE]["cls"] == "mismatch"
     assert "bad" not in main["finetune-mae-linear"]["cells"][-1]["inner"]
     # bold = best of its column among the runs that match the dataset; the stale copy (same

@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from hsissl.config import Config, to_yaml
-from hsissl.tracking import resolve_uri, start_run
+from hsissl.tracking import resolve_uri, run_name, start_run
 
 
 def _cfg(uri: str) -> Config:
@@ -77,6 +77,46 @@ def test_run_logs_config_metrics_tags_artifacts(
     assert (out / "config.yaml").read_text() == to_yaml(cfg)
     assert json.loads((out / "eval" / "final.json").read_text()) == {"miou": 0.42}
     assert (out / "notes" / "note.txt").read_text() == "hello"
+
+
+def test_naming_tags_rename_the_run_and_log_the_resolved_encoder(
+    mlflow_server: str, clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cfg = _cfg(mlflow_server)
+    encoder = "s3://bucket/checkpoints/mae-local-20261126-5db01b/encoder.pt"
+    with start_run(cfg, "finetune", tmp_path) as finetune:  # as stages/finetune.py tags it
+        finetune.set_tags({"encoder_uri": encoder, "method": "mae", "results": "finetune-mae-conv"})
+        finetune.set_tags({"encoder_uri": "random:vit", "phase": "eval"})  # names nothing now
+    with start_run(cfg, "pretrain-mae", tmp_path) as pretrain:  # tagged when it saves
+        pretrain.set_tags({"encoder_uri": encoder})
+    with start_run(cfg, "pca-poc", tmp_path) as pca:
+        pca.set_tags({"results": "file:///store/results/pca-poc"})
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(finetune.run_id)
+    assert run.info.run_name == "finetune-mae-conv"
+    assert run.data.params["encoder_uri"] == encoder  # the config's finetune.encoder may be ''
+    assert run.data.tags["encoder_uri"] == "random:vit"  # tags still follow the last call
+    assert client.get_run(pretrain.run_id).info.run_name == "pretrain-mae-local-20261126-5db01b"
+    assert client.get_run(pretrain.run_id).data.params["encoder_uri"] == encoder
+    assert client.get_run(pca.run_id).info.run_name == "pca-poc"
+
+
+@pytest.mark.parametrize(
+    ("stage", "output", "expected"),
+    [
+        ("finetune", "finetune-mae-linear", "finetune-mae-linear"),
+        ("finetune", "heads-lr3", "finetune-heads-lr3"),
+        ("baseline-deeplabv3plus", "baseline-deeplabv3plus", "baseline-deeplabv3plus"),
+        ("pretrain-mae", "file:///s/checkpoints/mae-a1/encoder.pt", "pretrain-mae-a1"),
+        ("pretrain-dinov2", "s3://b/checkpoints/dinov2/encoder.pt", "pretrain-dinov2"),
+        ("pretrain-mae", "", "pretrain-mae"),
+    ],
+)
+def test_run_name_joins_stage_and_output_without_repeats(
+    stage: str, output: str, expected: str
+) -> None:
+    assert run_name(stage, output) == expected
 
 
 def test_nested_runs_carry_parent_tag(

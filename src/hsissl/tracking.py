@@ -2,6 +2,11 @@
 
 Uses ``MlflowClient`` only, so no global active run or global tracking URI is left
 behind when the ``start_run`` block exits.
+
+A run starts named after its stage; the tags a stage sets name what it made, so
+:meth:`Tracker.set_tags` renames the run ``<stage>-<name>`` from the ``results`` tag (a result
+name or URI) or, failing that, the ``encoder_uri`` tag (``…/checkpoints/<name>/encoder.pt``),
+and logs ``encoder_uri`` (the encoder a run trained or used, resolved) as a param as well.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ if TYPE_CHECKING:
 
     from hsissl.config import Config
 
+NAME_TAGS = ("results", "encoder_uri")  # tags naming a run's output, first present wins
+PARAM_TAGS = ("encoder_uri",)  # tags also logged as params (searchable, shown with the config)
 PARENT_RUN_ENV = "HSISSL_PARENT_RUN_ID"
 GIT_SHA_ENV = "HSISSL_GIT_SHA"
 KFP_RUN_ENV = "KFP_RUN_ID"
@@ -67,9 +74,12 @@ def resolve_uri(configured: str, run_dir: str | Path) -> str:
 class Tracker:
     """Logging handle for one MLflow run (yielded by ``start_run``)."""
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, stage: str = "") -> None:
         self.client = client
         self.run_id = run_id
+        self.stage = stage
+        self._named_by: int | None = None  # index in NAME_TAGS of the tag that named the run
+        self._params: set[str] = set()  # PARAM_TAGS already logged (MLflow params are final)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         now_ms = int(time.time() * 1000)
@@ -86,10 +96,24 @@ class Tracker:
         self.client.log_dict(self.run_id, data, name)
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        """Set ``tags``; a ``results``/``encoder_uri`` tag also names the run (module doc)."""
         ml = _mlflow()
         items = [ml.RunTag(k, str(v)) for k, v in tags.items()]
         for i in range(0, len(items), ml.MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self.run_id, tags=items[i : i + ml.MAX_PARAMS_TAGS_PER_BATCH])
+        params = [
+            ml.Param(k, str(tags[k])[: ml.MAX_PARAM_VAL_LENGTH])
+            for k in PARAM_TAGS
+            if tags.get(k) and k not in self._params
+        ]
+        if params:
+            self.client.log_batch(self.run_id, params=params)
+            self._params |= {p.key for p in params}
+        for rank, key in enumerate(NAME_TAGS):
+            if tags.get(key) and (self._named_by is None or rank <= self._named_by):
+                self.client.update_run(self.run_id, name=run_name(self.stage, str(tags[key])))
+                self._named_by = rank
+                break
 
 
 @contextmanager
@@ -100,7 +124,8 @@ def start_run(
     tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
 ) -> Iterator[Tracker]:
-    """One MLflow run named ``stage`` with the config logged; FAILED if the block raises.
+    """One MLflow run named ``stage`` (until a naming tag is set) with the config logged;
+    FAILED if the block raises.
 
     Nested under ``parent_run_id`` (or $HSISSL_PARENT_RUN_ID) when given.
     """
@@ -121,7 +146,7 @@ def start_run(
     run_tags.update(tags or {})
 
     run = client.create_run(exp_id, run_name=stage, tags=run_tags)
-    tracker = Tracker(client, run.info.run_id)
+    tracker = Tracker(client, run.info.run_id, stage)
     try:
         # MLflow rejects values over 6000 chars and more than 100 params per call
         params = [ml.Param(k, str(v)[: ml.MAX_PARAM_VAL_LENGTH]) for k, v in flatten(cfg).items()]
@@ -133,6 +158,20 @@ def start_run(
         client.set_terminated(tracker.run_id, "FAILED")
         raise
     client.set_terminated(tracker.run_id, "FINISHED")
+
+
+def run_name(stage: str, output: str) -> str:
+    """``<stage>-<name>`` for the result/checkpoint ``output`` (a name or a URI), without
+    repeating the words they share: ``finetune`` + ``finetune-mae-linear`` ->
+    ``finetune-mae-linear``; ``pretrain-mae`` + ``…/checkpoints/mae-local-1/encoder.pt`` ->
+    ``pretrain-mae-local-1``."""
+    parts = [p for p in output.rstrip("/").split("/") if p]
+    name = parts[-2] if len(parts) > 1 and parts[-1] == "encoder.pt" else (parts or [""])[-1]
+    if not name:
+        return stage
+    words, out = stage.split("-"), name.split("-")
+    overlap = max(k for k in range(len(words) + 1) if words[len(words) - k :] == out[:k])
+    return "-".join(words + out[overlap:])
 
 
 def experiment_id(client: MlflowClient, name: str, uri: str) -> str:

@@ -27,6 +27,7 @@ from hsissl.config import Config, load_config
 from hsissl.data.normalize import Normalizer
 from hsissl.data.shards import ShardDataset
 from hsissl.pretrain import checkpoint
+from hsissl.report.reference import references_for
 from hsissl.stages.common import dataset_uri, storage_of
 from hsissl.storage import Storage
 
@@ -36,6 +37,7 @@ METHOD_ORDER = ("none", "random", "mae", "dinov2", "ssvit")  # baseline, control
 HEAD_ORDER = ("linear", "conv", "segmenter")
 TILE_SPLITS = ("ts", "va", "tr")  # where example tiles come from, first present wins
 UNFINISHED = (".partial-", ".old-")  # folders of an unfinished/replaced transaction
+SEGMENTATION_KINDS = ("finetune", "baseline")  # results with tile/scene metrics
 
 
 @dataclass(eq=False)  # compared by identity: it holds arrays
@@ -86,6 +88,7 @@ class ReportInputs:
     results: list[ResultRun]
     encoders: list[EncoderRun]
     problems: list[str]  # inputs that were asked for or found but could not be read
+    references: list[dict[str, Any]] = field(default_factory=list)  # chance rows, per eval split
 
     @property
     def manifest(self) -> dict[str, Any] | None:
@@ -98,7 +101,7 @@ class ReportInputs:
     @property
     def segmentation(self) -> list[ResultRun]:
         """Finetune and baseline runs (those with tile/scene metrics), in table order."""
-        return sort_runs([r for r in self.results if r.kind in ("finetune", "baseline")])
+        return sort_runs([r for r in self.results if r.kind in SEGMENTATION_KINDS])
 
 
 def collect(cfg: Config) -> ReportInputs:
@@ -122,9 +125,14 @@ def collect(cfg: Config) -> ReportInputs:
         if (e := _load_encoder_run(store, name, problems)) is not None
     ]
     encoders.sort(key=lambda e: (_rank(e.method, METHOD_ORDER), e.name))
+    references = references_for(
+        dataset.manifest if dataset is not None else None,
+        [r.metrics for r in results if r.kind in SEGMENTATION_KINDS],
+        problems,
+    )
     for p in problems:
         log.warning("report input: %s", p)
-    return ReportInputs(store, uri, dataset, results, encoders, problems)
+    return ReportInputs(store, uri, dataset, results, encoders, problems, references)
 
 
 def result_names(store: Storage, wanted: list[str], problems: list[str]) -> list[str]:

@@ -9,8 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from hsissl.report.labels import scene_inference
+
 DASH = "–"  # a metric that does not exist (class absent from ground truth and prediction)
 METRICS = (("miou", "mIoU"), ("macc", "mAcc"), ("oa", "OA"))
+GAIN_HEADER = "Δ scene mIoU vs random (pp)"  # percentage points
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
@@ -27,7 +30,7 @@ td code, td span { white-space: nowrap; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tbody tr:nth-child(even) { background: #fafafa; }
 tr.baseline td { background: #eef5ff; } tr.control td { background: #fff6e5; }
-tr.mismatch td { background: #ffe8e8; }
+tr.mismatch td { background: #ffe8e8; } tr.reference td { color: #555; font-style: italic; }
 .best { font-weight: bold; }
 .bad { color: #c00000; font-weight: bold; } .ok { color: #1a7f37; }
 .notrun { color: #777; font-style: italic; } .failed { color: #c00000; }
@@ -145,9 +148,15 @@ def fingerprint_cell(fingerprint: str | None, matches: bool | None) -> Raw:
 
 
 # -- tables over result runs (metrics.json dicts) -------------------------------------------------
-def results_table(runs: Sequence[dict[str, Any]], dataset_fingerprint: str | None) -> str:
-    """Main table: one row per finetune/baseline run, tile and whole-scene metrics (%), the gain
-    in scene mIoU over the random-init control with the same head, and the Normalizer used.
+def results_table(
+    runs: Sequence[dict[str, Any]],
+    dataset_fingerprint: str | None,
+    references: Sequence[dict[str, Any]] = (),
+) -> str:
+    """Main table: one row per finetune/baseline run, tile and whole-scene metrics (%), how the
+    scenes were predicted, the gain in scene mIoU (percentage points) over the random-init
+    control with the same head, and the Normalizer used; then the chance ``references``
+    (:func:`hsissl.report.reference.majority_reference`), which never count as the best.
 
     A run normalised with other statistics than the dataset's is shown in red and never counts
     as the best or as the control (its numbers are not comparable).
@@ -169,9 +178,9 @@ def results_table(runs: Sequence[dict[str, Any]], dataset_fingerprint: str | Non
         for part in ("tile", "scene")
         for key, _ in METRICS
     }
-    header = ["Run", "Kind", "Encoder", "Head"]
+    header = ["Run", "Kind", "Encoder", "Head", "Scene inference"]
     header += [f"{where} {label} %" for where in ("Tile", "Scene") for _, label in METRICS]
-    header += ["Δ scene mIoU vs random", "Normalizer"]
+    header += [GAIN_HEADER, "Normalizer"]
     rows, classes = [], []
     for m in runs:
         ok = matches(m) is not False
@@ -180,6 +189,7 @@ def results_table(runs: Sequence[dict[str, Any]], dataset_fingerprint: str | Non
             m.get("kind", "?"),
             _encoder_label(m),
             m.get("head", "?"),
+            scene_inference(m),
         ]
         for part in ("tile", "scene"):
             for key, _ in METRICS:
@@ -194,6 +204,18 @@ def results_table(runs: Sequence[dict[str, Any]], dataset_fingerprint: str | Non
         row.append(fingerprint_cell(m.get("normalizer"), matches(m)))
         rows.append(row)
         classes.append(_row_class(m, ok))
+    for ref in references:
+        row = [
+            Raw(f"<i>{esc(ref['name'])}</i>"),
+            "reference, not a model",
+            f"predicts {ref['class_id']} {ref['class_name']} everywhere",
+            DASH,
+            f"{ref['eval_split']} split class counts",
+        ]
+        for part in ("tile", "scene"):
+            row += [Cell(pct(v := ref[part].get(key)), "num", v) for key, _ in METRICS]
+        rows.append([*row, DASH, DASH])
+        classes.append("reference")
     return table(header, rows, classes, cls="results")
 
 
@@ -284,16 +306,18 @@ def markdown_summary(
     fingerprints: Sequence[FingerprintRow],
     others: Sequence[dict[str, Any]],
     problems: Sequence[str],
+    references: Sequence[dict[str, Any]] = (),
 ) -> str:
-    """The main table, the Normalizer fingerprints and the runs, for a supervisor's inbox."""
+    """The main table (with the chance references), the Normalizer fingerprints and the runs,
+    for a supervisor's inbox."""
     lines = [f"# {title}", ""]
     lines += [f"- {k}: `{v}`" for k, v in meta]
     lines += ["", "## Segmentation results (%)", ""]
     if runs:
         lines += [
-            "| Run | Encoder | Head | Tile mIoU | Scene mIoU | Scene mAcc | Scene OA "
-            "| Normalizer |",
-            "|---|---|---|--:|--:|--:|--:|---|",
+            "| Run | Encoder | Head | Scene inference | Tile mIoU | Scene mIoU | Scene mAcc "
+            "| Scene OA | Normalizer |",
+            "|---|---|---|---|--:|--:|--:|--:|---|",
         ]
         flags = {r.name: r.matches for r in fingerprints if r.what == "result"}
         for m in runs:
@@ -302,8 +326,16 @@ def markdown_summary(
             tile, scene = m.get("tile", {}), m.get("scene", {})
             lines.append(
                 f"| `{m['name']}` | {_encoder_label(m)} | {m.get('head', '?')} | "
-                f"{pct(tile.get('miou'))} | {pct(scene.get('miou'))} | "
+                f"{scene_inference(m)} | {pct(tile.get('miou'))} | {pct(scene.get('miou'))} | "
                 f"{pct(scene.get('macc'))} | {pct(scene.get('oa'))} | {fp_text} |"
+            )
+        for ref in references:
+            tile, scene = ref["tile"], ref["scene"]
+            lines.append(
+                f"| *{ref['name']}* (reference, not a model) | predicts {ref['class_id']} "
+                f"{ref['class_name']} everywhere | {DASH} | {ref['eval_split']} split class "
+                f"counts | {pct(tile.get('miou'))} | {pct(scene.get('miou'))} | "
+                f"{pct(scene.get('macc'))} | {pct(scene.get('oa'))} | {DASH} |"
             )
     else:
         lines.append("Not run: no finetune or baseline results in the store.")

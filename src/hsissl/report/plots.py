@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -54,6 +55,8 @@ SERIES_COLOURS = (
     "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5",
 )  # fmt: skip
 DPI = 100
+ROW_LABEL_SIZE = 9  # pt, row labels of image grids
+ROW_LABEL_CHARS = 18  # per line: 18 chars at 9 pt stay within a 2.3-inch row
 
 
 def to_png(fig: Figure) -> bytes:
@@ -83,7 +86,25 @@ def _hide_axes(ax) -> None:
 def loss_curves(runs: Mapping[str, Sequence[Mapping[str, float]]], title: str) -> bytes:
     """Training loss vs step, one line per run; log y-axis when the loss spans > 20x."""
     fig = Figure(figsize=(6.4, 3.4))
-    ax = fig.add_subplot()
+    _plot_losses(fig.add_subplot(), runs, title)
+    return to_png(fig)
+
+
+def loss_panels(
+    panels: Mapping[str, Mapping[str, Sequence[Mapping[str, float]]]], title: str
+) -> bytes:
+    """One :func:`loss_curves` panel per entry of ``panels`` (``{panel title: {line label:
+    history}}``), two per row, each with its own y-range."""
+    ncols = min(2, max(1, len(panels)))
+    nrows = max(1, math.ceil(len(panels) / ncols))
+    fig = Figure(figsize=(6.0 * ncols, 3.2 * nrows + 0.4), layout="constrained")
+    fig.suptitle(title, fontsize=11)
+    for i, (name, runs) in enumerate(panels.items()):
+        _plot_losses(fig.add_subplot(nrows, ncols, i + 1), runs, name)
+    return to_png(fig)
+
+
+def _plot_losses(ax, runs: Mapping[str, Sequence[Mapping[str, float]]], title: str) -> None:
     values: list[float] = []
     for i, (name, history) in enumerate(runs.items()):
         points = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
@@ -105,10 +126,9 @@ def loss_curves(runs: Mapping[str, Sequence[Mapping[str, float]]], title: str) -
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, frameon=False)
-    return to_png(fig)
 
 
 def per_class_iou_bars(
@@ -182,8 +202,16 @@ def class_legend(class_ids: Sequence[int] | None = None) -> bytes:
 def attention_grid(
     rgbs: Sequence[np.ndarray], maps: Mapping[str, np.ndarray], captions: Sequence[str]
 ) -> bytes:
-    """Row 0: RGB composites of the tiles; one row per encoder: its CLS attention (n, h, w),
-    each map scaled to its own range and drawn over the tile's extent."""
+    """PNG of :func:`attention_figure`."""
+    return to_png(attention_figure(rgbs, maps, captions))
+
+
+def attention_figure(
+    rgbs: Sequence[np.ndarray], maps: Mapping[str, np.ndarray], captions: Sequence[str]
+) -> Figure:
+    """Row 0: RGB composites of the tiles; one row per encoder (``maps`` keyed by a short row
+    label, wrapped to fit the row's height): its CLS attention (n, h, w), each map scaled to
+    its own range and drawn over the tile's extent."""
     n = len(rgbs)
     rows = 1 + len(maps)
     fig = Figure(figsize=(2.3 * n + 1.2, 2.3 * rows))
@@ -194,7 +222,7 @@ def attention_grid(
         ax.set_title(captions[j], fontsize=8)
         _hide_axes(ax)
         if j == 0:
-            ax.set_ylabel("RGB", fontsize=9)
+            ax.set_ylabel("RGB", fontsize=ROW_LABEL_SIZE)
     for i, (name, stack) in enumerate(maps.items(), start=1):
         for j in range(n):
             ax = fig.add_subplot(grid[i, j])
@@ -202,8 +230,17 @@ def attention_grid(
             ax.imshow(stack[j], cmap="inferno", interpolation="nearest", extent=(0, size, size, 0))
             _hide_axes(ax)
             if j == 0:
-                ax.set_ylabel(name, fontsize=9)
-    return to_png(fig)
+                ax.set_ylabel(wrap_label(name), fontsize=ROW_LABEL_SIZE)
+    return fig
+
+
+def wrap_label(text: str, width: int = ROW_LABEL_CHARS, max_lines: int = 3) -> str:
+    """``text`` in lines of at most ``width`` characters (long words broken), at most
+    ``max_lines`` of them (the last ends in "…" when text was cut)."""
+    lines = textwrap.wrap(text, width, break_long_words=True, break_on_hyphens=True) or [""]
+    if len(lines) > max_lines:
+        lines = [*lines[: max_lines - 1], lines[max_lines - 1][: width - 1] + "…"]
+    return "\n".join(lines)
 
 
 def mae_reconstruction(

@@ -120,6 +120,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "normalizer": normalizer.fingerprint,
             "tile": tile_result,
             "scene": scene_result,
+            "scene_inference": "sliding",  # windows of the tile size at finetune.eval_stride
             "history": history,
             "config": asdict(ft),
             "seconds": time.perf_counter() - start,

@@ -20,7 +20,9 @@ import numpy as np
 from hsissl.config import Config, ConfigError
 from hsissl.data.ohs import BAND_CENTRES_NM, CLASS_NAMES, REFLECTANCE_SCALE
 from hsissl.report import html, plots
+from hsissl.report.captions import results_caption
 from hsissl.report.collect import (
+    SEGMENTATION_KINDS,
     ReportInputs,
     ResultRun,
     collect,
@@ -28,6 +30,7 @@ from hsissl.report.collect import (
     example_tiles,
     mae_reconstruct,
 )
+from hsissl.report.labels import method_label, unique_labels
 from hsissl.segment.scenes import rgb_composite
 from hsissl.stages.common import run_dir_of, stage_run, storage_of
 
@@ -64,7 +67,7 @@ def run(cfg: Config) -> dict[str, Any]:
         others = [r.metrics for r in inputs.results if r.kind not in ("finetune", "baseline")]
         page = html.page(title, meta, inputs.problems, sections)
         summary = html.markdown_summary(
-            title, meta, segmentation, fingerprints, others, inputs.problems
+            title, meta, segmentation, fingerprints, others, inputs.problems, inputs.references
         )
         prefix = f"reports/{rc.name}"
         with store.transaction(prefix) as tx:
@@ -104,7 +107,7 @@ def build_sections(inputs: ReportInputs, cfg: Config) -> list[html.Section]:
     """Every section, in order; missing inputs give "not run", an exception gives "failed"."""
     builders: list[tuple[str, str, Callable[[ReportInputs, Config], str]]] = [
         ("results", "1. Segmentation results", section_results),
-        ("pretraining", "2. Pretraining loss curves", section_pretraining),
+        ("training", "2. Training loss curves", section_training),
         ("per-class", "3. Per-class IoU", section_per_class),
         ("maps", "4. Predicted vs ground-truth maps", section_maps),
         ("attention", "5. Last-layer CLS attention", section_attention),
@@ -129,12 +132,10 @@ def section_results(inputs: ReportInputs, cfg: Config) -> str:
     runs = [r.metrics for r in inputs.segmentation]
     if not runs:
         raise NotRun("no finetune or baseline results in the store")
+    tile = (inputs.manifest or {}).get("tile_size")
     body = [
-        "<p>Metrics in %: at tile size (the eval split's tiles) and on whole scenes (sliding "
-        "window). Blue rows: DeepLabV3+ baseline from scratch; orange rows: random-init "
-        "control; red rows: normalised with other statistics than the dataset's (not comparable, "
-        "never bold). Bold: best per column.</p>",
-        html.results_table(runs, inputs.dataset_fingerprint),
+        results_caption(runs, inputs.references, tile),
+        html.results_table(runs, inputs.dataset_fingerprint, inputs.references),
         html.details(
             "Per-class IoU on whole scenes (%)", html.per_class_table(runs, "scene", CLASS_NAMES)
         ),
@@ -152,7 +153,7 @@ def section_results(inputs: ReportInputs, cfg: Config) -> str:
             f'<p class="bad">Evaluated on another dataset than {html.esc(inputs.dataset_uri)}:'
             f"</p><ul>{items}</ul>"
         )
-    others = [r for r in inputs.results if r.kind not in ("finetune", "baseline", "pca")]
+    others = [r for r in inputs.results if r.kind not in (*SEGMENTATION_KINDS, "pca")]
     if others:
         body.append(
             "<p>Other results (not in the table): "
@@ -162,24 +163,56 @@ def section_results(inputs: ReportInputs, cfg: Config) -> str:
     return "".join(body)
 
 
-def section_pretraining(inputs: ReportInputs, cfg: Config) -> str:
-    with_history = [e for e in inputs.encoders if e.history]
-    if not with_history:
-        raise NotRun("no encoder checkpoints with a history.json in the store")
-    body = []
-    for method in dict.fromkeys(e.method for e in with_history):
-        runs = {e.name: e.history for e in with_history if e.method == method}
+def section_training(inputs: ReportInputs, cfg: Config) -> str:
+    """Pretraining loss per method, then the segmentation heads' and the baseline's."""
+    encoders = [e for e in inputs.encoders if e.history]
+    heads = [r for r in inputs.segmentation if r.metrics.get("history")]
+    if not encoders and not heads:
+        raise NotRun("no encoder history.json and no finetune/baseline history in the store")
+    body = ["<h3>Pretraining (encoders)</h3>"]
+    for method in dict.fromkeys(e.method for e in encoders):
+        runs = {e.name: e.history for e in encoders if e.method == method}
         steps = ", ".join(f"{n}: {int(h[-1]['step'])} steps" for n, h in runs.items())
         body.append(
             html.figure(
-                plots.loss_curves(runs, f"{method} pretraining loss"),
+                plots.loss_curves(runs, f"{method_label(method)} pretraining loss"),
                 f"{method}: training loss per logged step ({steps}).",
             )
         )
     missing = [e.name for e in inputs.encoders if not e.history]
     if missing:
         body.append(f"<p class=notrun>No history.json for: {html.esc(', '.join(missing))}</p>")
+    if not encoders:
+        body.append(html.not_run("no encoder checkpoint with a history.json in the store"))
+    body.append("<h3>Segmentation heads and baseline</h3>")
+    body.append(segmentation_losses(inputs, heads))
     return "".join(body)
+
+
+def segmentation_losses(inputs: ReportInputs, runs: list[ResultRun]) -> str:
+    """One panel per finetune head (a line per encoder) and one for the baselines."""
+    if not runs:
+        return html.not_run("no finetune or baseline result with a training history")
+    groups: dict[str, list[ResultRun]] = {}
+    for r in runs:
+        title = "DeepLabV3+ baseline" if r.kind == "baseline" else f"{r.head} head"
+        groups.setdefault(title, []).append(r)
+    panels = {}
+    for title, group in groups.items():
+        labels = unique_labels({r.name: r.method for r in group})
+        panels[title] = {labels[r.name]: r.metrics["history"] for r in group}
+    steps = sorted({int(r.metrics["history"][-1].get("step", 0)) for r in runs})
+    body = html.figure(
+        plots.loss_panels(panels, "Segmentation training loss"),
+        f"Training loss per logged step of {len(runs)} segmentation run(s) (last step "
+        f"{', '.join(map(str, steps))}): one panel per head type, a line per encoder "
+        "(random init = the untrained control); the baseline's loss includes its auxiliary "
+        "term. A curve that does not fall is a run that did not learn.",
+    )
+    missing = [r.name for r in inputs.segmentation if not r.metrics.get("history")]
+    if missing:
+        body += f"<p class=notrun>No history in metrics.json of: {html.esc(', '.join(missing))}</p>"
+    return body
 
 
 def section_per_class(inputs: ReportInputs, cfg: Config) -> str:
@@ -242,10 +275,10 @@ def section_attention(inputs: ReportInputs, cfg: Config) -> str:
     tiles = example_tiles(inputs.dataset, ATTENTION_TILES)
     rgbs = [rgb_composite(image) for image in tiles.images]
     maps, notes = {}, []
+    labels = unique_labels({e.name: e.method for e in inputs.encoders})
     for e in inputs.encoders:
         try:
-            label = e.name if e.name == e.method else f"{e.name} ({e.method})"
-            maps[label], normalizer = encoder_attention(e.uri, tiles.images)
+            maps[labels[e.name]], normalizer = encoder_attention(e.uri, tiles.images)
         except Exception as exc:
             notes.append(f"{e.name}: {type(exc).__name__}: {exc}")
             continue
@@ -262,7 +295,9 @@ def section_attention(inputs: ReportInputs, cfg: Config) -> str:
                 plots.attention_grid(rgbs, maps, captions),
                 "CLS-token attention of the last block over the patch tokens, "
                 "mean over heads (each map on its own scale), inputs normalised "
-                "with each encoder's own Normalizer.",
+                "with each encoder's own Normalizer. Rows: "
+                + "; ".join(f"{labels[e.name]} = checkpoints/{e.name}" for e in inputs.encoders)
+                + ".",
             )
         )
     if notes:
