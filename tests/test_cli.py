@@ -80,3 +80,17 @@ def test_report_with_missing_inputs_is_written_but_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "hsissl report: error: report.results names ['nope']" in err
     assert list(tmp_path.rglob("report.html"))  # the page exists all the same
+
+
+def test_overrides_may_follow_flags(monkeypatch, tmp_path):
+    seen = {}
+    module = importlib.import_module("hsissl.stages.finetune")
+    monkeypatch.setattr(module, "run", lambda cfg, **kw: seen.setdefault("cfg", cfg) and {})
+    argv = ["finetune", f"run_dir={tmp_path}", "--head", "conv", "finetune.max_steps=5",
+            "--encoder", "random:vit_tiny_patch8_64", "finetune.lr=0.01"]  # fmt: skip
+    assert cli.main(argv) == 0
+    ft = seen["cfg"].finetune
+    assert (ft.head, ft.max_steps, ft.lr) == ("conv", 5, 0.01)
+    assert ft.encoder == "random:vit_tiny_patch8_64"
+    with pytest.raises(SystemExit):  # a flag it does not know is still an error
+        cli.main(["finetune", "--heads", "conv"])
