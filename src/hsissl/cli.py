@@ -71,7 +71,7 @@ then KEY=VALUE overrides with dotted keys, e.g.:
   hsissl ingest --config configs/tiny.yaml data.tile_size=32 data.source=/data/WHU-OHS
 Each run saves its fully resolved config beside its outputs and in MLflow.
 Exit codes: 0 ok, 1 unexpected error, 2 invalid input data or config (report: inputs missing,
-the page is still written), 130 interrupted (Ctrl-C)."""
+the page is still written), 130 interrupted (Ctrl-C or SIGTERM)."""
 
 EXIT_INTERRUPTED = 128 + 2  # the shell's code for a command stopped by SIGINT
 
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from hsissl.data.normalize import NormalizerMismatch
     from hsissl.data.scenes import DataContractError
     from hsissl.pretrain.checkpoint import CheckpointError
+    from hsissl.tracking import TrackingError
 
     try:
         flags = [f"{key}={getattr(args, key)}" for key, _ in FLAGS.get(args.stage, {}).values()
@@ -123,14 +124,16 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"hsissl.stages.{STAGES[args.stage][0]}")
         kwargs = {"report": True} if getattr(args, "report", False) else {}
         result = module.run(cfg, **kwargs)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if args.debug:
             raise
-        print(f"hsissl {args.stage}: interrupted{_resume_hint(args.stage)}", file=sys.stderr)
+        how = f" ({exc})" if str(exc) else ""  # the trainer says at which step it stopped
+        print(f"hsissl {args.stage}: interrupted{how}{_resume_hint(args.stage)}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    # FileNotFoundError: a dataset, scene or checkpoint the user named is missing
+    # FileNotFoundError: a dataset, scene or checkpoint the user named is missing;
+    # TrackingError: the MLflow server the config names does not answer
     except (ConfigError, DataContractError, NormalizerMismatch, CheckpointError,
-            FileNotFoundError) as exc:  # fmt: skip
+            FileNotFoundError, TrackingError) as exc:  # fmt: skip
         print(f"hsissl {args.stage}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

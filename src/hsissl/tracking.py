@@ -7,14 +7,19 @@ A run starts named after its stage; the tags a stage sets name what it made, so
 :meth:`Tracker.set_tags` renames the run ``<stage>-<name>`` from the ``results`` tag (a result
 name or URI) or, failing that, the ``encoder_uri`` tag (``…/checkpoints/<name>/encoder.pt``),
 and logs ``encoder_uri`` (the encoder a run trained or used, resolved) as a param as well.
+
+Tracking must never cost training: MLflow's HTTP retries are bounded (``HTTP_LIMITS``), an
+unreachable server fails a stage at its start (``TrackingError``, before any work), and once a
+run has started every logging call is best-effort (see :class:`Tracker`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
@@ -30,11 +35,30 @@ if TYPE_CHECKING:
 
     from hsissl.config import Config
 
+log = logging.getLogger(__name__)
+
 NAME_TAGS = ("results", "encoder_uri")  # tags naming a run's output, first present wins
 PARAM_TAGS = ("encoder_uri",)  # tags also logged as params (searchable, shown with the config)
 PARENT_RUN_ENV = "HSISSL_PARENT_RUN_ID"
 GIT_SHA_ENV = "HSISSL_GIT_SHA"
 KFP_RUN_ENV = "KFP_RUN_ID"
+
+# MLflow's defaults (7 retries, backoff factor 2, 120 s per attempt) block a stage for 4 min
+# on a closed port and for over 15 min on a server that never answers. Set unless the user
+# set them; MLflow reads them on every request.
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",  # seconds per attempt (connect, then each read)
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # sleeps 0, 2, 4 s (+ up to 1 s jitter)
+    "MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER": "false",  # a 503's Retry-After is unbounded
+}
+RETRY_AFTER_S = 60.0  # pause after a failed call during a run; doubles while MLflow stays down
+MAX_RETRY_AFTER_S = 900.0
+MAX_PENDING_METRICS = 100_000  # metrics kept for MLflow during an outage; the oldest go first
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking server could not be used when a run started."""
 
 
 @cache
@@ -59,6 +83,12 @@ def _mlflow() -> SimpleNamespace:
     )  # fmt: skip
 
 
+def apply_http_limits() -> None:
+    """Bound MLflow's HTTP retries and timeouts (``HTTP_LIMITS``) where the user has not."""
+    for name, value in HTTP_LIMITS.items():
+        os.environ.setdefault(name, value)
+
+
 def resolve_uri(configured: str, run_dir: str | Path) -> str:
     """The tracking URI: ``configured`` if set, else $MLFLOW_TRACKING_URI, else a sqlite
     file ``<run_dir>/mlflow.db`` (``run_dir`` is created)."""
@@ -71,49 +101,157 @@ def resolve_uri(configured: str, run_dir: str | Path) -> str:
     return f"sqlite:///{run_dir}/mlflow.db"
 
 
-class Tracker:
-    """Logging handle for one MLflow run (yielded by ``start_run``)."""
+def _short(exc: BaseException, chars: int = 400) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= chars else text[:chars] + " …"
 
-    def __init__(self, client: MlflowClient, run_id: str, stage: str = "") -> None:
+
+class Tracker:
+    """Logging handle for one MLflow run (yielded by ``start_run``).
+
+    Best-effort: no call raises into the caller. When MLflow fails, one warning names the
+    URI and the step, metrics, params and tags wait in memory and the next try comes
+    ``RETRY_AFTER_S`` later (doubling while it stays down); artifacts of an outage are
+    skipped. A request MLflow answers with a client error (e.g. a changed param) is dropped
+    with a warning.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, stage: str = "", uri: str = "") -> None:
         self.client = client
         self.run_id = run_id
         self.stage = stage
+        self.uri = uri
+        self.step = 0  # last step logged: tells when an outage began
         self._named_by: int | None = None  # index in NAME_TAGS of the tag that named the run
         self._params: set[str] = set()  # PARAM_TAGS already logged (MLflow params are final)
+        self._metrics: list = []  # mlflow Metric objects not yet sent
+        self._pending_params: dict[str, str] = {}
+        self._tags: dict[str, str] = {}
+        self._name: str | None = None  # run name not yet sent
+        self._down_since: int | None = None  # step of the first failure of this outage
+        self._retry_at = 0.0  # time.monotonic() of the next try during an outage
+        self._pause = RETRY_AFTER_S
+
+    @property
+    def reachable(self) -> bool:
+        """False from a failed call until a later one succeeds."""
+        return self._down_since is None
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if step is not None:
+            self.step = step
         now_ms = int(time.time() * 1000)
         ml = _mlflow()
-        items = [ml.Metric(k, float(v), now_ms, step or 0) for k, v in metrics.items()]
-        for i in range(0, len(items), ml.MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=items[i : i + ml.MAX_METRICS_PER_BATCH])
+        self._metrics += [ml.Metric(k, float(v), now_ms, step or 0) for k, v in metrics.items()]
+        del self._metrics[:-MAX_PENDING_METRICS]
+        self._flush()
 
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
-
-    def log_dict(self, data: dict, name: str) -> None:
-        """Write ``data`` as the JSON artifact ``name`` (e.g. ``"metrics/final.json"``)."""
-        self.client.log_dict(self.run_id, data, name)
+    def log_params(self, params: dict[str, object]) -> None:
+        # MLflow rejects values over 6000 chars
+        limit = _mlflow().MAX_PARAM_VAL_LENGTH
+        self._pending_params |= {k: str(v)[:limit] for k, v in params.items()}
+        self._flush()
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Set ``tags``; a ``results``/``encoder_uri`` tag also names the run (module doc)."""
-        ml = _mlflow()
-        items = [ml.RunTag(k, str(v)) for k, v in tags.items()]
-        for i in range(0, len(items), ml.MAX_PARAMS_TAGS_PER_BATCH):
-            self.client.log_batch(self.run_id, tags=items[i : i + ml.MAX_PARAMS_TAGS_PER_BATCH])
-        params = [
-            ml.Param(k, str(tags[k])[: ml.MAX_PARAM_VAL_LENGTH])
-            for k in PARAM_TAGS
-            if tags.get(k) and k not in self._params
-        ]
-        if params:
-            self.client.log_batch(self.run_id, params=params)
-            self._params |= {p.key for p in params}
+        self._tags |= {k: str(v) for k, v in tags.items()}
+        params = {k: tags[k] for k in PARAM_TAGS if tags.get(k) and k not in self._params}
+        self._params |= set(params)
         for rank, key in enumerate(NAME_TAGS):
             if tags.get(key) and (self._named_by is None or rank <= self._named_by):
-                self.client.update_run(self.run_id, name=run_name(self.stage, str(tags[key])))
+                self._name = run_name(self.stage, str(tags[key]))
                 self._named_by = rank
                 break
+        self.log_params(params)  # sends the tags and the name too
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._attempt(f"artifact {path}", self.client.log_artifact, self.run_id, str(path),
+                      artifact_path)  # fmt: skip
+
+    def log_dict(self, data: dict, name: str) -> None:
+        """Write ``data`` as the JSON artifact ``name`` (e.g. ``"metrics/final.json"``)."""
+        self._attempt(f"artifact {name}", self.client.log_dict, self.run_id, data, name)
+
+    def log_text(self, text: str, name: str) -> None:
+        self._attempt(f"artifact {name}", self.client.log_text, self.run_id, text, name)
+
+    def end(self, status: str) -> None:
+        """Send what waits and mark the run ``status`` (FINISHED, FAILED or KILLED): one try
+        even during an outage, bounded by ``HTTP_LIMITS``; never raises (it may run while
+        another error propagates)."""
+        self._retry_at = 0.0
+        ended = self._flush() and self._attempt(
+            f"status {status}", self.client.set_terminated, self.run_id, status
+        )
+        if not ended:
+            log.warning("MLflow run %s at %s stays RUNNING there: it could not be marked %s",
+                        self.run_id, self.uri, status)  # fmt: skip
+
+    # -- best-effort machinery --------------------------------------------------------
+    def _flush(self) -> bool:
+        """Send the waiting metrics, params, tags and name; True once nothing waits."""
+        return self._attempt("metrics, params and tags", self._send_pending)
+
+    def _send_pending(self) -> None:
+        ml = _mlflow()
+        while self._metrics:  # sent chunks leave the queue at once: a retry never repeats them
+            chunk = self._metrics[: ml.MAX_METRICS_PER_BATCH]
+            self._send(f"{len(chunk)} metrics", self.client.log_batch, self.run_id, metrics=chunk)
+            del self._metrics[: len(chunk)]
+        for field, pending, entity in (("params", self._pending_params, ml.Param),
+                                       ("tags", self._tags, ml.RunTag)):  # fmt: skip
+            while pending:
+                keys = list(pending)[: ml.MAX_PARAMS_TAGS_PER_BATCH]
+                items = [entity(k, pending[k]) for k in keys]
+                self._send(f"{field} {', '.join(keys)}", self.client.log_batch, self.run_id,
+                           **{field: items})  # fmt: skip
+                for k in keys:
+                    del pending[k]
+        if self._name is not None:
+            self._send(f"run name {self._name}", self.client.update_run, self.run_id,
+                       name=self._name)  # fmt: skip
+            self._name = None
+
+    def _send(
+        self, what: str, call: Callable[..., object], *args: object, **kwargs: object
+    ) -> None:
+        """``call``; a request MLflow rejects (4xx: the server works) is dropped with a
+        warning, any other failure (unreachable, 5xx, timeout) propagates."""
+        try:
+            call(*args, **kwargs)
+        except _mlflow().MlflowException as exc:
+            if exc.get_http_status_code() >= 500:
+                raise
+            log.warning("MLflow at %s rejected %s of run %s; dropped: %s", self.uri, what,
+                        self.run_id, _short(exc))  # fmt: skip
+
+    def _attempt(
+        self, what: str, call: Callable[..., object], *args: object, **kwargs: object
+    ) -> bool:
+        """``_send`` unless MLflow is down and the next try is not due; False if it failed."""
+        if not self.reachable and time.monotonic() < self._retry_at:
+            return False
+        try:
+            self._send(what, call, *args, **kwargs)
+        except Exception as exc:  # whatever the transport raises: logging must not stop work
+            if self.reachable:
+                self._down_since = self.step
+                log.warning(
+                    "MLflow at %s unreachable since step %d (%s); training continues, metrics "
+                    "are kept in history.json (and sent to MLflow if it comes back; next try in "
+                    "%.0f s)", self.uri, self.step, _short(exc), self._pause,
+                )  # fmt: skip
+            else:
+                log.debug("MLflow at %s still unreachable at step %d: %s", self.uri, self.step,
+                          _short(exc))  # fmt: skip
+                self._pause = min(2 * self._pause, MAX_RETRY_AFTER_S)
+            self._retry_at = time.monotonic() + self._pause
+            return False
+        if not self.reachable:
+            log.warning("MLflow at %s reachable again at step %d (down since step %d)",
+                        self.uri, self.step, self._down_since)  # fmt: skip
+            self._down_since, self._pause = None, RETRY_AFTER_S
+        return True
 
 
 @contextmanager
@@ -125,14 +263,15 @@ def start_run(
     parent_run_id: str | None = None,
 ) -> Iterator[Tracker]:
     """One MLflow run named ``stage`` (until a naming tag is set) with the config logged;
-    FAILED if the block raises.
+    FAILED if the block raises, KILLED if it is interrupted (KeyboardInterrupt).
 
-    Nested under ``parent_run_id`` (or $HSISSL_PARENT_RUN_ID) when given.
+    Nested under ``parent_run_id`` (or $HSISSL_PARENT_RUN_ID) when given. Raises
+    ``TrackingError`` before the block runs if the tracking store cannot be used.
     """
     ml = _mlflow()
+    apply_http_limits()  # before the first request
     uri = resolve_uri(cfg.tracking.uri, run_dir)
     client = ml.MlflowClient(tracking_uri=uri)
-    exp_id = experiment_id(client, cfg.tracking.experiment, uri)
 
     run_tags = {"stage": stage}
     sha = git_sha()
@@ -145,19 +284,43 @@ def start_run(
         run_tags[ml.MLFLOW_PARENT_RUN_ID] = parent
     run_tags.update(tags or {})
 
-    run = client.create_run(exp_id, run_name=stage, tags=run_tags)
-    tracker = Tracker(client, run.info.run_id, stage)
+    try:  # the first requests double as the up-front check: fail now, not hours into training
+        exp_id = experiment_id(client, cfg.tracking.experiment, uri)
+        run_id = client.create_run(exp_id, run_name=stage, tags=run_tags).info.run_id
+    except Exception as exc:
+        raise TrackingError(_unusable_message(cfg, uri, exc)) from exc
+    tracker = Tracker(client, run_id, stage, uri)
+    tracker.log_params(flatten(cfg))
+    tracker.log_text(to_yaml(cfg), "config.yaml")
+    status = "FINISHED"
     try:
-        # MLflow rejects values over 6000 chars and more than 100 params per call
-        params = [ml.Param(k, str(v)[: ml.MAX_PARAM_VAL_LENGTH]) for k, v in flatten(cfg).items()]
-        for i in range(0, len(params), ml.MAX_PARAMS_TAGS_PER_BATCH):
-            client.log_batch(tracker.run_id, params=params[i : i + ml.MAX_PARAMS_TAGS_PER_BATCH])
-        client.log_text(tracker.run_id, to_yaml(cfg), "config.yaml")
         yield tracker
-    except BaseException:
-        client.set_terminated(tracker.run_id, "FAILED")
+    except KeyboardInterrupt:  # Ctrl-C, or a stop signal the stage turned into one
+        status = "KILLED"
         raise
-    client.set_terminated(tracker.run_id, "FINISHED")
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        tracker.end(status)
+
+
+def _unusable_message(cfg: Config, uri: str, exc: Exception) -> str:
+    if cfg.tracking.uri:
+        source = "tracking.uri"
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        source = "$MLFLOW_TRACKING_URI (tracking.uri is empty)"
+    else:
+        source = "the default local store (tracking.uri and $MLFLOW_TRACKING_URI are empty)"
+    message = f"MLflow tracking at {uri} (from {source}) cannot be used: {_short(exc)}. "
+    if uri.startswith(("http://", "https://")):
+        limits = ", ".join(f"{k}={os.environ.get(k)}" for k in HTTP_LIMITS)
+        return message + (
+            f"Check that tracking.uri names the MLflow server, that it runs and is reachable "
+            f"from here (curl {uri.rstrip('/')}/health), or set tracking.uri to a "
+            f"sqlite:///<file> to track locally (HTTP limits: {limits})"
+        )
+    return message + "Check that tracking.uri names a usable MLflow store"
 
 
 def run_name(stage: str, output: str) -> str:

@@ -5,6 +5,10 @@ torch.compile of the recipe's networks (``Recipe.compile_modules``), gradient cl
 under torchrun, checkpoints every N steps with everything needed for an exact resume (weights,
 optimiser, step, RNG states, loader position, Normalizer), a k-NN probe on labelled
 validation tiles, and MLflow logging.
+
+SIGTERM (pod deletion, preemption) and Ctrl-C stop the loop after the current step: the train
+state is saved, the MLflow run ends KILLED and ``KeyboardInterrupt("stopped by SIGTERM at step
+N; checkpoint saved")`` reaches the CLI (exit 130, rerun to resume). A second signal acts at once.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import contextlib
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -49,6 +55,44 @@ def _endless(loader: TileBatches) -> Iterator:
         yield from loader
 
 
+class StopSignals:
+    """SIGTERM/SIGINT as a stop request (``requested``: the signal's name) that the loop
+    honours at a step boundary, so the checkpoint it saves is the exact current state."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopSignals]:
+        """Handle the signals while the block runs (main thread only: Python delivers signals
+        there). The first signal puts the previous handlers back, so a second one interrupts
+        at once (KeyboardInterrupt, or termination for SIGTERM); they are back after the block
+        in any case. Signals that were ignored (SIG_IGN) or set outside Python stay as they were."""
+        self.requested = None
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
+        ours = {sig: h for sig, h in previous.items() if h not in (signal.SIG_IGN, None)}
+
+        def restore() -> None:
+            for sig, handler in ours.items():
+                signal.signal(sig, handler)
+
+        def request_stop(signum: int, frame: object) -> None:
+            self.requested = signal.Signals(signum).name
+            restore()
+
+        for sig in ours:
+            signal.signal(sig, request_stop)
+        try:
+            yield self
+        finally:
+            restore()
+
+
 class Trainer:
     def __init__(self, cfg: Config, recipe_cls: type[Recipe], stage: str):
         self.cfg, self.stage, self.pc = cfg, stage, cfg.pretrain
@@ -70,6 +114,7 @@ class Trainer:
         self.prefix = f"checkpoints/{self.pc.name or self.method}"
         self.step = 0
         self.history: list[dict[str, float]] = []  # logged metrics of this process (for reports)
+        self.stop = StopSignals()
 
     # -- checkpoints ------------------------------------------------------------------
     def save_train_state(self) -> None:
@@ -163,6 +208,12 @@ class Trainer:
 
     # -- loop -------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
+        """Train to ``self.total`` steps (resuming a saved state); a stop signal ends it early
+        with a checkpoint and KeyboardInterrupt (module doc)."""
+        with self.stop.installed():
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         resumed = self.maybe_resume()
         if self.pc.compile:  # networks one by one: the whole step would graph-break
             self.recipe.compile_modules()
@@ -249,8 +300,12 @@ class Trainer:
                 acc = self.knn_probe()
                 if acc is not None and tracker is not None:
                     tracker.log_metrics({"knn_acc": acc}, step=self.step)
-            if self.step % self.pc.ckpt_every == 0 or self.step == self.total:
+            saved = self.step % self.pc.ckpt_every == 0 or self.step == self.total
+            if saved:
                 self.save_train_state()
+            if self.stop.requested:
+                bar.close()
+                self._stop_here(saved)
         bar.close()
         if self.rt.is_main:
             acc = self.knn_probe()
@@ -259,6 +314,16 @@ class Trainer:
                 if tracker is not None:
                     tracker.log_metrics({"knn_acc": acc}, step=self.step)
         return last
+
+    def _stop_here(self, saved: bool) -> None:
+        """Save the train state at this step (unless just saved) and raise KeyboardInterrupt;
+        start_run marks the MLflow run KILLED on the way out."""
+        if not saved:
+            self.save_train_state()
+        message = f"stopped by {self.stop.requested} at step {self.step}; checkpoint saved"
+        if self.rt.is_main:
+            log.warning("%s to %s", message, self.store.join(f"{self.prefix}/train.pt"))
+        raise KeyboardInterrupt(message)
 
 
 def pretrain(cfg: Config, recipe_cls: type[Recipe], stage: str) -> dict[str, Any]:
