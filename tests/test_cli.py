@@ -94,3 +94,11 @@ def test_overrides_may_follow_flags(monkeypatch, tmp_path):
     assert ft.encoder == "random:vit_tiny_patch8_64"
     with pytest.raises(SystemExit):  # a flag it does not know is still an error
         cli.main(["finetune", "--heads", "conv"])
+
+
+def test_an_unusable_store_exits_2_naming_it(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("HSISSL_S3_ENDPOINT", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("MLFLOW_S3_ENDPOINT_URL", raising=False)
+    rc = cli.main(["ingest", f"run_dir={tmp_path}", "storage.uri=s3://bucket/p", "tracking.uri="])
+    assert rc == 2 and "hsissl ingest: error: S3 endpoint not configured" in capsys.readouterr().err

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
-from hsissl.storage import LocalStorage, S3Storage, Storage, open_storage
+from hsissl.storage import LocalStorage, S3Storage, Storage, StorageError, open_storage
 
 BACKENDS = ["local", "s3", "s3-prefixed"]
 
@@ -21,15 +24,15 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
     """An empty store of each backend; the S3 ones are fresh buckets (one with a key prefix)."""
     if request.param == "local":
         return open_storage(tmp_path / "store")
-    bucket = request.getfixturevalue("s3_bucket")
-    return open_storage(bucket + ("/runs/r1" if request.param == "s3-prefixed" else ""))
+    bucket = request.getfixturevalue("s3_bucket").removeprefix("s3://")
+    return S3Storage(
+        bucket, "runs/r1" if request.param == "s3-prefixed" else "", create_bucket=True
+    )
 
 
 @pytest.fixture
 def s3_storage(s3_bucket: str) -> S3Storage:
-    store = open_storage(s3_bucket + "/root")
-    assert isinstance(store, S3Storage)
-    return store
+    return S3Storage(s3_bucket.removeprefix("s3://"), "root", create_bucket=True)
 
 
 # ----------------------------------------------------------------------------- open_storage
@@ -64,8 +67,33 @@ def test_open_storage_s3_names_missing_env(monkeypatch: pytest.MonkeyPatch, miss
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv(missing)
-    with pytest.raises(RuntimeError, match=missing):
+    with pytest.raises(StorageError, match=missing):
         open_storage("s3://bucket/prefix")
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "expected"),
+    [
+        ("HSISSL_S3_ENDPOINT", "ftp://host:21", "expected http(s)://host[:port]"),
+        ("HSISSL_S3_TIMEOUT", "soon", "expected a positive number of seconds"),
+        ("HSISSL_S3_CONNECT_TIMEOUT", "0", "expected a positive number of seconds"),
+        ("HSISSL_S3_RETRIES", "-1", "expected an integer >= 0"),
+    ],
+)
+def test_open_storage_s3_rejects_bad_settings(
+    monkeypatch: pytest.MonkeyPatch, var: str, value: str, expected: str
+) -> None:
+    for name, good in {"HSISSL_S3_ENDPOINT": "http://127.0.0.1:1", "AWS_ACCESS_KEY_ID": "k",
+                       "AWS_SECRET_ACCESS_KEY": "s"}.items():  # fmt: skip
+        monkeypatch.setenv(name, good)
+    monkeypatch.setenv(var, value)
+    with pytest.raises(StorageError, match=re.escape(f"{var}={value!r}: {expected}")):
+        open_storage("s3://bucket/prefix")
+
+
+def test_open_storage_rejects_s3_uri_without_bucket() -> None:
+    with pytest.raises(StorageError, match=re.escape("'s3:///key': expected s3://bucket")):
+        open_storage("s3:///key")
 
 
 def test_open_storage_s3_endpoint_fallback(s3_server, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,10 +102,13 @@ def test_open_storage_s3_endpoint_fallback(s3_server, monkeypatch: pytest.Monkey
     monkeypatch.delenv("HSISSL_S3_ENDPOINT")
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # only MLFLOW_S3_ENDPOINT_URL is left
     store = open_storage("s3://hsissl-fallback/p/q")
+    with store.transaction("init") as tx:  # creates the bucket (see the bucket test below)
+        tx.commit({"manifest.json": b"{}"})
     assert isinstance(store, S3Storage)
     assert store.uri == "s3://hsissl-fallback/p/q"
     assert store.join("x/y") == "s3://hsissl-fallback/p/q/x/y"
-    assert store.client.bucket_exists("hsissl-fallback")  # created on open
+    store.put_bytes("x/y", b"xy")  # a request to the MLFLOW_S3_ENDPOINT_URL server
+    assert store.get_bytes("x/y") == b"xy"
 
 
 # ----------------------------------------------------------------------------- basic operations
@@ -206,14 +237,30 @@ def test_commit_replaces_existing_prefix(storage: Storage) -> None:
     ]
 
 
-def test_local_failed_rewrite_keeps_old_version(tmp_path: Path) -> None:
-    store = LocalStorage(tmp_path / "store")
-    with store.transaction("ds") as tx:
+def _snapshot(storage: Storage, prefix: str = "") -> dict[str, bytes]:
+    return {key: storage.get_bytes(key) for key in storage.list(prefix)}
+
+
+def _commit_v1(storage: Storage) -> dict[str, bytes]:
+    """A committed dataset-like folder ``ds``; returns its content."""
+    with storage.transaction("ds") as tx:
+        _write_dataset(tx, {"tr/images-0.npy": b"old0", "tr/images-1.npy": b"old1"})
+        tx.put_bytes("stats.json", b"v1")
         tx.commit({"manifest.json": b"v1"})
-    with pytest.raises(OSError), store.transaction("ds") as tx:
-        tx.put_bytes("half.bin", b"x")
+    return _snapshot(storage)
+
+
+def test_failed_rewrite_keeps_committed_version(storage: Storage) -> None:
+    committed = _commit_v1(storage)
+    with pytest.raises(OSError, match="disk full"), storage.transaction("ds") as tx:
+        _write_dataset(tx, {"tr/images-0.npy": b"new0", "tr/images-9.npy": b"new9"})
+        tx.put_bytes("stats.json", b"v2")
+        assert _snapshot(storage, "ds") == committed  # readers still see v1 meanwhile
         raise OSError("disk full")
-    assert store.list() == ["ds/manifest.json"]  # the published version is untouched
+    assert _snapshot(storage) == committed  # byte-identical, no staging left anywhere
+    with storage.transaction("ds") as tx:  # left without commit()
+        _write_dataset(tx, {"tr/images-0.npy": b"new0"})
+    assert _snapshot(storage) == committed
 
 
 def test_local_transaction_removes_stale_partial_dirs(tmp_path: Path) -> None:
@@ -228,8 +275,6 @@ def test_local_transaction_removes_stale_partial_dirs(tmp_path: Path) -> None:
     assert store.list() == ["ds/manifest.json", "ds/y.bin"]
 
 
-# ----------------------------------------------------------------------------- S3 specifics
-
 KILLED_WRITER = textwrap.dedent(
     """
     import os, signal, sys
@@ -238,8 +283,8 @@ KILLED_WRITER = textwrap.dedent(
     store = open_storage(sys.argv[1])
     with store.transaction("ds") as tx:
         for i in range(3):
-            tx.path(f"part/{i}.bin").write_bytes(b"x" * 1000)
-            tx.done(f"part/{i}.bin")
+            tx.path(f"tr/images-{i}.npy").write_bytes(b"x" * 1000)
+            tx.done(f"tr/images-{i}.npy")
         print("written", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)  # dies before commit: no cleanup runs
         tx.commit({"manifest.json": b"{}"})
@@ -247,11 +292,10 @@ KILLED_WRITER = textwrap.dedent(
 )
 
 
-def test_s3_killed_writer_leaves_no_manifest(s3_storage: S3Storage, tmp_path: Path) -> None:
-    s3_storage.put_bytes("ds/stale-from-older-version.bin", b"old")
-    s3_storage.put_bytes("ds/manifest.json", b"old")
+def test_killed_writer_keeps_committed_version(storage: Storage, tmp_path: Path) -> None:
+    committed = _commit_v1(storage)
     proc = subprocess.run(
-        [sys.executable, "-c", KILLED_WRITER, s3_storage.uri],
+        [sys.executable, "-c", KILLED_WRITER, storage.uri],
         capture_output=True,
         text=True,
         timeout=60,
@@ -259,14 +303,125 @@ def test_s3_killed_writer_leaves_no_manifest(s3_storage: S3Storage, tmp_path: Pa
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert "written" in proc.stdout
-    left = s3_storage.list("ds")
-    assert left == ["ds/part/0.bin", "ds/part/1.bin", "ds/part/2.bin"]  # incomplete, unmarked
-    assert "ds/manifest.json" not in left
+    assert _snapshot(storage, "ds") == committed  # the committed version is untouched
+    stale = [k for k in storage.list() if k not in committed]
+    assert stale and all(k.startswith("ds.partial-") for k in stale), stale  # staging left over
 
-    with s3_storage.transaction("ds") as tx:
+    with storage.transaction("ds") as tx:  # the next writer removes the stale staging
         tx.put_bytes("fresh.bin", b"new")
+        tx.commit({"manifest.json": b"v2"})
+    assert storage.list() == ["ds/fresh.bin", "ds/manifest.json"]
+    assert storage.get_bytes("ds/manifest.json") == b"v2"
+
+
+# ----------------------------------------------------------------------------- S3 specifics
+
+
+class RecordingClient:
+    """Passes every call to the real minio client; records copies and deletions in order."""
+
+    def __init__(self, client) -> None:
+        self._client, self.calls = client, []
+
+    def copy_object(self, bucket, name, source, **kwargs):
+        self.calls.append(("copy", name))
+        return self._client.copy_object(bucket, name, source, **kwargs)
+
+    def remove_objects(self, bucket, objects, **kwargs):
+        objects = list(objects)
+        self.calls.append(("delete", sorted(o.name for o in objects)))
+        return self._client.remove_objects(bucket, objects, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+def test_s3_publish_removes_the_old_marker_first_and_writes_the_new_one_last(
+    s3_storage: S3Storage,
+) -> None:
+    _commit_v1(s3_storage)
+    recorder = RecordingClient(s3_storage.client)
+    store = S3Storage(s3_storage.bucket, "root", client=recorder, endpoint=s3_storage.endpoint)
+    with store.transaction("ds") as tx:
+        _write_dataset(tx, {"tr/images-0.npy": b"new0", "tr/images-2.npy": b"new2"})
+        tx.put_bytes("stats.json", b"v2")
+        recorder.calls.clear()
+        tx.commit({"manifest.json": b"v2"})
+    calls = recorder.calls
+    assert calls[0] == ("delete", ["root/ds/manifest.json", "root/ds/stats.json"])
+    copies = [name for op, name in calls if op == "copy"]
+    assert sorted(copies[:-1]) == ["root/ds/stats.json", "root/ds/tr/images-0.npy",
+                                   "root/ds/tr/images-2.npy"]  # fmt: skip
+    assert calls[-2] == ("copy", "root/ds/manifest.json")  # the marker last ...
+    assert calls.index(("delete", ["root/ds/tr/images-1.npy"])) < len(calls) - 2  # ... after this
+    assert calls[-1][0] == "delete" and all(".partial-" in n for n in calls[-1][1])
+    assert _snapshot(s3_storage) == {
+        "ds/manifest.json": b"v2",
+        "ds/stats.json": b"v2",
+        "ds/tr/images-0.npy": b"new0",
+        "ds/tr/images-2.npy": b"new2",
+    }
+
+
+def test_s3_bucket_is_created_only_by_a_transaction(
+    s3_server, s3_bucket: str, tmp_path: Path
+) -> None:
+    store = open_storage(s3_bucket + "/p")
+    assert isinstance(store, S3Storage)
+    missing = f"{s3_bucket}: no such bucket at {s3_server.endpoint}; create it"
+    (tmp_path / "f").write_bytes(b"f")
+    assert not store.exists("k")  # a missing bucket holds no keys (ingest's reuse check)
+    for read_or_write in (
+        lambda: store.get_bytes("k"),
+        lambda: store.get_file("k", tmp_path / "k"),
+        lambda: store.list(),
+        lambda: store.put_bytes("k", b"x"),  # SeaweedFS would create the bucket on this PUT
+        lambda: store.put_file(tmp_path / "f", "k"),
+    ):
+        with pytest.raises(StorageError, match=re.escape(missing)):
+            read_or_write()
+    assert not store.client.bucket_exists(store.bucket)
+    with store.transaction("ds") as tx:
         tx.commit({"manifest.json": b"{}"})
-    assert s3_storage.list() == ["ds/fresh.bin", "ds/manifest.json"]
+    assert store.client.bucket_exists(store.bucket)
+    assert store.list() == ["ds/manifest.json"]
+
+
+@pytest.mark.parametrize("var", ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
+def test_s3_wrong_credentials_name_the_endpoint(
+    s3_server, s3_storage: S3Storage, monkeypatch: pytest.MonkeyPatch, var: str
+) -> None:
+    with s3_storage.transaction("ds") as tx:  # creates the bucket with the right credentials
+        tx.commit({"k": b"k"})
+    monkeypatch.setenv(var, "wrong-" + os.environ[var])
+    bad = open_storage(s3_storage.uri)
+    for call in (lambda: bad.get_bytes("ds/k"), lambda: bad.exists("ds/k"), lambda: bad.list()):
+        with pytest.raises(StorageError, match=re.escape(s3_server.endpoint)) as info:
+            call()
+        assert "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY" in str(info.value)
+
+
+def test_s3_unresponsive_endpoint_fails_within_the_timeouts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)  # the kernel accepts connections; nobody ever answers
+        endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+        env = {"HSISSL_S3_ENDPOINT": endpoint, "AWS_ACCESS_KEY_ID": "k",
+               "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "us-east-1",
+               "HSISSL_S3_CONNECT_TIMEOUT": "0.5", "HSISSL_S3_TIMEOUT": "0.5",
+               "HSISSL_S3_RETRIES": "1"}  # fmt: skip
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        store = open_storage("s3://bucket/p")
+        start = time.monotonic()
+        with pytest.raises(StorageError, match=re.escape(endpoint)) as info:
+            store.exists("k")
+        seconds = time.monotonic() - start
+    assert 0.9 < seconds < 10, seconds  # two 0.5 s reads, not minio's default 6 x 300 s
+    assert "HSISSL_S3_TIMEOUT=0.5s" in str(info.value)
+    assert "HSISSL_S3_RETRIES=1" in str(info.value)
 
 
 def test_s3_transaction_removes_local_temp_files(s3_storage: S3Storage) -> None:
@@ -299,6 +454,22 @@ def test_s3_open_local_downloads_and_reuses(s3_storage: S3Storage, tmp_path: Pat
 
     first.write_bytes(b"truncated")  # a size mismatch forces a fresh download
     assert s3_storage.open_local("ds/scene.bin", cache_dir=cache).read_bytes() == payload
+
+
+def test_s3_open_local_refreshes_a_same_size_overwrite(
+    s3_storage: S3Storage, tmp_path: Path
+) -> None:
+    """Shard sizes are fixed by their shape: after a re-ingest only the ETag tells."""
+    old, new = os.urandom(50_000), os.urandom(50_000)
+    cache = tmp_path / "cache"
+    s3_storage.put_bytes("ds/shard.npy", old)
+    assert s3_storage.open_local("ds/shard.npy", cache_dir=cache).read_bytes() == old
+    s3_storage.put_bytes("ds/shard.npy", new)
+    assert s3_storage.open_local("ds/shard.npy", cache_dir=cache).read_bytes() == new
+    with s3_storage.transaction("ds") as tx:  # a re-ingest publishes by server-side copy
+        tx.put_bytes("shard.npy", old)
+        tx.commit({"manifest.json": b"{}"})
+    assert s3_storage.open_local("ds/shard.npy", cache_dir=cache).read_bytes() == old
 
 
 def test_s3_open_local_default_cache_from_env(

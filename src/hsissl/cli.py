@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from hsissl.data.normalize import NormalizerMismatch
     from hsissl.data.scenes import DataContractError
     from hsissl.pretrain.checkpoint import CheckpointError
+    from hsissl.storage import StorageError
     from hsissl.tracking import TrackingError
 
     try:
@@ -131,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hsissl {args.stage}: interrupted{how}{_resume_hint(args.stage)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     # FileNotFoundError: a dataset, scene or checkpoint the user named is missing;
-    # TrackingError: the MLflow server the config names does not answer
+    # Tracking/StorageError: the MLflow server or object store the config names is unusable
     except (ConfigError, DataContractError, NormalizerMismatch, CheckpointError,
-            FileNotFoundError, TrackingError) as exc:  # fmt: skip
+            FileNotFoundError, TrackingError, StorageError) as exc:  # fmt: skip
         print(f"hsissl {args.stage}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
