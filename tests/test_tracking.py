@@ -85,18 +85,22 @@ def test_run_logs_config_metrics_tags_artifacts(
     assert (out / "notes" / "note.txt").read_text() == "hello"
 
 
-def test_naming_tags_rename_the_run_and_log_the_resolved_encoder(
+def test_runs_are_renamed_after_their_output_and_log_the_resolved_encoder(
     mlflow_server: str, clean_env: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     cfg = _cfg(mlflow_server)
     encoder = "s3://bucket/checkpoints/mae-local-20261126-5db01b/encoder.pt"
-    with start_run(cfg, "finetune", tmp_path) as finetune:  # as stages/finetune.py tags it
+    with start_run(cfg, "finetune", tmp_path) as finetune:  # as stages/finetune.py does
         finetune.set_tags({"encoder_uri": encoder, "method": "mae", "results": "finetune-mae-conv"})
-        finetune.set_tags({"encoder_uri": "random:vit", "phase": "eval"})  # names nothing now
-    with start_run(cfg, "pretrain-mae", tmp_path) as pretrain:  # tagged when it saves
+        finetune.name_after("finetune-mae-conv")
+        finetune.log_params({"encoder_uri": encoder})
+        finetune.set_tags({"encoder_uri": "random:vit", "phase": "eval"})  # names nothing
+    with start_run(cfg, "pretrain-mae", tmp_path) as pretrain:  # as the trainer does
         pretrain.set_tags({"encoder_uri": encoder})
+        pretrain.log_params({"encoder_uri": encoder})
+        pretrain.name_after(encoder)
     with start_run(cfg, "pca-poc", tmp_path) as pca:
-        pca.set_tags({"results": "file:///store/results/pca-poc"})
+        pca.name_after("file:///store/results/pca-poc")
 
     client = MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(finetune.run_id)
@@ -302,6 +306,8 @@ def test_outage_mid_run_never_raises_and_metrics_catch_up(
             tracker.log_metrics({"loss": 0.9}, step=2)  # fails: one warning
             tracker.log_metrics({"loss": 0.8}, step=3)  # waits for the next try
             tracker.set_tags({"encoder_uri": "file:///s/checkpoints/mae-x/encoder.pt"})
+            tracker.log_params({"encoder_uri": "file:///s/checkpoints/mae-x/encoder.pt"})
+            tracker.name_after("file:///s/checkpoints/mae-x/encoder.pt")
             tracker.log_dict({"skipped": True}, "outage.json")
             assert time.monotonic() - started < 3
             assert not tracker.reachable

@@ -3,10 +3,8 @@
 Uses ``MlflowClient`` only, so no global active run or global tracking URI is left
 behind when the ``start_run`` block exits.
 
-A run starts named after its stage; the tags a stage sets name what it made, so
-:meth:`Tracker.set_tags` renames the run ``<stage>-<name>`` from the ``results`` tag (a result
-name or URI) or, failing that, the ``encoder_uri`` tag (``…/checkpoints/<name>/encoder.pt``),
-and logs ``encoder_uri`` (the encoder a run trained or used, resolved) as a param as well.
+A run starts named after its stage; :meth:`Tracker.name_after` renames it ``<stage>-<name>``
+after what it made (a result name or URI, or ``…/checkpoints/<name>/encoder.pt``).
 
 Tracking must never cost training: MLflow's HTTP retries are bounded (``HTTP_LIMITS``), an
 unreachable server fails a stage at its start (``TrackingError``, before any work), and once a
@@ -37,8 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-NAME_TAGS = ("results", "encoder_uri")  # tags naming a run's output, first present wins
-PARAM_TAGS = ("encoder_uri",)  # tags also logged as params (searchable, shown with the config)
 PARENT_RUN_ENV = "HSISSL_PARENT_RUN_ID"
 GIT_SHA_ENV = "HSISSL_GIT_SHA"
 KFP_RUN_ENV = "KFP_RUN_ID"
@@ -122,8 +118,6 @@ class Tracker:
         self.stage = stage
         self.uri = uri
         self.step = 0  # last step logged: tells when an outage began
-        self._named_by: int | None = None  # index in NAME_TAGS of the tag that named the run
-        self._params: set[str] = set()  # PARAM_TAGS already logged (MLflow params are final)
         self._metrics: list = []  # mlflow Metric objects not yet sent
         self._pending_params: dict[str, str] = {}
         self._tags: dict[str, str] = {}
@@ -153,16 +147,13 @@ class Tracker:
         self._flush()
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        """Set ``tags``; a ``results``/``encoder_uri`` tag also names the run (module doc)."""
         self._tags |= {k: str(v) for k, v in tags.items()}
-        params = {k: tags[k] for k in PARAM_TAGS if tags.get(k) and k not in self._params}
-        self._params |= set(params)
-        for rank, key in enumerate(NAME_TAGS):
-            if tags.get(key) and (self._named_by is None or rank <= self._named_by):
-                self._name = run_name(self.stage, str(tags[key]))
-                self._named_by = rank
-                break
-        self.log_params(params)  # sends the tags and the name too
+        self._flush()
+
+    def name_after(self, output: str) -> None:
+        """Rename the run ``<stage>-<name>`` after ``output`` (see :func:`run_name`)."""
+        self._name = run_name(self.stage, output)
+        self._flush()
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._attempt(f"artifact {path}", self.client.log_artifact, self.run_id, str(path),
@@ -262,7 +253,7 @@ def start_run(
     tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
 ) -> Iterator[Tracker]:
-    """One MLflow run named ``stage`` (until a naming tag is set) with the config logged;
+    """One MLflow run named ``stage`` (until :meth:`Tracker.name_after`) with the config logged;
     FAILED if the block raises, KILLED if it is interrupted (KeyboardInterrupt).
 
     Nested under ``parent_run_id`` (or $HSISSL_PARENT_RUN_ID) when given. Raises

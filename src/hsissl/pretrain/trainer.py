@@ -233,6 +233,8 @@ class Trainer:
                 self._save_history()
             if tracker is not None:
                 tracker.set_tags({"encoder_uri": encoder_uri})
+                tracker.log_params({"encoder_uri": encoder_uri})
+                tracker.name_after(encoder_uri)
                 tracker.log_dict({"encoder_uri": encoder_uri, "build": self.recipe.build(),
                                   "normalizer": self.normalizer.to_dict(), "metrics": metrics}, "encoder.json")  # fmt: skip
         return {

@@ -57,6 +57,7 @@ def run(cfg: Config) -> dict[str, Any]:
     with stage_run(cfg, STAGE) as tracker:
         tracker.set_tags({"method": "none", "head": "deeplabv3plus", "encoder": bc.encoder,
                           "normalizer": normalizer.fingerprint, "results": bc.name})  # fmt: skip
+        tracker.name_after(bc.name)
 
         def on_log(h: dict[str, float]) -> None:
             tracker.log_metrics({k: v for k, v in h.items() if k != "step"}, int(h["step"]))

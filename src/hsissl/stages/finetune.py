@@ -83,6 +83,8 @@ def run(cfg: Config) -> dict[str, Any]:
                 "results": name,
             }
         )
+        tracker.name_after(name)
+        tracker.log_params({"encoder_uri": enc_info["uri"]})  # the config's may be '' or relative
         history = train_head(
             model,
             normalizer,

@@ -100,6 +100,7 @@ def run(cfg: Config) -> dict[str, Any]:
         tracker.log_dict(metrics, "metrics.json")
         tracker.log_dict(pca_record, "pca.json")
         tracker.set_tags({"normalizer": normalizer.fingerprint, "results": _results_uri(cfg)})
+        tracker.name_after(_results_uri(cfg))
     return {"results": _results_uri(cfg)} | {
         k: metrics[k] for k in ("explained_variance", "mean_mse")
     }
