@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,6 @@ from pipelines.compile import GOLDEN, add_options, compile_pipeline, options_fro
 from pipelines.dag import METHODS, PIPELINE_NAME, STAGES
 from pipelines.options import PipelineOptions
 
-# A Kubernetes object name (RFC 1123 label), as pytorchjob.schema.json checks it
-K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-
 
 def _param(text: str) -> tuple[str, str]:
     """``name=value``; the value is parsed once the parameter's type is known."""
@@ -33,15 +29,6 @@ def _param(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE")
     return key, raw
-
-
-def check_k8s_name(flag: str, text: str) -> None:
-    """Raise ValueError unless ``text`` is a Kubernetes object name (RFC 1123 label)."""
-    if not K8S_NAME.match(text):
-        raise ValueError(
-            f"{flag} {text!r} is not a Kubernetes name: lowercase RFC 1123 label, at most 63 "
-            "characters of a-z, 0-9 and '-', starting and ending with a letter or digit"
-        )
 
 
 def pipeline_parameters(pipeline: Any, pairs: list[tuple[str, str]]) -> dict[str, Any]:
@@ -326,7 +313,7 @@ def _upload(args: argparse.Namespace) -> int:
 def _pytorchjob(args: argparse.Namespace) -> int:
     import yaml
 
-    from pipelines.pytorchjob import build_pytorchjob, validate
+    from pipelines.pytorchjob import build_pytorchjob, check_k8s_name, validate
 
     check_k8s_name("--name", args.name)
     if args.namespace:

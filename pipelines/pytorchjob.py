@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,17 @@ def build_pytorchjob(stage: str, overrides: list[str], *, nodes: int, gpus_per_n
             "pytorchReplicaSpecs": replicas,
         },
     }
+
+
+def check_k8s_name(flag: str, text: str) -> None:
+    """Raise ValueError unless ``text`` is a Kubernetes object name: the metadata.name rule of
+    ``pytorchjob.schema.json`` (RFC 1123 label), checked before a manifest is built."""
+    rule = json.loads(SCHEMA.read_text())["properties"]["metadata"]["properties"]["name"]
+    if not re.fullmatch(rule["pattern"], text):
+        raise ValueError(
+            f"{flag} {text!r} is not a Kubernetes name: lowercase RFC 1123 label, at most 63 "
+            "characters of a-z, 0-9 and '-', starting and ending with a letter or digit"
+        )
 
 
 def validate(manifest: dict[str, Any]) -> None:
