@@ -3,7 +3,8 @@
     PYTHONPATH=src python scripts/bench_train.py [--methods mae dinov2 ssvit] [--size base]
         [--batch 512 dinov2=256] [--fit-batch] [--steps N] [--warmup N] [--quick]
         [--compile/--no-compile] [--compile-scope networks|blocks] [--json OUT] [--data DIR]
-        [--profile DIR]
+        [--profile DIR] [--reference] [--checkpoint-blocks N ssvit=N] [--memory-cap GIB]
+        [--fit-checkpoint] [--sdpa BACKEND]
 
 On CUDA: the base (ViT-B/8) models at the ``configs/fast.yaml`` settings (no dropout), bf16,
 batch 512, torch.compile. On the CPU: the tiny variants (the numbers then only show that the
@@ -12,11 +13,17 @@ written as shards with ``hsissl.data.shards`` plus a manifest into a local store
 through the trainer's own loader. No ingest and no MLflow, so it runs without rasterio,
 minio, mlflow or segmentation-models-pytorch (the lent GPU machines have none of them).
 
-Per method: one eager step under ``FlopCounterMode`` (FLOP per image; with ``--fit-batch`` the
-batch shrinks until that step fits in memory), compile + warm-up (if compiling fails, the
-method is rerun eager and says so), timed steps on one resident batch (model img/s, MFU),
-timed steps fed by the loader (end-to-end img/s), then the loader alone up to normalised
-tiles on the device (tiles/s). With ``--profile DIR``, 3 more steps under ``torch.profiler``:
+First the card's dense bf16 matrix-product rate is measured (8192^3 products): MFU is against
+that measured peak, not a datasheet figure. Per method: one eager step under
+``FlopCounterMode`` (FLOP per image; with ``--fit-batch`` the batch shrinks, with
+``--fit-checkpoint`` more blocks are recomputed, until that step fits in memory, capped by
+``--memory-cap``), compile + warm-up (if compiling fails, the method is rerun eager and says
+so), timed steps on one resident batch (model img/s, MFU), timed steps fed as the trainer feeds
+them (``DeviceBatches``: gathered, copied and normalised a step ahead; end-to-end img/s), the
+same fed serially as before that existed (the lever's effect), then the loader alone up to
+normalised tiles on the device (tiles/s), and the hours a full WHU-OHS run would take at the
+end-to-end rate. ``--reference`` adds a plain timm ViT-B/8 supervised step on the same input
+(no project code), so every recipe can be read as a ratio to a well-tuned plain ViT. With ``--profile DIR``, 3 more steps under ``torch.profiler``:
 the top kernels, how busy the GPU was and the share of matrix products (bench_profile.py).
 Results go to stdout and, after every method, to ``--json``.
 """
@@ -46,8 +53,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from hsissl.config import load_config
 from hsissl.data import ohs
 from hsissl.data.normalize import Normalizer
+from hsissl.data.prefetch import DeviceBatches
 from hsissl.data.shards import FORMAT, MANIFEST, ShardWriter
-from hsissl.pretrain.recipe import COMPILE_SCOPES
+from hsissl.pretrain.recipe import COMPILE_SCOPES, set_checkpoint_blocks
 from hsissl.pretrain.trainer import Trainer
 from hsissl.storage import open_storage
 
@@ -58,8 +66,10 @@ RECIPES = {"mae": "hsissl.pretrain.mae:MAERecipe", "dinov2": "hsissl.pretrain.di
            "ssvit": "hsissl.pretrain.ssvit:SSViTRecipe"}  # fmt: skip
 MODELS = {"mae": "mae_vit_{}_patch8_64", "dinov2": "dinov2_vit_{}_patch8_64",
           "ssvit": "ssvit_{}_patch8_64"}  # fmt: skip
-# Dense bf16 peak of the card (vendor figure), for MFU.
+# Dense bf16 peak of the card (vendor figure): printed beside the measured one, which MFU uses.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+WHU_OHS_TRAIN_TILES = 308_000  # 64x64 tiles of the WHU-OHS training scenes (issue #19)
+SDPA_BACKENDS = ("default", "flash", "efficient", "cudnn", "math")
 DATASET = "bench"  # <run_dir>/artifacts/datasets/bench
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "fast.yaml"
 
@@ -79,13 +89,29 @@ def device_name(device: torch.device) -> str:
     return f"CPU {model} ({torch.get_num_threads()} threads)"
 
 
-def peak_flops(device: torch.device, override_tflops: float) -> float | None:
-    if override_tflops > 0:
-        return override_tflops * 1e12
+def vendor_peak(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def measured_matmul_peak(device: torch.device, n: int = 8192, reps: int = 10) -> float | None:
+    """FLOP/s of an n^3 bf16 matrix product on random data (mean of ``reps`` after 3 warm-ups):
+    what this card really gives the dense layers, the MFU denominator. None on the CPU."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        a @ b
+    end.record()
+    end.synchronize()
+    return 2 * n**3 * reps / (start.elapsed_time(end) / 1e3)
 
 
 def sync(device: torch.device) -> None:
@@ -154,7 +180,8 @@ def make_trainer(method: str, batch: int, args: argparse.Namespace) -> Trainer:
     overrides = [f"run_dir={args.data}", f"data.name={DATASET}", "tracking.uri=",
                  f"{method}.model={MODELS[method].format(args.size)}", f"pretrain.batch_size={batch}",
                  "pretrain.knn_tiles=0", f"pretrain.loader_threads={args.threads}",
-                 "pretrain.max_steps=1000000"]  # fmt: skip
+                 "pretrain.max_steps=1000000",
+                 f"pretrain.checkpoint_blocks={args.checkpoint_blocks.get(method, args.checkpoint_blocks['*'])}"]  # fmt: skip
     if method != "mae" and args.size == "tiny":  # CPU-sized DINO heads for the tiny check
         overrides += [f"{method}.out_dim=256", f"{method}.head_hidden=64",
                       f"{method}.head_bottleneck=32", f"{method}.n_local_crops=2"]  # fmt: skip
@@ -174,27 +201,46 @@ def batch_candidates(batch: int, fit: bool) -> list[int]:
     return sorted({s for s in sizes if s >= min(8, batch)}, reverse=True)
 
 
+def checkpoint_candidates(start: int, fit: bool, depth: int = 12) -> list[int]:
+    """``start``, then (with ``fit``) every second block count up to ``depth``."""
+    return [start] + (list(range(start + 2, depth + 1, 2)) if fit else [])
+
+
+def flops_per_image(trainer: Trainer, batch: int = 16) -> float:
+    """FLOP of one training step per image (fwd + bwd of the whole step, teacher included),
+    counted on a small batch without recomputed blocks: the useful work, whatever the batch."""
+    blocks = trainer.checkpoint_blocks
+    set_checkpoint_blocks(trainer.recipe, 0)
+    x = torch.randn(batch, ohs.NUM_BANDS, 64, 64, device=trainer.rt.device)
+    with FlopCounterMode(display=False) as counter:
+        trainer.train_step(trainer.recipe, x, 1e-4)
+    set_checkpoint_blocks(trainer.recipe, blocks)
+    return counter.get_total_flops() / batch
+
+
 def fitted_trainer(method: str, args: argparse.Namespace) -> tuple[Trainer, float]:
-    """The trainer at the largest batch whose eager step fits, and FLOP per image (fwd + bwd of
-    the whole step, teacher included) counted on that step."""
+    """The trainer at the largest batch (then the fewest recomputed blocks) whose eager step
+    fits in memory, and its FLOP per image."""
     wanted = args.batch.get(method, args.batch["*"])
-    for batch in batch_candidates(wanted, args.fit_batch):
+    blocks = args.checkpoint_blocks.get(method, args.checkpoint_blocks["*"])
+    tries = [(b, n) for b in batch_candidates(wanted, args.fit_batch)
+             for n in checkpoint_candidates(blocks, args.fit_checkpoint)]  # fmt: skip
+    for batch, n_blocks in tries:
         trainer = make_trainer(method, batch, args)
+        trainer.checkpoint_blocks = n_blocks
+        set_checkpoint_blocks(trainer.recipe, n_blocks)
         device = trainer.rt.device
         x = torch.randn(batch, ohs.NUM_BANDS, 64, 64, device=device)
         try:
-            with FlopCounterMode(display=False) as counter:
-                trainer.train_step(trainer.recipe, x, 1e-4)
+            trainer.train_step(trainer.recipe, x, 1e-4)
             sync(device)
-            return trainer, counter.get_total_flops() / batch
+            return trainer, flops_per_image(trainer)
         except torch.cuda.OutOfMemoryError:
-            print(f"{method}: batch {batch} does not fit in memory; trying a smaller one")
+            print(f"{method}: batch {batch} with {n_blocks} recomputed blocks does not fit in "
+                  "memory; trying the next setting", flush=True)  # fmt: skip
         del trainer, x  # outside the except block: the traceback no longer pins the tensors
         free_memory(device)
-    raise RuntimeError(
-        f"{method}: not even the smallest batch tried fits in memory "
-        f"({batch_candidates(wanted, args.fit_batch)})"
-    )
+    raise RuntimeError(f"{method}: no setting tried fits in memory ({tries})")
 
 
 def timed_steps(trainer: Trainer, batches: Callable[[], torch.Tensor], steps: int) -> float:
@@ -261,6 +307,19 @@ def compile_counters() -> dict[str, int]:
             "graphs": int(counters["stats"]["unique_graphs"])}  # fmt: skip
 
 
+def warm_up(step: Callable[[], Any], n: int, device: torch.device) -> float:
+    """Run ``n`` untimed steps (compilation, allocator); their seconds."""
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def mfu(flops_per_image: float, rate: float, peak: float | None) -> float | None:
+    return flops_per_image * rate / peak if peak else None
+
+
 def bench_method(method: str, args: argparse.Namespace, compile_: bool) -> dict[str, Any]:
     torch._dynamo.reset()  # fresh caches and counters per method
     trainer, flops_per_image = fitted_trainer(method, args)
@@ -269,33 +328,86 @@ def bench_method(method: str, args: argparse.Namespace, compile_: bool) -> dict[
     options = {"mode": args.compile_mode, "backend": args.compile_backend}
     if compile_:
         trainer.recipe.compile_modules(args.compile_scope, **options)
-    start = time.perf_counter()
-    for _ in range(args.warmup):  # compiles (if compiling) and warms the allocator
-        trainer.train_step(trainer.recipe, x, 1e-4)
-    sync(device)
-    warmup_s = time.perf_counter() - start
+    step = lambda batch_: trainer.train_step(trainer.recipe, batch_, 1e-4)  # noqa: E731
+    warmup_s = warm_up(lambda: step(x), args.warmup, device)
     reset_peak_memory(device)
     model_rate = timed_steps(trainer, lambda: x, args.steps)
     syncs = host_syncs_per_step(trainer, x)
     profiled = profile_or_error(trainer, x, method, args) if args.profile else {}
-    stream = endless(trainer.loader)
-    to_device = lambda: trainer.normalizer(next(stream)[0].to(device, non_blocking=True))  # noqa: E731
-    e2e_rate = timed_steps(trainer, to_device, args.steps)
+    with DeviceBatches(trainer.loader, trainer.normalizer, device) as prefetched:
+        stream = iter(prefetched)
+        step(next(stream)[0])  # the thread is running and the queue filled before timing
+        e2e_rate = timed_steps(trainer, lambda: next(stream)[0], args.steps)
+    serial = endless(trainer.loader)  # as the trainer fed batches before DeviceBatches
+    to_device = lambda: trainer.normalizer(next(serial)[0].to(device, non_blocking=True))  # noqa: E731
+    serial_rate = timed_steps(trainer, to_device, args.steps)
     mem_gib, mem_kind = peak_memory(device)
     loader = loader_rate(trainer, args.loader_batches)
-    peak = peak_flops(device, args.peak_tflops)
+    epochs = trainer.pc.epochs
     row = {
         "method": method, "model": getattr(trainer.cfg, method).model, "batch": batch,
+        "checkpoint_blocks": trainer.checkpoint_blocks, "sdpa": args.sdpa,
         "compiled": compile_, "compile_scope": args.compile_scope if compile_ else None,
-        "warmup_s": warmup_s, "gflop_per_image_fwd_bwd": flops_per_image / 1e9,
+        "compile_mode": args.compile_mode, "warmup_s": warmup_s,
+        "gflop_per_image_fwd_bwd": flops_per_image / 1e9,
         "model_img_per_s": model_rate, "end_to_end_img_per_s": e2e_rate,
-        "mfu": flops_per_image * model_rate / peak if peak else None,
-        "mfu_end_to_end": flops_per_image * e2e_rate / peak if peak else None,
+        "end_to_end_serial_img_per_s": serial_rate, "end_to_end_over_model": e2e_rate / model_rate,
+        "mfu": mfu(flops_per_image, model_rate, args.peak),
+        "mfu_end_to_end": mfu(flops_per_image, e2e_rate, args.peak),
+        "peak_flops": args.peak, "peak_kind": args.peak_kind,
         "peak_mem_gib": mem_gib, "peak_mem_kind": mem_kind, "loader_tiles_per_s": loader,
         "loader_over_training": loader / model_rate, "host_syncs_per_step": syncs,
+        "full_run_hours": WHU_OHS_TRAIN_TILES * epochs / e2e_rate / 3600, "full_run_epochs": epochs,
         **(compile_counters() if compile_ else {}), **profiled,
     }  # fmt: skip
     return row  # the trainer goes with this frame; the caller frees the memory
+
+
+def bench_reference(args: argparse.Namespace) -> dict[str, Any]:
+    """A plain timm ViT-B/8 supervised step on (B, 32, 64, 64) with 24 classes: bf16 autocast,
+    compiled as a whole, fused AdamW. No project code: the yardstick for every recipe."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch._dynamo.reset()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = dict(embed_dim=768, depth=12, num_heads=12) if args.size == "base" else dict(
+        embed_dim=64, depth=4, num_heads=4)  # fmt: skip
+    model = VisionTransformer(img_size=64, patch_size=8, in_chans=ohs.NUM_BANDS,
+                              num_classes=ohs.NUM_CLASSES, **size).to(device)  # fmt: skip
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    batch = args.batch.get("reference", args.batch["*"])
+    x = torch.randn(batch, ohs.NUM_BANDS, 64, 64, device=device)
+    y = torch.randint(0, ohs.NUM_CLASSES, (batch,), device=device)
+    compiled = args.compile_reference
+    net = (
+        torch.compile(model, mode=args.compile_mode, backend=args.compile_backend)
+        if compiled
+        else model
+    )
+
+    def step() -> None:
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops() / batch
+    warmup_s = warm_up(step, args.warmup, device)
+    reset_peak_memory(device)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    rate = batch * args.steps / (time.perf_counter() - start)
+    return {"method": "reference", "model": f"timm VisionTransformer {args.size} patch 8, supervised",
+            "batch": batch, "compiled": compiled, "compile_scope": "whole model" if compiled else None,
+            "warmup_s": warmup_s, "gflop_per_image_fwd_bwd": flops / 1e9, "model_img_per_s": rate,
+            "mfu": mfu(flops, rate, args.peak), "peak_flops": args.peak,
+            "peak_mem_gib": peak_memory(device)[0]}  # fmt: skip
 
 
 def bench_or_fallback(method: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -319,30 +431,40 @@ def bench_or_fallback(method: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def format_row(row: dict[str, Any]) -> str:
-    mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
-    syncs = row["host_syncs_per_step"]
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.1%}"
+
     mode = f"compiled ({row['compile_scope']})" if row["compiled"] else "eager"
-    return (f"{row['method']:7s} {row['model']:26s} batch {row['batch']:4d} {mode:20s} | "
-            f"model {row['model_img_per_s']:9.0f} img/s | end-to-end {row['end_to_end_img_per_s']:9.0f} img/s | "
-            f"{row['gflop_per_image_fwd_bwd']:.2f} GFLOP/img | MFU {mfu} | "
-            f"peak memory {row['peak_mem_gib']:.2f} GiB ({row['peak_mem_kind']}) | "
-            f"loader {row['loader_tiles_per_s']:.0f} tiles/s ({row['loader_over_training']:.2f}x training) | "
-            f"warm-up {row['warmup_s']:.1f} s | host syncs/step {'n/a' if syncs is None else syncs}"
-            + (f" | graph breaks {row['graph_breaks']}" if "graph_breaks" in row else "")
-            + (f" | GPU busy {row['gpu_busy']:.0%}, matmul {row['gemm_share']:.0%} of GPU time"
-               if row.get("gpu_busy") is not None and row.get("gemm_share") is not None else ""))  # fmt: skip
+    text = (f"{row['method']:9s} {row['model']:26s} batch {row['batch']:4d} {mode:20s} | "
+            f"model {row['model_img_per_s']:9.0f} img/s, MFU {pct(row['mfu'])}")  # fmt: skip
+    if "end_to_end_img_per_s" in row:
+        syncs = row["host_syncs_per_step"]
+        text += (f" | end-to-end {row['end_to_end_img_per_s']:9.0f} img/s "
+                 f"({row['end_to_end_over_model']:.2f}x model; serial feed "
+                 f"{row['end_to_end_serial_img_per_s']:.0f}), MFU {pct(row['mfu_end_to_end'])} | "
+                 f"full WHU-OHS run ({row['full_run_epochs']:g} epochs) {row['full_run_hours']:.1f} h | "
+                 f"loader {row['loader_tiles_per_s']:.0f} tiles/s ({row['loader_over_training']:.2f}x training) | "
+                 f"recomputed blocks {row['checkpoint_blocks']} | "
+                 f"host syncs/step {'n/a' if syncs is None else syncs}")  # fmt: skip
+    text += (f" | {row['gflop_per_image_fwd_bwd']:.2f} GFLOP/img | peak memory "
+             f"{row['peak_mem_gib']:.2f} GiB | warm-up {row['warmup_s']:.1f} s")  # fmt: skip
+    text += f" | graph breaks {row['graph_breaks']}" if "graph_breaks" in row else ""
+    if row.get("gpu_busy") is not None and row.get("gemm_share") is not None:
+        text += f" | GPU busy {row['gpu_busy']:.0%}, matmul {row['gemm_share']:.0%} of GPU time"
+    return text
 
 
 # -- command line -----------------------------------------------------------------------------
-def parse_batches(items: list[str]) -> dict[str, int]:
-    """``["512", "dinov2=256"]`` -> {"*": 512, "dinov2": 256}."""
+def parse_per_method(items: list[str], flag: str, least: int) -> dict[str, int]:
+    """``["512", "dinov2=256"]`` -> {"*": 512, "dinov2": 256} (``reference``: the timm ViT)."""
     out: dict[str, int] = {}
     for item in items:
         method, _, value = item.rpartition("=")
-        if method and method not in RECIPES:
-            raise SystemExit(f"--batch {item}: unknown method {method!r}; expected {list(RECIPES)}")
-        if not value.isdigit() or int(value) < 2:
-            raise SystemExit(f"--batch {item}: expected N or METHOD=N with N >= 2")
+        if method and method not in [*RECIPES, "reference"]:
+            raise SystemExit(f"{flag} {item}: unknown method {method!r}; expected "
+                             f"{[*RECIPES, 'reference']}")  # fmt: skip
+        if not value.isdigit() or int(value) < least:
+            raise SystemExit(f"{flag} {item}: expected N or METHOD=N with N >= {least}")
         out[method or "*"] = int(value)
     return out
 
@@ -352,7 +474,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
-    add("--methods", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    add("--methods", nargs="+", default=list(RECIPES), choices=[*RECIPES, "reference"],
+        help="what to time; reference: the plain timm ViT (as --reference)")  # fmt: skip
     add("--size", choices=["base", "tiny"], help="model size; default base on CUDA, tiny on CPU")
     add("--batch", nargs="+", default=[], metavar="N|METHOD=N",
         help="batch per step, for all methods and/or per method; default 512 on CUDA, 8 on CPU")  # fmt: skip
@@ -380,20 +503,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--profile", type=Path, metavar="DIR",
         help="profile 3 steps per method: top kernels to DIR/profile-<method>.txt, GPU busy "
              "fraction and matmul share into the results")  # fmt: skip
-    add("--peak-tflops", type=float, default=0.0, help="dense bf16 peak for MFU (default: by name)")
+    add("--peak-tflops", type=float, default=0.0,
+        help="dense bf16 peak for MFU (default: measured on this card at the start)")  # fmt: skip
+    add("--reference", action="store_true",
+        help="also time a plain timm ViT-B/8 supervised step (no project code) on the same input")  # fmt: skip
+    add("--compile-reference", action=argparse.BooleanOptionalAction, default=None,
+        help="compile the --reference ViT (default: as --compile)")  # fmt: skip
+    add("--checkpoint-blocks", nargs="+", default=[], metavar="N|METHOD=N",
+        help="recompute the first N blocks of each backbone in backward (pretrain.checkpoint_blocks)")  # fmt: skip
+    add("--fit-checkpoint", action="store_true",
+        help="recompute 2, 4, ... more blocks until one eager step fits in GPU memory")  # fmt: skip
+    add("--memory-cap", type=float, default=0.0, metavar="GIB",
+        help="use at most this much GPU memory (e.g. 80 to check an 80 GB card on a larger one)")  # fmt: skip
+    add("--sdpa", choices=SDPA_BACKENDS, default="default",
+        help="scaled-dot-product attention kernel to prefer (math stays as the fallback)")  # fmt: skip
     add("--data", type=Path, help="folder for the generated shards (reused); default a temp dir")
     add("--json", "--out", dest="json", type=Path, help="write the results here as JSON")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     args.size = args.size or ("base" if cuda else "tiny")
-    args.batch = {"*": 512 if cuda else 8} | parse_batches(args.batch)
+    args.batch = {"*": 512 if cuda else 8} | parse_per_method(args.batch, "--batch", 2)
+    args.checkpoint_blocks = {"*": 0} | parse_per_method(args.checkpoint_blocks,
+                                                         "--checkpoint-blocks", 0)  # fmt: skip
     args.steps = args.steps or (3 if not cuda else 8 if args.quick else 20)
     args.warmup = args.warmup or (1 if not cuda else 2 if args.quick else 3)
     args.loader_batches = args.loader_batches or (3 if not cuda else 10 if args.quick else 20)
     most = max(args.batch.values())
     args.tiles = args.tiles or max(most * (8 if args.quick or not cuda else 16), 64)
     args.compile = cuda if args.compile is None else args.compile
+    args.compile_reference = (
+        args.compile if args.compile_reference is None else args.compile_reference
+    )
     return args
+
+
+def prefer_sdpa(backend: str) -> None:
+    """Enable one fused attention kernel (plus math as the fallback); "default" leaves torch's
+    own choice."""
+    if backend == "default" or not torch.cuda.is_available():
+        return
+    torch.backends.cuda.enable_flash_sdp(backend == "flash")
+    torch.backends.cuda.enable_mem_efficient_sdp(backend == "efficient")
+    torch.backends.cuda.enable_cudnn_sdp(backend == "cudnn")
+    torch.backends.cuda.enable_math_sdp(True)
+
+
+def set_peak(args: argparse.Namespace, device: torch.device) -> None:
+    """args.peak (FLOP/s, the MFU denominator) and what it is."""
+    vendor = vendor_peak(device)
+    if args.peak_tflops > 0:
+        args.peak, args.peak_kind = args.peak_tflops * 1e12, "given (--peak-tflops)"
+    else:
+        args.peak, args.peak_kind = measured_matmul_peak(device), "measured 8192^3 bf16 matmul"
+    if args.peak:
+        print(f"bf16 matmul peak: {args.peak / 1e12:.0f} TFLOP/s ({args.peak_kind}); datasheet "
+              f"{'n/a' if vendor is None else f'{vendor / 1e12:.0f}'} TFLOP/s", flush=True)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -402,8 +566,16 @@ def main(argv: list[str] | None = None) -> int:
     name = device_name(device)
     print(f"device: {name}; torch {torch.__version__}; python {platform.python_version()}; "
           f"size {args.size}; compile {args.compile} ({args.compile_scope}); batch {args.batch}; "
-          f"steps {args.steps} (+{args.warmup} warm-up)", flush=True)  # fmt: skip
+          f"steps {args.steps} (+{args.warmup} warm-up); attention {args.sdpa}", flush=True)  # fmt: skip
+    if args.memory_cap and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(
+            min(1.0, args.memory_cap * 2**30 / total), device
+        )
+    prefer_sdpa(args.sdpa)
+    set_peak(args, device)
     result: dict[str, Any] = {"device": name, "torch": torch.__version__, "rows": [], "failed": {},
+                              "peak_flops": args.peak, "peak_kind": args.peak_kind,
                               "args": {k: str(v) for k, v in vars(args).items()}}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="hsissl-bench-") as tmp:
         args.data = (args.data or Path(tmp)).resolve()
@@ -411,9 +583,14 @@ def main(argv: list[str] | None = None) -> int:
         write_dataset(args.data, args.tiles)
         print(f"data: {args.tiles} random tiles as shards in {args.data} "
               f"({time.perf_counter() - start:.1f} s)", flush=True)  # fmt: skip
-        for method in args.methods:
+        methods = [*args.methods, *(["reference"] if args.reference else [])]
+        for method in dict.fromkeys(methods):  # in order, each once
             try:
-                row = bench_or_fallback(method, args)
+                row = (
+                    bench_reference(args)
+                    if method == "reference"
+                    else bench_or_fallback(method, args)
+                )
             except Exception as exc:  # noqa: BLE001 - report it, go on with the next method
                 traceback.print_exc()
                 result["failed"][method] = f"{type(exc).__name__}: {str(exc)[:300]}"

@@ -1,25 +1,33 @@
 #!/usr/bin/env bash
 # Pretraining benchmark on a lent GPU machine, in one short command (docs/benchmarks.md).
 #
-#   device tool:  bash scripts/gpu_bench.sh          (timeout_s 330; results come back in $OUT)
+#   device tool:  bash scripts/gpu_bench.sh          (timeout_s 600; results come back in $OUT)
 #   anywhere:     bash scripts/gpu_bench.sh   (results in runs/bench-gpu/ unless OUT is set)
 #
 # Needs only torch (+ torchvision), timm, numpy, scipy and pyyaml: the package is used from src/
-# (PYTHONPATH), no install, no network. Per method, in its own process with its own time limit:
-# base model, bf16 autocast, torch.compile, batch 512 for MAE and the largest batch from 512 down
-# that fits for DINOv2 and SS-ViT (--fit-batch). If a compiled run fails or runs out of time the
-# method is rerun eager, and the log says so (a compile error inside a run already falls back to
-# eager in-process; the row then carries "compile_error").
+# (PYTHONPATH), no install, no network. First the kernels behind each lever alone
+# (bench_kernels.py: patch embedding, attention kernels, DINO targets). Then per method, in its
+# own process with its own time limit: base model, bf16 autocast, torch.compile as the trainer
+# compiles, 20 timed steps, MFU against the card's bf16 matmul rate measured in the same run;
+# MAE at batch 512; a plain timm ViT-B/8 supervised step as the yardstick (reference); DINOv2 at
+# the largest batch from 512 down that fits (--fit-batch); SS-ViT at batch 512 inside 80 GiB (an
+# H100's memory), recomputing as few blocks as that needs (--fit-checkpoint). If a compiled run
+# fails or runs out of time the method is rerun eager, and the log says so (a compile error
+# inside a run already falls back to eager in-process; the row carries "compile_error").
 #
 # Environment (all optional):
-#   OUT       results folder (default runs/bench-gpu): bench-<method>.json, bench.json (all rows),
-#             gpu_bench.log
-#   METHODS   default "mae dinov2 ssvit"
-#   SCOPE     compile scope: blocks (default; regional, much shorter compile) or networks (each
-#             backbone/head one graph, exactly as the trainer compiles)
-#   BATCH     starting batch (default 512);   QUICK=0 for 20 timed steps instead of 8
-#   DEADLINE  seconds this script may take in all (default 300); later runs get what is left
-#   LIMIT_MAE / LIMIT_DINOV2 / LIMIT_SSVIT  seconds for one compiled run (default 90/120/120)
+#   OUT       results folder (default runs/bench-gpu): kernels.json, bench-<method>.json,
+#             bench.json (all rows), gpu_bench.log
+#   METHODS   default "kernels mae reference dinov2 ssvit"; mae-graphs: MAE with CUDA graphs
+#             (compile mode reduce-overhead), a lever to compare
+#   SCOPE     compile scope: networks (default; each backbone/head one graph, exactly as the
+#             trainer compiles) or blocks (regional: much shorter compile); per method with
+#             SCOPE_MAE, SCOPE_DINOV2, SCOPE_SSVIT
+#   BATCH     starting batch (default 512);   QUICK=1 for 8 timed steps instead of 20
+#   MEMORY_CAP  GiB SS-ViT must fit in (default 80)
+#   DEADLINE  seconds this script may take in all (default 540); later runs get what is left
+#   LIMIT_KERNELS / LIMIT_MAE / LIMIT_REFERENCE / LIMIT_DINOV2 / LIMIT_SSVIT  seconds for one
+#             run (default 90/120/75/150/150)
 #   PROFILE   1 (default): 3 more steps per method under torch.profiler -> profile-<method>.txt
 #             (top kernels), GPU busy fraction and matmul share in the rows; 0 to skip
 #   EXTRA     more bench_train.py flags, e.g. "--compile-mode max-autotune-no-cudagraphs"
@@ -27,11 +35,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$SECONDS
 OUT=${OUT:-$PWD/runs/bench-gpu}
-METHODS=${METHODS:-mae dinov2 ssvit}
-SCOPE=${SCOPE:-blocks}
+METHODS=${METHODS:-kernels mae reference dinov2 ssvit}
+SCOPE=${SCOPE:-networks}
 BATCH=${BATCH:-512}
-DEADLINE=${DEADLINE:-300}
-QUICK_FLAG=$([ "${QUICK:-1}" = 1 ] && echo --quick || true)
+DEADLINE=${DEADLINE:-540}
+QUICK_FLAG=$([ "${QUICK:-0}" = 1 ] && echo --quick || true)
 PROFILE_FLAG=$([ "${PROFILE:-1}" = 1 ] && echo "--profile $OUT" || true)
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 mkdir -p "$OUT"
@@ -59,34 +67,50 @@ EOF
 
 left() { echo $((DEADLINE - (SECONDS - START))); }
 
+capped() {  # capped LIMIT: LIMIT, or less when the deadline is nearer (0: skip)
+  local cap=$(($(left) - 10))
+  if ((cap < 30)); then echo 0; elif (($1 > cap)); then echo "$cap"; else echo "$1"; fi
+}
+
 run() {  # run METHOD LIMIT JSON ARGS...: one method in its own process under a time limit
-  local method=$1 limit=$2 json=$3
+  local method=$1 json=$3 limit
+  limit=$(capped "$2")
   shift 3
-  local cap
-  cap=$(($(left) - 10))
-  if ((cap < 30)); then
+  if ((limit == 0)); then
     echo "== $method: skipped, only $(left) s of the ${DEADLINE} s deadline left"
     return 124
   fi
-  ((limit > cap)) && limit=$cap
   echo "== $method: $* (limit ${limit} s)"
   timeout --signal=INT --kill-after=15 "$limit" "$PY" scripts/bench_train.py --methods "$method" \
     --data "$DATA" --json "$json" $QUICK_FLAG $PROFILE_FLAG ${EXTRA:-} "$@"
 }
 
 for method in $METHODS; do
+  if [ "$method" = kernels ]; then
+    limit=$(capped "${LIMIT_KERNELS:-90}")
+    ((limit == 0)) && { echo "== kernels: skipped, no time left"; continue; }
+    echo "== kernels: scripts/bench_kernels.py (limit ${limit} s)"
+    timeout --signal=INT --kill-after=15 "$limit" "$PY" scripts/bench_kernels.py \
+      --json "$OUT/kernels.json" || echo "== kernels: exit $?"
+    continue
+  fi
   case $method in
-    mae) limit=${LIMIT_MAE:-90} fit="" ;;
-    dinov2) limit=${LIMIT_DINOV2:-120} fit=--fit-batch ;;
-    ssvit) limit=${LIMIT_SSVIT:-120} fit=--fit-batch ;;
-    *) echo "== unknown method $method (mae, dinov2, ssvit)"; continue ;;
+    mae) limit=${LIMIT_MAE:-120} scope=${SCOPE_MAE:-$SCOPE} extra=() ;;
+    mae-graphs) limit=${LIMIT_MAE:-120} scope=${SCOPE_MAE:-$SCOPE}  # a lever: CUDA graphs
+      extra=(--compile-mode reduce-overhead) ;;
+    reference) limit=${LIMIT_REFERENCE:-75} scope=$SCOPE extra=() ;;
+    dinov2) limit=${LIMIT_DINOV2:-150} scope=${SCOPE_DINOV2:-$SCOPE} extra=(--fit-batch) ;;
+    ssvit) limit=${LIMIT_SSVIT:-150} scope=${SCOPE_SSVIT:-$SCOPE}
+      extra=(--memory-cap "${MEMORY_CAP:-80}" --fit-checkpoint) ;;
+    *) echo "== unknown method $method (kernels, mae, mae-graphs, reference, dinov2, ssvit)"
+      continue ;;
   esac
-  run "$method" "$limit" "$OUT/bench-$method.json" --batch "$BATCH" $fit \
-    --compile --compile-scope "$SCOPE"
+  run "${method%%-*}" "$limit" "$OUT/bench-$method.json" --batch "$BATCH" "${extra[@]}" \
+    --compile --compile-scope "$scope"
   rc=$?
   if ((rc != 0)); then
     echo "== $method: the compiled run failed or timed out (exit $rc); FALLING BACK TO EAGER"
-    run "$method" 75 "$OUT/bench-$method-eager.json" --batch "$BATCH" $fit --no-compile
+    run "${method%%-*}" 75 "$OUT/bench-$method-eager.json" --batch "$BATCH" "${extra[@]}" --no-compile
     echo "== $method: eager run exit $?"
   fi
 done
@@ -96,25 +120,19 @@ echo "== summary ($((SECONDS - START)) s)"
 import json, sys
 from pathlib import Path
 
+sys.path.insert(0, "scripts")
+from bench_train import format_row  # noqa: E402  (one formatter for the log and this table)
+
 out = Path(sys.argv[1])
-rows, device = [], "?"
+rows, device, peak = [], "?", None
 for path in sorted(out.glob("bench-*.json")):
     result = json.loads(path.read_text())
-    device = result.get("device", device)
+    device, peak = result.get("device", device), result.get("peak_flops") or peak
     rows += result.get("rows", [])
     for method, error in result.get("failed", {}).items():
         print(f"{method}: FAILED {error}")
-(out / "bench.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
-print(f"device: {device}")
-def pct(v): return "n/a" if v is None else f"{v:.1%}"
+(out / "bench.json").write_text(json.dumps({"device": device, "peak_flops": peak, "rows": rows}, indent=1))
+print(f"device: {device}; bf16 matmul peak measured {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s")
 for r in rows:
-    mode = f"compiled/{r['compile_scope']}" if r["compiled"] else "EAGER"
-    print(f"{r['method']:7s} batch {r['batch']:4d} {mode:18s} model {r['model_img_per_s']:8.0f} img/s"
-          f" | end-to-end {r['end_to_end_img_per_s']:8.0f} img/s | MFU {pct(r['mfu'])}"
-          f" (end-to-end {pct(r['mfu_end_to_end'])}) | peak {r['peak_mem_gib']:.1f} GiB"
-          f" | loader {r['loader_tiles_per_s']:.0f} tiles/s = {r['loader_over_training']:.2f}x model"
-          f" | warm-up {r['warmup_s']:.0f} s | syncs/step {r['host_syncs_per_step']}"
-          + (f" | GPU busy {r['gpu_busy']:.0%}, matmul {r['gemm_share']:.0%}"
-             if r.get("gpu_busy") is not None and r.get("gemm_share") is not None else "")
-          + (f" | compile error: {r['compile_error']}" if "compile_error" in r else ""))
+    print(format_row(r) + (f" | compile error: {r['compile_error']}" if "compile_error" in r else ""))
 EOF

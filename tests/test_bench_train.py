@@ -52,15 +52,25 @@ def test_bench_runs_without_rasterio_minio_mlflow_smp(tmp_path: Path) -> None:
     every method fall back to eager (what the GPU script relies on when compiling fails)."""
     proc, result = run_bench(tmp_path, "--steps", "1", "--warmup", "1", "--loader-batches", "2",
                              "--batch", "4", "--compile", "--compile-backend", "no-such-backend",
-                             "--profile", str(tmp_path / "profiles"))  # fmt: skip
+                             "--profile", str(tmp_path / "profiles"), "--checkpoint-blocks",
+                             "ssvit=1", "--reference", "--no-compile-reference")  # fmt: skip
     out = proc.stdout
     assert out.startswith("device: CPU ")
     for field in ("model ", " img/s", "end-to-end", "MFU n/a", "peak memory", "loader ", "tiles/s",
                   "FALLING BACK TO EAGER"):  # fmt: skip
         assert out.count(field) >= 3, (field, out)
-    assert [r["method"] for r in result["rows"]] == ["mae", "dinov2", "ssvit"]
+    assert [r["method"] for r in result["rows"]] == ["mae", "dinov2", "ssvit", "reference"]
     assert result["device"].startswith("CPU") and result["failed"] == {}
+    assert result["peak_flops"] is None  # nothing to measure on a CPU
+    reference = result["rows"].pop()
+    assert reference["model_img_per_s"] > 0 and reference["gflop_per_image_fwd_bwd"] > 0
+    assert "timm VisionTransformer" in reference["model"] and "reference " in out
+    assert [r["checkpoint_blocks"] for r in result["rows"]] == [0, 0, 1]
     for row in result["rows"]:
+        assert row["end_to_end_serial_img_per_s"] > 0 and row["end_to_end_over_model"] > 0
+        # 308,000 tiles x the preset's 100 epochs at the measured end-to-end rate
+        expected = 308_000 * 100 / row["end_to_end_img_per_s"] / 3600
+        assert row["full_run_hours"] == pytest.approx(expected) and row["full_run_epochs"] == 100
         assert row["batch"] == 4 and row["model"].endswith("_tiny_patch8_64")
         assert row["model_img_per_s"] > 0 and row["end_to_end_img_per_s"] > 0
         assert row["loader_tiles_per_s"] > 0 and row["peak_mem_gib"] > 0
@@ -102,9 +112,16 @@ def load_bench_module():
 
 def test_batch_flags() -> None:
     bench = load_bench_module()
-    assert bench.parse_batches(["512", "dinov2=256"]) == {"*": 512, "dinov2": 256}
+    parse = bench.parse_per_method
+    assert parse(["512", "dinov2=256"], "--batch", 2) == {"*": 512, "dinov2": 256}
+    assert parse(["reference=64"], "--batch", 2) == {"reference": 64}
+    assert parse(["ssvit=0"], "--checkpoint-blocks", 0) == {"ssvit": 0}
     with pytest.raises(SystemExit, match="unknown method 'dino'"):
-        bench.parse_batches(["dino=8"])
+        parse(["dino=8"], "--batch", 2)
+    with pytest.raises(SystemExit, match="--batch mae=1: expected N or METHOD=N with N >= 2"):
+        parse(["mae=1"], "--batch", 2)
+    assert bench.checkpoint_candidates(0, fit=False) == [0]
+    assert bench.checkpoint_candidates(0, fit=True) == [0, 2, 4, 6, 8, 10, 12]
     assert bench.batch_candidates(512, fit=False) == [512]
     assert bench.batch_candidates(512, fit=True)[:5] == [512, 384, 256, 192, 128]
     assert bench.batch_candidates(512, fit=True)[-1] == 8

@@ -82,6 +82,9 @@ class PretrainConfig:
     deterministic: bool = False  # bit-reproducible kernels (slower)
     loader_threads: int = 4
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Recompute the first N transformer blocks of each backbone in backward instead of keeping
+    # their activations: less GPU memory for about N/depth of a forward pass more compute.
+    checkpoint_blocks: int = 0
 
 
 @dataclass

@@ -108,6 +108,7 @@ RULES: dict[str, Check] = {
     "pretrain.knn_k": _POSITIVE,
     "pretrain.knn_tiles": _NON_NEGATIVE,
     "pretrain.loader_threads": _POSITIVE,  # the pretraining loader needs a worker
+    "pretrain.checkpoint_blocks": _NON_NEGATIVE,
     "pretrain.device": _DEVICE,
     **_optim_rules("mae"),
     "mae.mask_ratio": _within(0.0, 1.0),

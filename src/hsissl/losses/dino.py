@@ -5,17 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from hsissl.losses.centering import TeacherTargets, teacher_softmax
+from hsissl.losses.centering import TeacherTargets, soft_cross_entropy
 
-
-def soft_cross_entropy(
-    teacher_probs: torch.Tensor, student_logits: torch.Tensor, student_temp: float
-) -> torch.Tensor:
-    """Per-row -sum(t * log_softmax(s / temp)): (..., K), (..., K) -> (...)."""
-    log_probs = F.log_softmax(student_logits.float() / student_temp, dim=-1)
-    return -(teacher_probs.float() * log_probs).sum(dim=-1)
+__all__ = ["DINOLoss", "soft_cross_entropy"]
 
 
 class DINOLoss(TeacherTargets):
@@ -40,10 +33,10 @@ class DINOLoss(TeacherTargets):
         dinov2 does) and returned as a list in the same order.
         """
         if isinstance(teacher_logits, torch.Tensor):
-            return teacher_softmax(teacher_logits, teacher_temp, self.center, self.sinkhorn_iters)
+            return self.targets(teacher_logits, teacher_temp)
         sizes = [t.shape[0] for t in teacher_logits]
         joint = torch.cat(list(teacher_logits), dim=0)  # (sum B, K)
-        probs = teacher_softmax(joint, teacher_temp, self.center, self.sinkhorn_iters)
+        probs = self.targets(joint, teacher_temp)
         return list(probs.split(sizes, dim=0))
 
     def forward(
@@ -76,7 +69,7 @@ class DINOLoss(TeacherTargets):
             for t_idx, t in enumerate(teacher_probs):
                 if s_idx == t_idx:  # same view: trivially matchable, DINO skips it
                     continue
-                total = total + soft_cross_entropy(t, s, self.student_temp).mean()
+                total = total + self.cross_entropy(t, s, self.student_temp).mean()
                 n_terms += 1
         if n_terms == 0:
             raise ValueError(

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hsissl.losses.centering import TeacherTargets, teacher_softmax
-from hsissl.losses.dino import soft_cross_entropy
+from hsissl.losses.centering import TeacherTargets
 
 
 class IBOTPatchLoss(TeacherTargets):
@@ -32,7 +31,7 @@ class IBOTPatchLoss(TeacherTargets):
 
         Sinkhorn-Knopp runs over the masked tokens of all images (and all ranks).
         """
-        return teacher_softmax(teacher_patch_logits, teacher_temp, self.center, self.sinkhorn_iters)
+        return self.targets(teacher_patch_logits, teacher_temp)
 
     def forward(
         self,
@@ -65,7 +64,7 @@ class IBOTPatchLoss(TeacherTargets):
                     f"IBOTPatchLoss: {name} patch tensor must be (masks.sum()={n_masked}, "
                     f"{self.out_dim}), got {tuple(t.shape)}"
                 )
-        per_token = soft_cross_entropy(teacher_patch_probs, student_patch_logits, self.student_temp)
+        per_token = self.cross_entropy(teacher_patch_probs, student_patch_logits, self.student_temp)
         return masked_image_mean(per_token, masks)
 
 

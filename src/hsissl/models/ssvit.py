@@ -15,10 +15,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from timm.layers import PatchEmbed, trunc_normal_
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from hsissl.models.patch_embed import MatmulPatchEmbed
 from hsissl.models.vit import add_pos_embed, block_attention, ffn_layer_for, layer_norm
 
 
@@ -67,8 +70,12 @@ class SpectralEmbed(nn.Module):
         if C != self.in_chans:
             raise ValueError(f"SpectralEmbed expects {self.in_chans} bands, got {C}")
         key = _size_key(H, W, self.crop_sizes, "SpectralEmbed")
-        x = x.flatten(2).transpose(1, 2)  # (B, H*W, bands): pixels are the conv channels
-        return self.proj[key](x).transpose(1, 2)  # (B, groups, C)
+        conv = self.proj[key]  # weight (D, H*W, k): the pixels are its input channels
+        k = conv.kernel_size[0]
+        # The strided Conv1d as one matrix product (same numbers; cuDNN is slow at this shape):
+        # each group of k bands becomes one row of its H*W*k values, in the weight's order.
+        x = x.reshape(B, C // k, k, H * W).transpose(2, 3).reshape(B, C // k, H * W * k)
+        return F.linear(x, conv.weight.reshape(conv.out_channels, -1), conv.bias)  # (B, groups, D)
 
 
 class TokenFusion(nn.Module):
@@ -129,8 +136,9 @@ class SpatialSpectralViT(nn.Module):
         self.crop_sizes = tuple(crop_sizes)
         self.num_reg_tokens = reg_tokens
         self.num_prefix_tokens = 1 + reg_tokens  # same layout in both streams
+        self.checkpoint_blocks = 0  # the first N block pairs recompute activations in backward
 
-        self.patch_embed = PatchEmbed(
+        self.patch_embed = MatmulPatchEmbed(
             img_size, patch_size, in_chans, embed_dim, strict_img_size=False, output_fmt="NHWC"
         )
         self.spectral_embed = SpectralEmbed(in_chans, spectral_patch_size, embed_dim, crop_sizes)
@@ -230,8 +238,11 @@ class SpatialSpectralViT(nn.Module):
         """Normalised tokens of both streams, prefix tokens included:
         {"spatial": (B, 1 + R + h*w, C), "spectral": (B, 1 + R + bands/2, C)}."""
         spatial, spectral, crop = self.prepare_tokens(x, masks, spectral_masks)
-        for blk in self.blocks:
-            spatial, spectral = blk(spatial, spectral, crop)
+        for i, blk in enumerate(self.blocks):
+            if i < self.checkpoint_blocks:
+                spatial, spectral = checkpoint(blk, spatial, spectral, crop, use_reentrant=False)
+            else:
+                spatial, spectral = blk(spatial, spectral, crop)
         return {"spatial": self.norm(spatial), "spectral": self.spectral_norm(spectral)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

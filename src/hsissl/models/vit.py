@@ -21,6 +21,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from hsissl.models.patch_embed import MatmulPatchEmbed
+
 FFN_LAYERS = ("mlp", "swiglu")
 
 
@@ -141,9 +143,10 @@ class HsiViT(VisionTransformer):
             drop_path_rate=drop_path_rate,
             norm_layer=layer_norm,
             mlp_layer=ffn_layer_for(ffn_layer),
-            **kwargs,
+            **{"embed_layer": MatmulPatchEmbed, **kwargs},
         )
         self.patch_size = patch_size
+        self.checkpoint_blocks = 0  # the first N blocks recompute their activations in backward
         if reg_tokens:  # timm would give registers a position too; DINOv2 does not
             self.pos_embed = nn.Parameter(
                 torch.zeros(1, 1 + self.patch_embed.num_patches, embed_dim)
@@ -170,8 +173,9 @@ class HsiViT(VisionTransformer):
     def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised tokens (B, N, C), prefix tokens included."""
         x = self.prepare_tokens(x, masks)
-        for blk in self.blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing else blk(x)
+        for i, blk in enumerate(self.blocks):
+            recompute = self.grad_checkpointing or i < self.checkpoint_blocks
+            x = checkpoint(blk, x, use_reentrant=False) if recompute else blk(x)
         return self.norm(x)
 
     def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:

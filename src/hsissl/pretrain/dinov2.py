@@ -200,6 +200,11 @@ class DINOv2Recipe(Recipe):
             )
             net["head"].compile(**{"dynamic": True, **options})
 
+    def compile_loss_kernels(self, **options: Any) -> None:
+        """Fused Sinkhorn-Knopp and cross-entropy passes over the (N, K) prototype scores."""
+        for loss in (*self.dino_loss.values(), *self.ibot_loss.values()):
+            loss.compile_kernels(**options)
+
     @torch.no_grad()
     def after_step(self, step: int, total: int) -> dict[str, float]:
         """EMA: teacher <- m * teacher + (1 - m) * student, m at the step just taken."""

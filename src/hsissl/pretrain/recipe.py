@@ -48,7 +48,8 @@ class Recipe(nn.Module):
         masks, losses) stays eager, since compiled whole the step graph-breaks there.
         scope "blocks": only the repeated transformer blocks and the DINO heads, one graph per
         block kind and shape shared by all blocks (regional compilation): a fraction of the
-        compile time, for short runs such as benchmarks on lent GPUs.
+        compile time, for short runs such as benchmarks on lent GPUs. Both scopes then compile the
+        loss kernels (:meth:`compile_loss_kernels`).
         Parameters and ``state_dict`` keys are unchanged, so checkpoints are unaffected.
         """
         if scope == "networks":
@@ -57,6 +58,10 @@ class Recipe(nn.Module):
             compile_blocks(self, **options)
         else:
             raise ValueError(f"compile scope must be one of {COMPILE_SCOPES}, got {scope!r}")
+        self.compile_loss_kernels(**options)
+
+    def compile_loss_kernels(self, **options: Any) -> None:
+        """Compile the loss's heavy kernels (in either scope); recipes with such kernels override."""
 
     def compile_networks(self, **options: Any) -> None:
         """Compile each network on its own (recipes override this); by default the whole step."""
@@ -103,3 +108,12 @@ def compile_blocks(root: nn.Module, **options: Any) -> int:
             module.compile(**{"dynamic": isinstance(module, DYNAMIC_BLOCKS), **options})
             done.append(name)
     return len(done)
+
+
+def set_checkpoint_blocks(root: nn.Module, n: int) -> int:
+    """Let every backbone under ``root`` recompute its first ``n`` blocks in backward (the
+    ``checkpoint_blocks`` attribute of HsiViT and SpatialSpectralViT); returns how many."""
+    backbones = [m for m in root.modules() if hasattr(m, "checkpoint_blocks")]
+    for m in backbones:
+        m.checkpoint_blocks = n
+    return len(backbones)

@@ -30,9 +30,10 @@ from tqdm import tqdm
 
 from hsissl.config import Config, ConfigError, OptimConfig
 from hsissl.data.loaders import TileBatches
+from hsissl.data.prefetch import DeviceBatches
 from hsissl.data.shards import ShardDataset
 from hsissl.pretrain import checkpoint, knn
-from hsissl.pretrain.recipe import Recipe
+from hsissl.pretrain.recipe import Recipe, set_checkpoint_blocks
 from hsissl.pretrain.runtime import Runtime, autocast, rng_state, set_rng_state, setup
 from hsissl.stages.common import dataset_uri, stage_run, storage_of
 
@@ -48,11 +49,6 @@ def cosine_lr(step: int, total: int, opt: OptimConfig) -> float:
         return opt.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return opt.min_lr + 0.5 * (opt.lr - opt.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def _endless(loader: TileBatches) -> Iterator:
-    while True:
-        yield from loader
 
 
 class StopSignals:
@@ -106,6 +102,7 @@ class Trainer:
                                   workers=self.pc.loader_threads)  # fmt: skip
         self.total = self.pc.max_steps or max(1, math.ceil(self.pc.epochs * len(self.loader)))
         self.recipe = recipe_cls(cfg).to(self.rt.device)
+        set_checkpoint_blocks(self.recipe, self.pc.checkpoint_blocks)
         self.optimizer = torch.optim.AdamW(
             self.recipe.param_groups(self.opt_cfg.weight_decay), lr=self.opt_cfg.lr,
             betas=tuple(self.opt_cfg.betas), fused=self.rt.cuda,
@@ -113,6 +110,7 @@ class Trainer:
         self.store = storage_of(cfg)
         self.prefix = f"checkpoints/{self.pc.name or self.method}"
         self.step = 0
+        self.loader_state: dict[str, Any] | None = None  # the loader as of the last batch used
         self.history: list[dict[str, float]] = []  # logged metrics of this process (for reports)
         self.stop = StopSignals()
 
@@ -126,7 +124,7 @@ class Trainer:
             "step": self.step,
             "recipe": self.recipe.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "loader": self.loader.state_dict(),
+            "loader": self.loader_state or self.loader.state_dict(),
             "rng": rng_state(),
             "normalizer": self.normalizer.to_dict(),
             "config": asdict(self.cfg),
@@ -263,7 +261,14 @@ class Trainer:
         return loss, logs
 
     def _loop(self, model: torch.nn.Module, tracker: Any) -> dict[str, float]:
-        stream = _endless(self.loader)
+        try:
+            with DeviceBatches(self.loader, self.normalizer, self.rt.device) as batches:
+                return self._steps(model, tracker, iter(batches))
+        finally:  # the prefetch thread read ahead: put the loader where training stopped
+            if self.loader_state is not None:
+                self.loader.load_state_dict(self.loader_state)
+
+    def _steps(self, model: torch.nn.Module, tracker: Any, batches: Iterator) -> dict[str, float]:
         bar = tqdm(total=self.total, initial=self.step, desc=f"pretrain-{self.method}", unit="step",
                    disable=not self.rt.is_main)  # fmt: skip
         window_start, window_images = time.perf_counter(), 0
@@ -273,10 +278,7 @@ class Trainer:
             lr = cosine_lr(self.step, self.total, self.opt_cfg)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            images, _ = next(stream)
-            x = self.normalizer(
-                images.to(self.rt.device, non_blocking=True)
-            )  # (B, C, H, W) float32
+            x, self.loader_state = next(batches)  # (B, C, H, W) float32, normalised
             loss, logs = self.train_step(model, x, lr)
             logs |= self.recipe.after_step(self.step, self.total)
             self.step += 1
