@@ -18,8 +18,9 @@
 # Environment (all optional):
 #   OUT       results folder (default runs/bench-gpu): kernels.json, bench-<method>.json,
 #             bench.json (all rows), gpu_bench.log
-#   METHODS   default "kernels mae reference dinov2 ssvit"; mae-graphs: MAE with CUDA graphs
-#             (compile mode reduce-overhead), a lever to compare
+#   METHODS   default "kernels mae reference dinov2 ssvit"; levers to compare: mae-graphs (MAE
+#             with CUDA graphs: compile mode reduce-overhead), mae-flash, mae-efficient, mae-cudnn
+#             (MAE preferring that attention kernel)
 #   SCOPE     compile scope: networks (default; each backbone/head one graph, exactly as the
 #             trainer compiles) or blocks (regional: much shorter compile); per method with
 #             SCOPE_MAE, SCOPE_DINOV2, SCOPE_SSVIT
@@ -98,11 +99,13 @@ for method in $METHODS; do
     mae) limit=${LIMIT_MAE:-120} scope=${SCOPE_MAE:-$SCOPE} extra=() ;;
     mae-graphs) limit=${LIMIT_MAE:-120} scope=${SCOPE_MAE:-$SCOPE}  # a lever: CUDA graphs
       extra=(--compile-mode reduce-overhead) ;;
+    mae-flash | mae-efficient | mae-cudnn) limit=${LIMIT_MAE:-120} scope=${SCOPE_MAE:-$SCOPE}
+      extra=(--sdpa "${method#mae-}") ;;  # a lever: another attention kernel
     reference) limit=${LIMIT_REFERENCE:-75} scope=$SCOPE extra=() ;;
     dinov2) limit=${LIMIT_DINOV2:-150} scope=${SCOPE_DINOV2:-$SCOPE} extra=(--fit-batch) ;;
     ssvit) limit=${LIMIT_SSVIT:-150} scope=${SCOPE_SSVIT:-$SCOPE}
       extra=(--memory-cap "${MEMORY_CAP:-80}" --fit-checkpoint) ;;
-    *) echo "== unknown method $method (kernels, mae, mae-graphs, reference, dinov2, ssvit)"
+    *) echo "== unknown method $method (kernels, mae, mae-<lever>, reference, dinov2, ssvit)"
       continue ;;
   esac
   run "${method%%-*}" "$limit" "$OUT/bench-$method.json" --batch "$BATCH" "${extra[@]}" \
