@@ -4,6 +4,7 @@
 
 Each lever is timed against what it replaced, forward + backward where training needs both:
 - patch embedding: timm's strided convolution vs ``MatmulPatchEmbed`` (one GEMM);
+- SS-ViT token fusion: two 1x1 Conv1d over the token axis vs one matrix product;
 - attention: each fused scaled-dot-product kernel (cuDNN, flash, memory-efficient, math) at the
   sequence lengths of MAE's encoder (17 tokens) and decoder (65), DINOv2's global (65) and local
   (17) crops and SS-ViT's streams (69, 21);
@@ -34,6 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hsissl.losses.centering import sinkhorn_knopp, soft_cross_entropy
 from hsissl.models.patch_embed import MatmulPatchEmbed
+from hsissl.models.ssvit import TokenFusion
 
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
@@ -94,6 +96,27 @@ def bench_patch_embed(device: torch.device, batch: int, dim: int, reps: int) -> 
     for name, module in (("conv (timm)", conv), ("matmul (hsissl)", mine)):
         with torch.autocast(device.type, dtype, enabled=device.type == "cuda"):
             out[name] = time_ms(fwd_bwd(module, x), device, reps)
+    return out
+
+
+def bench_token_fusion(device: torch.device, batch: int, dim: int, reps: int) -> dict[str, float]:
+    """SS-ViT's fusion (69 + 21 tokens -> 69 and 21): two Conv1d(k=1) vs one matrix product."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    fusion = TokenFusion(69, 21).to(device)
+    spatial = torch.randn(batch, 69, dim, device=device, requires_grad=True)
+    spectral = torch.randn(batch, 21, dim, device=device, requires_grad=True)
+
+    def convs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([a, b], dim=1)
+        return torch.cat([a + fusion.to_spatial(x), b + fusion.to_spectral(x)], dim=1)
+
+    def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.cat(fusion(a, b), dim=1)
+
+    out = {}
+    for name, fn in (("conv1d k=1 (before)", convs), ("matmul (hsissl)", matmul)):
+        with torch.autocast(device.type, dtype, enabled=device.type == "cuda"):
+            out[name] = time_ms(fwd_bwd(fn, spatial, spectral), device, reps)
     return out
 
 
@@ -161,10 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"device": name, "torch": torch.__version__, "tiny": tiny}
     result["patch_embed_ms"] = bench_patch_embed(device, 512 // scale, 768, args.reps)
     print(f"patch embedding fwd+bwd (ms): {result['patch_embed_ms']}", flush=True)
+    result["token_fusion_ms"] = bench_token_fusion(device, 1024 // scale, 768, args.reps)
+    print(f"SS-ViT token fusion fwd+bwd (ms): {result['token_fusion_ms']}", flush=True)
     result["attention_ms"] = bench_attention(device, scale, args.reps)
     for shape, row in result["attention_ms"].items():
         print(f"attention fwd+bwd {shape} (ms): {row}", flush=True)
-    result["targets_ms"] = bench_targets(device, scale, args.reps, args.compile_backend)
+    result["targets_ms"] = bench_targets(device, scale, min(args.reps, 5), args.compile_backend)
     for shape, row in result["targets_ms"].items():
         print(f"DINO targets/loss {shape} (ms): {row}", flush=True)
     if args.json:

@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_cap and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(
-            min(1.0, args.memory_cap * 2**30 / total), device
+            min(1.0, args.memory_cap * 2**30 / total), torch.cuda.current_device()
         )
     prefer_sdpa(args.sdpa)
     set_peak(args, device)

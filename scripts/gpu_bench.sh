@@ -26,9 +26,9 @@
 #             SCOPE_MAE, SCOPE_DINOV2, SCOPE_SSVIT
 #   BATCH     starting batch (default 512);   QUICK=1 for 8 timed steps instead of 20
 #   MEMORY_CAP  GiB SS-ViT must fit in (default 80)
-#   DEADLINE  seconds this script may take in all (default 540); later runs get what is left
+#   DEADLINE  seconds this script may take in all (default 570); later runs get what is left
 #   LIMIT_KERNELS / LIMIT_MAE / LIMIT_REFERENCE / LIMIT_DINOV2 / LIMIT_SSVIT  seconds for one
-#             run (default 90/120/75/150/150)
+#             run (default 150/120/75/150/240)
 #   PROFILE   1 (default): 3 more steps per method under torch.profiler -> profile-<method>.txt
 #             (top kernels), GPU busy fraction and matmul share in the rows; 0 to skip
 #   EXTRA     more bench_train.py flags, e.g. "--compile-mode max-autotune-no-cudagraphs"
@@ -39,7 +39,7 @@ OUT=${OUT:-$PWD/runs/bench-gpu}
 METHODS=${METHODS:-kernels mae reference dinov2 ssvit}
 SCOPE=${SCOPE:-networks}
 BATCH=${BATCH:-512}
-DEADLINE=${DEADLINE:-540}
+DEADLINE=${DEADLINE:-570}
 QUICK_FLAG=$([ "${QUICK:-0}" = 1 ] && echo --quick || true)
 PROFILE_FLAG=$([ "${PROFILE:-1}" = 1 ] && echo "--profile $OUT" || true)
 PY=${PYTHON:-$(command -v python3 || command -v python)}
@@ -88,7 +88,7 @@ run() {  # run METHOD LIMIT JSON ARGS...: one method in its own process under a 
 
 for method in $METHODS; do
   if [ "$method" = kernels ]; then
-    limit=$(capped "${LIMIT_KERNELS:-90}")
+    limit=$(capped "${LIMIT_KERNELS:-150}")
     ((limit == 0)) && { echo "== kernels: skipped, no time left"; continue; }
     echo "== kernels: scripts/bench_kernels.py (limit ${limit} s)"
     timeout --signal=INT --kill-after=15 "$limit" "$PY" scripts/bench_kernels.py \
@@ -103,7 +103,7 @@ for method in $METHODS; do
       extra=(--sdpa "${method#mae-}") ;;  # a lever: another attention kernel
     reference) limit=${LIMIT_REFERENCE:-75} scope=$SCOPE extra=() ;;
     dinov2) limit=${LIMIT_DINOV2:-150} scope=${SCOPE_DINOV2:-$SCOPE} extra=(--fit-batch) ;;
-    ssvit) limit=${LIMIT_SSVIT:-150} scope=${SCOPE_SSVIT:-$SCOPE}
+    ssvit) limit=${LIMIT_SSVIT:-240} scope=${SCOPE_SSVIT:-$SCOPE}
       extra=(--memory-cap "${MEMORY_CAP:-80}" --fit-checkpoint) ;;
     *) echo "== unknown method $method (kernels, mae, mae-<lever>, reference, dinov2, ssvit)"
       continue ;;

@@ -1,9 +1,9 @@
 """The throughput changes of issue #19 leave training unchanged.
 
-Each change (patch embeddings as one matrix product, Sinkhorn-Knopp on potentials, compiled loss
-kernels, recomputed blocks) is checked against the implementation it replaced, kept here as the reference: same
-outputs and gradients, the same losses over a few optimiser steps of every tiny recipe (1e-5),
-and checkpoints of the old layout still load.
+Each change (patch embeddings and SS-ViT token fusion as matrix products, Sinkhorn-Knopp on
+potentials, compiled loss kernels, recomputed blocks) is checked against the implementation it
+replaced, kept here as the reference: same outputs and gradients, the same losses over a few
+optimiser steps of every tiny recipe (1e-5), and checkpoints of the old layout still load.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from hsissl.losses import sinkhorn_knopp
 from hsissl.losses.centering import TeacherTargets, soft_cross_entropy
 from hsissl.models import create_model
 from hsissl.models.patch_embed import MatmulPatchEmbed
-from hsissl.models.ssvit import SpectralEmbed
+from hsissl.models.ssvit import SpectralEmbed, TokenFusion
 from hsissl.pretrain.dinov2 import DINOv2Recipe
 from hsissl.pretrain.mae import MAERecipe
 from hsissl.pretrain.recipe import set_checkpoint_blocks
@@ -51,6 +51,12 @@ def legacy_spectral_forward(self: SpectralEmbed, x: torch.Tensor) -> torch.Tenso
     return conv(x.flatten(2).transpose(1, 2)).transpose(1, 2)
 
 
+def legacy_fusion_forward(self: TokenFusion, spatial: torch.Tensor, spectral: torch.Tensor):
+    """Two Conv1d(kernel_size=1) over the concatenated tokens."""
+    x = torch.cat([spatial, spectral], dim=1)
+    return spatial + self.to_spatial(x), spectral + self.to_spectral(x)
+
+
 def use_legacy(module: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
     """Put the replaced implementations back into ``module`` (same parameters)."""
     for m in module.modules():
@@ -59,6 +65,7 @@ def use_legacy(module: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None
         if isinstance(m, TeacherTargets):
             m.sinkhorn = legacy_sinkhorn
     monkeypatch.setattr(SpectralEmbed, "forward", legacy_spectral_forward)
+    monkeypatch.setattr(TokenFusion, "forward", legacy_fusion_forward)
 
 
 # -- unit equivalence ------------------------------------------------------------------------------
@@ -93,6 +100,15 @@ def test_spectral_embed_as_a_matrix_product_matches_the_strided_conv1d():
         torch.testing.assert_close(
             embed(x), legacy_spectral_forward(embed, x), rtol=1e-5, atol=1e-5
         )
+
+
+def test_token_fusion_as_one_matrix_product_matches_the_two_convolutions():
+    torch.manual_seed(0)
+    fusion = TokenFusion(69, 21)
+    spatial, spectral = torch.randn(3, 69, 40), torch.randn(3, 21, 40)
+    for got, want in zip(fusion(spatial, spectral), legacy_fusion_forward(fusion, spatial, spectral),
+                         strict=True):  # fmt: skip
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_backbones_keep_timm_state_dict_layout_so_old_checkpoints_load():
@@ -215,6 +231,7 @@ def test_kernel_bench_runs_on_the_cpu(tmp_path):
     result = json.loads(out.read_text())
     assert result["tiny"] is True
     assert set(result["patch_embed_ms"]) == {"conv (timm)", "matmul (hsissl)"}
+    assert set(result["token_fusion_ms"]) == {"conv1d k=1 (before)", "matmul (hsissl)"}
     assert all(row["math"] > 0 for row in result["attention_ms"].values())
     for row in result["targets_ms"].values():
         assert len(row) == 5 and all(v > 0 for v in row.values())

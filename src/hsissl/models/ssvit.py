@@ -90,7 +90,15 @@ class TokenFusion(nn.Module):
 
     def forward(self, spatial: torch.Tensor, spectral: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = torch.cat([spatial, spectral], dim=1)  # (B, N_spa + N_spe, C)
-        return spatial + self.to_spatial(x), spectral + self.to_spectral(x)
+        # Both 1x1 convolutions over the token axis as one matrix product with the tokens as
+        # rows: same numbers, while cuDNN's k=1 convolutions took ~7 % of an SS-ViT step on an
+        # H200 (forward 0.21 ms, backward 0.56 ms per call at batch 512).
+        weight = torch.cat([self.to_spatial.weight, self.to_spectral.weight])[..., 0]  # (N, N)
+        bias = torch.cat([self.to_spatial.bias, self.to_spectral.bias])  # (N,)
+        mixed = torch.matmul(weight, x)  # (B, N, C)
+        mixed = mixed + bias.to(mixed.dtype)[:, None]
+        to_spatial, to_spectral = mixed.split([self.n_spatial, self.n_spectral], dim=1)
+        return spatial + to_spatial, spectral + to_spectral
 
 
 class SpatialSpectralBlock(nn.Module):
