@@ -38,6 +38,7 @@ import platform
 import resource
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -256,10 +257,11 @@ def timed_steps(trainer: Trainer, batches: Callable[[], torch.Tensor], steps: in
     return seen / (time.perf_counter() - start)
 
 
-def host_syncs_per_step(trainer: Trainer, x: torch.Tensor) -> int | None:
-    """CUDA synchronisations in one step, counted by torch's sync debug mode (CUDA only)."""
+def host_syncs_per_step(trainer: Trainer, x: torch.Tensor) -> tuple[int | None, list[str]]:
+    """CUDA synchronisations in one step, counted by torch's sync debug mode (CUDA only), and
+    the Python lines (file:line) that made them: where to look next."""
     if trainer.rt.device.type != "cuda":
-        return None
+        return None, []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -267,7 +269,29 @@ def host_syncs_per_step(trainer: Trainer, x: torch.Tensor) -> int | None:
             trainer.train_step(trainer.recipe, x, 1e-4)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    return sum("synchroniz" in str(w.message) for w in caught)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    return len(syncs), [f"{Path(w.filename).name}:{w.lineno}" for w in syncs]
+
+
+def rate_beside_the_loader(trainer: Trainer, x: torch.Tensor, steps: int) -> float:
+    """Model-only img/s while the input path runs at full speed in the background (its batches
+    dropped): if this is well below the model-only rate, the loader slows the step's host side
+    (threads, GIL, pinned allocations); if not, the cost is in consuming the batches."""
+    stop = threading.Event()
+
+    def drain(stream: Iterator) -> None:
+        for _ in stream:
+            if stop.is_set():
+                return
+
+    with DeviceBatches(trainer.loader, trainer.normalizer, trainer.rt.device) as batches:
+        drainer = threading.Thread(target=drain, args=(iter(batches),), daemon=True)
+        drainer.start()
+        try:
+            return timed_steps(trainer, lambda: x, steps)
+        finally:
+            stop.set()
+            drainer.join(timeout=30)
 
 
 def loader_rate(trainer: Trainer, batches: int) -> float:
@@ -332,7 +356,7 @@ def bench_method(method: str, args: argparse.Namespace, compile_: bool) -> dict[
     warmup_s = warm_up(lambda: step(x), args.warmup, device)
     reset_peak_memory(device)
     model_rate = timed_steps(trainer, lambda: x, args.steps)
-    syncs = host_syncs_per_step(trainer, x)
+    syncs, sync_sites = host_syncs_per_step(trainer, x)
     profiled = profile_or_error(trainer, x, method, args) if args.profile else {}
     with DeviceBatches(trainer.loader, trainer.normalizer, device) as prefetched:
         stream = iter(prefetched)
@@ -341,6 +365,7 @@ def bench_method(method: str, args: argparse.Namespace, compile_: bool) -> dict[
     serial = endless(trainer.loader)  # as the trainer fed batches before DeviceBatches
     to_device = lambda: trainer.normalizer(next(serial)[0].to(device, non_blocking=True))  # noqa: E731
     serial_rate = timed_steps(trainer, to_device, args.steps)
+    beside_loader = rate_beside_the_loader(trainer, x, args.steps)
     mem_gib, mem_kind = peak_memory(device)
     loader = loader_rate(trainer, args.loader_batches)
     epochs = trainer.pc.epochs
@@ -357,6 +382,7 @@ def bench_method(method: str, args: argparse.Namespace, compile_: bool) -> dict[
         "peak_flops": args.peak, "peak_kind": args.peak_kind,
         "peak_mem_gib": mem_gib, "peak_mem_kind": mem_kind, "loader_tiles_per_s": loader,
         "loader_over_training": loader / model_rate, "host_syncs_per_step": syncs,
+        "host_sync_sites": sync_sites, "model_beside_loader_img_per_s": beside_loader,
         "full_run_hours": WHU_OHS_TRAIN_TILES * epochs / e2e_rate / 3600, "full_run_epochs": epochs,
         **(compile_counters() if compile_ else {}), **profiled,
     }  # fmt: skip
@@ -441,7 +467,8 @@ def format_row(row: dict[str, Any]) -> str:
         syncs = row["host_syncs_per_step"]
         text += (f" | end-to-end {row['end_to_end_img_per_s']:9.0f} img/s "
                  f"({row['end_to_end_over_model']:.2f}x model; serial feed "
-                 f"{row['end_to_end_serial_img_per_s']:.0f}), MFU {pct(row['mfu_end_to_end'])} | "
+                 f"{row['end_to_end_serial_img_per_s']:.0f}; model beside a running loader "
+                 f"{row['model_beside_loader_img_per_s']:.0f}), MFU {pct(row['mfu_end_to_end'])} | "
                  f"full WHU-OHS run ({row['full_run_epochs']:g} epochs) {row['full_run_hours']:.1f} h | "
                  f"loader {row['loader_tiles_per_s']:.0f} tiles/s ({row['loader_over_training']:.2f}x training) | "
                  f"recomputed blocks {row['checkpoint_blocks']} | "

@@ -68,6 +68,8 @@ def test_bench_runs_without_rasterio_minio_mlflow_smp(tmp_path: Path) -> None:
     assert [r["checkpoint_blocks"] for r in result["rows"]] == [0, 0, 1]
     for row in result["rows"]:
         assert row["end_to_end_serial_img_per_s"] > 0 and row["end_to_end_over_model"] > 0
+        assert row["model_beside_loader_img_per_s"] > 0
+        assert row["host_syncs_per_step"] is None and row["host_sync_sites"] == []  # CUDA only
         # 308,000 tiles x the preset's 100 epochs at the measured end-to-end rate
         expected = 308_000 * 100 / row["end_to_end_img_per_s"] / 3600
         assert row["full_run_hours"] == pytest.approx(expected) and row["full_run_epochs"] == 100
