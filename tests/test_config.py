@@ -40,7 +40,7 @@ def test_fast_preset_is_the_base_with_a_larger_batch_scaled_lrs_no_dropout_and_c
     assert base.mae.drop_rate == 0.1  # the paper's
     changed = {k for k, v in flatten(to_dict(fast)).items() if flatten(to_dict(base))[k] != v}
     assert changed == {"run_dir", "pretrain.batch_size", "pretrain.compile",
-                       "pretrain.loader_threads", "mae.lr", "mae.drop_rate", "dinov2.lr",
+                       "pretrain.cuda_graphs", "pretrain.loader_threads", "mae.lr", "mae.drop_rate", "dinov2.lr",
                        "ssvit.lr"}  # fmt: skip
 
 

@@ -235,3 +235,19 @@ def test_kernel_bench_runs_on_the_cpu(tmp_path):
     assert all(row["math"] > 0 for row in result["attention_ms"].values())
     for row in result["targets_ms"].values():
         assert len(row) == 5 and all(v > 0 for v in row.values())
+
+
+@pytest.mark.parametrize("recipe_cls, captured", [(MAERecipe, True), (DINOv2Recipe, False)],
+                         ids=["mae", "dinov2"])  # fmt: skip
+def test_cuda_graphs_only_for_recipes_with_static_shapes(recipe_cls, captured, tmp_path):
+    """pretrain.cuda_graphs asks torch.compile for reduce-overhead only where every compiled
+    network keeps one shape (MAE); DINOv2's heads see a new row count every step."""
+    from hsissl.pretrain.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)  # only the config and the recipe matter here
+    trainer.pc = load_config(REPO / "configs" / "fast.yaml").pretrain
+    trainer.method, trainer.recipe = recipe_cls.method, recipe_cls
+    assert trainer.pc.cuda_graphs
+    assert trainer.compile_options() == ({"mode": "reduce-overhead"} if captured else {})
+    trainer.pc.cuda_graphs = False
+    assert trainer.compile_options() == {}

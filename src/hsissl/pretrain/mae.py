@@ -15,6 +15,7 @@ from hsissl.pretrain.recipe import Recipe
 
 class MAERecipe(Recipe):
     method = "mae"
+    static_shapes = True  # fixed tile, fixed mask ratio: one graph for the whole run
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)

@@ -31,6 +31,7 @@ class Recipe(nn.Module):
     """
 
     method: str = ""
+    static_shapes: bool = False  # every compiled network sees one shape (CUDA graphs can replay)
 
     def __init__(self, cfg: Config):
         super().__init__()

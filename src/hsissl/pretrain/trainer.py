@@ -214,7 +214,7 @@ class Trainer:
     def _fit(self) -> dict[str, Any]:
         resumed = self.maybe_resume()
         if self.pc.compile:  # networks one by one: the whole step would graph-break
-            self.recipe.compile_modules()
+            self.recipe.compile_modules(**self.compile_options())
         model: torch.nn.Module = self.recipe
         if self.rt.world_size > 1:
             model = DistributedDataParallel(
@@ -241,6 +241,17 @@ class Trainer:
             "metrics": metrics,
             "resumed": resumed,
         }
+
+    def compile_options(self) -> dict[str, Any]:
+        """torch.compile options for the recipe: CUDA graphs where the config asks for them and
+        the recipe's shapes are static (``Recipe.static_shapes``)."""
+        if not self.pc.cuda_graphs:
+            return {}
+        if not self.recipe.static_shapes:
+            log.warning("pretrain.cuda_graphs: %s changes shapes every step; not captured",
+                        self.method)  # fmt: skip
+            return {}
+        return {"mode": "reduce-overhead"}
 
     def train_step(
         self, model: torch.nn.Module, x: torch.Tensor, lr: float
