@@ -349,7 +349,9 @@ def bench_method(method: str, args: argparse.Namespace, compile_: bool) -> dict[
     trainer, flops_per_image = fitted_trainer(method, args)
     device, batch = trainer.rt.device, trainer.loader.batch_size
     x = torch.randn(batch, ohs.NUM_BANDS, 64, 64, device=device)
-    options = {"mode": args.compile_mode, "backend": args.compile_backend}
+    # As the trainer compiles (CUDA graphs where the preset asks and shapes allow), unless told.
+    mode = {"mode": args.compile_mode} if args.compile_mode else trainer.compile_options()
+    options = {"backend": args.compile_backend, **mode}
     if compile_:
         trainer.recipe.compile_modules(args.compile_scope, **options)
     step = lambda batch_: trainer.train_step(trainer.recipe, batch_, 1e-4)  # noqa: E731
@@ -373,7 +375,7 @@ def bench_method(method: str, args: argparse.Namespace, compile_: bool) -> dict[
         "method": method, "model": getattr(trainer.cfg, method).model, "batch": batch,
         "checkpoint_blocks": trainer.checkpoint_blocks, "sdpa": args.sdpa,
         "compiled": compile_, "compile_scope": args.compile_scope if compile_ else None,
-        "compile_mode": args.compile_mode, "warmup_s": warmup_s,
+        "compile_mode": options.get("mode"), "warmup_s": warmup_s,
         "gflop_per_image_fwd_bwd": flops_per_image / 1e9,
         "model_img_per_s": model_rate, "end_to_end_img_per_s": e2e_rate,
         "end_to_end_serial_img_per_s": serial_rate, "end_to_end_over_model": e2e_rate / model_rate,
@@ -521,7 +523,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--compile-scope", choices=COMPILE_SCOPES, default="networks",
         help="networks: each backbone/head one full graph (as the trainer); blocks: each "
              "transformer block (regional: much shorter compile)")  # fmt: skip
-    add("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    add("--compile-mode", default=None,
+        help="torch.compile mode, e.g. default or max-autotune-no-cudagraphs (default: as the "
+             "trainer, reduce-overhead where pretrain.cuda_graphs applies)")  # fmt: skip
     add(
         "--compile-backend",
         default="inductor",

@@ -18,9 +18,9 @@
 # Environment (all optional):
 #   OUT       results folder (default runs/bench-gpu): kernels.json, bench-<method>.json,
 #             bench.json (all rows), gpu_bench.log
-#   METHODS   default "kernels mae reference dinov2 ssvit"; levers to compare: mae-graphs (MAE
-#             with CUDA graphs: compile mode reduce-overhead), mae-flash, mae-efficient, mae-cudnn
-#             (MAE preferring that attention kernel)
+#   METHODS   default "kernels mae reference dinov2 ssvit"; levers to compare: mae-nographs (MAE
+#             without the preset's CUDA graphs), mae-flash, mae-efficient, mae-cudnn (MAE
+#             preferring that attention kernel)
 #   SCOPE     compile scope: networks (default; each backbone/head one graph, exactly as the
 #             trainer compiles) or blocks (regional: much shorter compile); per method with
 #             SCOPE_MAE, SCOPE_DINOV2, SCOPE_SSVIT
@@ -97,8 +97,8 @@ for method in $METHODS; do
   fi
   case $method in
     mae) limit=${LIMIT_MAE:-120} scope=${SCOPE_MAE:-$SCOPE} extra=() ;;
-    mae-graphs) limit=${LIMIT_MAE:-120} scope=${SCOPE_MAE:-$SCOPE}  # a lever: CUDA graphs
-      extra=(--compile-mode reduce-overhead) ;;
+    mae-nographs) limit=${LIMIT_MAE:-120} scope=${SCOPE_MAE:-$SCOPE}  # the lever undone
+      extra=(--compile-mode default) ;;
     mae-flash | mae-efficient | mae-cudnn) limit=${LIMIT_MAE:-120} scope=${SCOPE_MAE:-$SCOPE}
       extra=(--sdpa "${method#mae-}") ;;  # a lever: another attention kernel
     reference) limit=${LIMIT_REFERENCE:-75} scope=$SCOPE extra=() ;;
