@@ -351,6 +351,8 @@ def bench_method(method: str, args: argparse.Namespace, compile_: bool) -> dict[
     x = torch.randn(batch, ohs.NUM_BANDS, 64, 64, device=device)
     # As the trainer compiles (CUDA graphs where the preset asks and shapes allow), unless told.
     mode = {"mode": args.compile_mode} if args.compile_mode else trainer.compile_options()
+    if args.compile_backend != "inductor" and not args.compile_mode:
+        mode = {}  # modes are inductor's (other backends refuse the argument)
     options = {"backend": args.compile_backend, **mode}
     if compile_:
         trainer.recipe.compile_modules(args.compile_scope, **options)
