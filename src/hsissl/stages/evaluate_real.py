@@ -245,8 +245,7 @@ def check_config(rc: RealEvalConfig, root: Path) -> None:
             raise ConfigError(
                 f"real.head_lr has no learning rate for head {head!r} (has {sorted(rc.head_lr)})"
             )
-    labelled = sorted(name for name, scene in realdata.SCENES.items()
-                      if scene.label_fn is not realdata.all_unlabelled)  # fmt: skip
+    labelled = sorted(name for name, spec in realdata.SCENES.items() if realdata.is_labelled(spec))
     for name in rc.scenes:
         if name not in labelled:
             raise ConfigError(f"real.scenes: {name!r} is not a labelled scene; expected some of "
@@ -256,8 +255,8 @@ def check_config(rc: RealEvalConfig, root: Path) -> None:
                                 f"scenes {sorted(realdata.SCENES)}")  # fmt: skip
     present = {p.stem for p in root.rglob("*.mat")}
     for name in rc.scenes:
-        if name not in present:
-            raise FileNotFoundError(f"real.scenes: {name!r} ({realdata.SCENES[name].relpath}) "
+        if Path(realdata.SCENES[name].file).stem not in present:
+            raise FileNotFoundError(f"real.scenes: {name!r} ({realdata.SCENES[name].file}) "
                                     f"is not below real.source={rc.source!r} ({root})")  # fmt: skip
 
 
