@@ -18,6 +18,10 @@ from hsissl.config import ConfigError, load_config
 
 # stage name -> (module under hsissl.stages, one-line help). Adding a stage = one line here.
 STAGES: dict[str, tuple[str, str]] = {
+    "convert": (
+        "convert",
+        "any hyperspectral cube (ENVI, GeoTIFF, .mat/.npy + sidecar) -> WHU-OHS layout, OHS bands",
+    ),
     "make-synthetic": (
         "synthetic",
         "write the generated WHU-OHS-layout dataset (the default input)",
@@ -56,6 +60,13 @@ STAGES: dict[str, tuple[str, str]] = {
 
 # Stage-specific flags: shorthands for config keys (the flag wins over a KEY=VALUE override).
 FLAGS: dict[str, dict[str, tuple[str, str]]] = {
+    "convert": {
+        "--src": ("convert.src", "ENVI .hdr, GeoTIFF, .mat/.npy (+ sidecar), a sidecar, a folder"),
+        "--dst": ("convert.dst", "output root: <dst>/<split>/{image,label,meta}/"),
+        "--split": ("convert.split", "tr | va | ts (default tr)"),
+        "--sidecar": ("convert.sidecar", "sidecar YAML for a single --src"),
+        "--label": ("convert.label", "label raster / .npy on the image grid, for a single --src"),
+    },
     "finetune": {
         "--encoder": (
             "finetune.encoder",
@@ -113,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     from hsissl.data.normalize import NormalizerMismatch
+    from hsissl.data.resample import ConvertError
     from hsissl.data.scenes import DataContractError
     from hsissl.pretrain.checkpoint import CheckpointError
     from hsissl.storage import StorageError
@@ -133,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     # FileNotFoundError: a dataset, scene or checkpoint the user named is missing;
     # Tracking/StorageError: the MLflow server or object store the config names is unusable
-    except (ConfigError, DataContractError, NormalizerMismatch, CheckpointError,
+    except (ConfigError, DataContractError, NormalizerMismatch, CheckpointError, ConvertError,
             FileNotFoundError, TrackingError, StorageError) as exc:  # fmt: skip
         print(f"hsissl {args.stage}: error: {exc}", file=sys.stderr)
         return 2

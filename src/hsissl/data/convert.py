@@ -212,7 +212,7 @@ def convert_source(path: Path, spec: SceneSpec | None = None,
         "scale": {"value": scale, "from": scale_origin},
         "nodata": {"value": nodata, "from": src.origin.get("nodata") if spec.nodata is None
                    else f"sidecar {spec.where}", "pixels_filled": int(invalid.sum())},  # fmt: skip
-        "label": {**label_record, "pixels": {int(i): int(c) for i, c in zip(ids, counts, strict=True)}},
+        "label": {**label_record, "pixels": {str(i): int(c) for i, c in zip(ids, counts, strict=True)}},
         "georeference": None if src.transform is None else {
             "crs": None if src.crs is None else src.crs.to_string(),
             "transform": list(src.transform)[:6], "from": src.origin.get("georeference")},

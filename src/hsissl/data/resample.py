@@ -21,7 +21,6 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.special import ndtr
 
 from hsissl.data.ohs import BAND_CENTRES_NM, BAND_FWHM_NM
 
@@ -118,6 +117,8 @@ def kernel_weights(wl_nm: np.ndarray, targets_nm: np.ndarray, cdf, moment) -> np
 
 def gaussian_kernel(sigma: np.ndarray):
     """(cdf, moment) of zero-mean Gaussians with per-target ``sigma`` (0 = a delta)."""
+    from scipy.special import ndtr  # the normal CDF; scipy only where SRFs are computed
+
     sigma = np.asarray(sigma, dtype=np.float64)[None, :]  # (1, T)
     safe = np.where(sigma > 0, sigma, 1.0)
 
