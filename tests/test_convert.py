@@ -344,7 +344,9 @@ def test_cli_convert_then_ingest(tmp_path, capsys):
            "data.splits=[tr]", "data.tile_size=32", "data.stride=32", "tracking.uri="]  # fmt: skip
     assert cli.main(run) == 0
     manifest = json.loads((tmp_path / "run" / "artifacts" / "datasets" / "whu-ohs" / "manifest.json").read_text())  # fmt: skip
-    assert manifest["splits"]["tr"]["tiles"] == 9  # 70 px: 3 x 3 tiles of 32 (last ones edge-aligned)
+    assert (
+        manifest["splits"]["tr"]["tiles"] == 9
+    )  # 70 px: 3 x 3 tiles of 32 (last ones edge-aligned)
     assert manifest["conversion"]["tr"]["mine"]["resampling"]["method"] == "gaussian-srf"
 
 
