@@ -118,6 +118,8 @@ def test_footprints_in_different_crs_are_compared_in_degrees(tmp_path):
 
 
 def test_tile_digests_skip_constant_tiles():
-    tiles = np.stack([np.zeros((2, 4, 4), np.int16), np.arange(32, dtype=np.int16).reshape(2, 4, 4)])
+    tiles = np.stack(
+        [np.zeros((2, 4, 4), np.int16), np.arange(32, dtype=np.int16).reshape(2, 4, 4)]
+    )
     digests = leakage.tile_digests(tiles)
     assert digests[0] is None and len(digests[1]) == leakage.DIGEST_BYTES
