@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 from hsissl.config import ConfigError, load_config
@@ -58,6 +59,15 @@ STAGES: dict[str, tuple[str, str]] = {
     ),
 }
 
+# Longer help for stages whose use is not obvious from their config keys.
+DETAILS: dict[str, str] = {
+    "convert": "Reads ENVI (.hdr + binary), GeoTIFF with per-band wavelengths, or .mat/.npy with a "
+    "sidecar YAML (wavelengths, labels, scale: docs/convert.md); resamples to the 32 OHS bands "
+    "(Gaussian SRFs when FWHM is known, else linear); writes <dst>/<split>/{image,label}/<name>.tif "
+    "with the georeference and meta/<name>.json of what was assumed. Then: hsissl ingest "
+    "data.source=<dst> (it prints the exact command).",
+}
+
 # Stage-specific flags: shorthands for config keys (the flag wins over a KEY=VALUE override).
 FLAGS: dict[str, dict[str, tuple[str, str]]] = {
     "convert": {
@@ -97,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     for name, (_, help_text) in STAGES.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+        description = help_text + (
+            f"\n\n{textwrap.fill(DETAILS[name], 92)}" if name in DETAILS else ""
+        )
+        p = sub.add_parser(name, help=help_text, description=description, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         p.add_argument(
             "--config", type=Path, help="YAML preset (configs/tiny.yaml, configs/base.yaml)"
