@@ -147,7 +147,7 @@ def test_too_few_ohs_bands_covered_is_refused_unless_told(tmp_path):
         "926, 940] nm (8 of 32) to be extrapolated from the edge band; at most 2 allowed (set "
         "max_extrapolated in the sidecar or convert.max_extrapolated=N to accept)"
     )
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.tif"))
+    assert not (tmp_path / "out").exists()
     records = convert_path(hdr, tmp_path / "out", options=Options(max_extrapolated=8))
     assert records[0]["resampling"]["extrapolated_ohs_nm"] == [466, 480, 866, 880, 896, 910, 926, 940]  # fmt: skip
 
@@ -177,6 +177,24 @@ def test_label_raster_must_match_the_image_size_and_grid(tmp_path):
     shifted = label_file("shifted.tif", (4, 4), Affine(30, 0, 500030, 0, -30, 3400000))
     with pytest.raises(ConvertError, match=r"shifted.tif: label grid: found EPSG:32650 \(30.0, 0.0, 500030.0"):  # fmt: skip
         convert_source(hdr, options=Options(label=shifted))
+
+
+def test_finer_label_raster_must_sit_on_the_image_grid(tmp_path):
+    """rule majority: a label raster on a 2x finer grid, aligned with the image's map info."""
+    wl = np.linspace(450, 950, 40)
+    _envi(tmp_path, wavelength=braces(wl), wavelength_units="nm",
+          map_info="{UTM, 1, 1, 500000, 3400000, 30, 30, 50, North, WGS-84, units=Meters}")  # fmt: skip
+    fine = np.kron(np.array([[1, 2], [3, 4]], dtype=np.uint8), np.ones((4, 4), np.uint8))  # (8, 8)
+    for name, x0 in (("fine.tif", 500000), ("fine_shifted.tif", 500015)):
+        with rasterio.open(tmp_path / name, "w", driver="GTiff", count=1, height=8, width=8, dtype="uint8",
+                           crs="EPSG:32650", transform=Affine(15, 0, x0, 0, -15, 3400000)) as f:  # fmt: skip
+            f.write(fine[None])
+    (tmp_path / "bad.yaml").write_text("label: {file: fine.tif, rule: majority}\n")
+    (record,) = convert_path(tmp_path / "bad.hdr", tmp_path / "out")
+    assert record["label"]["rule"] == "majority" and record["label"]["pixels"] == {"1": 4, "2": 4, "3": 4, "4": 4}  # fmt: skip
+    (tmp_path / "bad.yaml").write_text("label: {file: fine_shifted.tif, rule: majority}\n")
+    with pytest.raises(ConvertError, match=r"fine_shifted.tif: label grid: found EPSG:32650 \(15.0, 0.0, 500015.0"):  # fmt: skip
+        convert_path(tmp_path / "bad.hdr", tmp_path / "out")
 
 
 def _mat_scene(tmp_path: Path, sidecar: str, **arrays) -> Path:
@@ -325,7 +343,12 @@ def test_a_failed_folder_conversion_leaves_nothing(tmp_path):
     write_envi(src / "b.hdr", np.ones((40, 4, 4), np.int16), wavelength=braces(wl[::-1]), wavelength_units="nm")  # fmt: skip
     with pytest.raises(ConvertError, match="b.hdr: wavelengths: not strictly increasing"):
         convert_path(src, out)
-    assert not out.exists() or sorted(p.name for p in out.rglob("*")) == []
+    assert not out.exists()  # a.hdr converted fine, but nothing of it was moved into place
+    convert_path(src / "a.hdr", out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(ConvertError):
+        convert_path(src, out)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # earlier output kept
 
 
 def test_cli_convert_then_ingest(tmp_path, capsys):

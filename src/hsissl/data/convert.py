@@ -302,6 +302,7 @@ def convert_path(src: Path, dst: Path, split: str = "tr", sidecar: Path | None =
         raise ConvertError(f"label: one label file given for {len(todo)} scenes; name each "
                            "scene's label in its sidecar (label.file) instead")  # fmt: skip
     dst = Path(dst)
+    created = not dst.exists()
     staging = dst / f".convert-partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     records: list[dict[str, Any]] = []
@@ -322,6 +323,8 @@ def convert_path(src: Path, dst: Path, split: str = "tr", sidecar: Path | None =
                 os.replace(item, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and dst.is_dir() and not any(dst.iterdir()):
+            dst.rmdir()  # a failed first conversion leaves no empty output folder either
     return records
 
 
