@@ -1,4 +1,4 @@
-"""Real .mat scenes -> WHU-OHS layout (hsissl.data.realdata).
+"""Real .mat scenes -> WHU-OHS layout (hsissl.data.realdata: the catalogue of sidecar files).
 
 Resampling and folder handling are tested on synthetic data; the `realdata` tests read the
 small scenes in ../shared/data (or $HSISSL_SHARED_DATA) and skip when they are absent.
@@ -6,6 +6,7 @@ small scenes in ../shared/data (or $HSISSL_SHARED_DATA) and skip when they are a
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from pathlib import Path
@@ -15,16 +16,16 @@ import pytest
 import rasterio
 import scipy.io
 
+from hsissl.data.label_rules import majority_downsample
 from hsissl.data.ohs import BAND_CENTRES_NM, NUM_BANDS, NUM_CLASSES
 from hsissl.data.realdata import (
     SCENES,
     convert_mat_folder,
-    extrapolated_bands,
     is_mat_folder,
+    load_catalogue,
     load_scene,
-    majority_downsample,
-    resample_to_ohs,
 )
+from hsissl.data.resample import apply, extrapolated_bands, linear_weights
 
 SHARED_DATA = Path(
     os.environ.get("HSISSL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -35,6 +36,12 @@ needs_data = pytest.mark.skipif(
 )
 
 CENTRES = np.asarray(BAND_CENTRES_NM, dtype=np.float64)  # (32,)
+
+
+def resample_to_ohs(cube: np.ndarray, wl: np.ndarray) -> np.ndarray:
+    return apply(cube, linear_weights(wl))
+
+
 # Documented in docs/real-data.md: (bands in file, (H, W), OHS centres filled from the edge band).
 EXPECTED = {
     "Indian_subset": (200, (70, 70), []),
@@ -80,7 +87,7 @@ def test_centres_outside_the_grid_take_the_edge_band():
 
 def test_resample_rejects_bad_grids():
     cube = np.zeros((2, 2, 3))
-    with pytest.raises(ValueError, match="strictly increasing"):
+    with pytest.raises(ValueError, match="not strictly increasing"):
         resample_to_ohs(cube, np.array([500.0, 600.0, 550.0]))
     with pytest.raises(ValueError, match=r"expected \(H, W, 4\)"):
         resample_to_ohs(cube, np.array([500.0, 600.0, 700.0, 800.0]))
@@ -136,7 +143,10 @@ def test_convert_mat_folder_errors(tmp_path):
     with pytest.raises(ValueError, match="split"):
         convert_mat_folder(tmp_path, tmp_path / "out", split="train")
     scipy.io.savemat(tmp_path / "Samson.mat", {"SamSon": np.zeros((4, 4, 10)), "A": np.zeros(1)})
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"expected \(H, W, 156\)"):
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(ValueError, match="band count: the cube has 10 bands but 156"),
+    ):
         convert_mat_folder(tmp_path, tmp_path / "out")
 
 
@@ -161,7 +171,7 @@ def test_each_real_scene_converts(converted, name):
     assert (image == np.iinfo(np.int16).max).mean() < 0.01
     # One pixel checked against an independent np.interp of the raw spectrum.
     scene = SCENES[name]
-    raw = scipy.io.loadmat(SHARED_DATA / scene.relpath)[scene.cube_var][hw[0] // 2, hw[1] // 3]
+    raw = scipy.io.loadmat(SHARED_DATA / scene.file)[scene.cube][hw[0] // 2, hw[1] // 3]
     expect = np.interp(CENTRES, scene.wavelengths_nm, raw.astype(float) * scene.scale)
     np.testing.assert_array_equal(image[:, hw[0] // 2, hw[1] // 3], np.rint(expect))
 
@@ -191,7 +201,7 @@ def test_samson_and_abu_labels(converted):
 @pytest.mark.realdata
 @needs_data
 def test_houston_labels_are_4x4_majority(converted):
-    full = scipy.io.loadmat(SHARED_DATA / SCENES["houston_dataset"].relpath)["clasLabs"]
+    full = scipy.io.loadmat(SHARED_DATA / SCENES["houston_dataset"].file)["clasLabs"]
     label = converted["houston_dataset"][1]  # (128, 128)
     # Hand check on the first mixed block whose majority is not a tie.
     for (by, bx), _ in np.ndenumerate(label):
@@ -221,3 +231,73 @@ def test_convert_real_folder_writes_whu_ohs_layout(tmp_path, converted):
         with rasterio.open(tmp_path / "tr" / "label" / f"{name}.tif") as f:
             assert (f.count, f.dtypes[0]) == (1, "uint8")
             np.testing.assert_array_equal(f.read(1), converted[name][1])
+
+
+# ---------------------------------------------------------------- the catalogue
+
+
+# sha256 of the converted (32, H, W) int16 image and (H, W) uint8 label bytes (C order) of every
+# shared scene, captured at commit 803090d, before the scene table became sidecar files: the
+# catalogue must keep giving exactly these bytes.
+CHECKSUMS = {
+    "Indian_subset": ("d8ef046422a3fa9d25691c297ca30fb9e35f719ebd02daaacd9dde1c821c086a",
+                      "c7e4115a06cbaf414431fd7da751583444ce88d0640ab680aa683e0dcb006589"),
+    "houston_dataset": ("ed8a6608746f7a2c2e35be56c99bb3f4c8e1046de401b1adff0af8e35e9dc0f8",
+                        "5f48cb9b44dde885227676fd0e43104fbcf03b8b807460de42d357c3d220f33f"),
+    "Samson": ("d60c3910455017318bf5a0e16c156b7411d12c1d5c4eb98fb2b75c2a5a36dba6",
+               "de673c3c0140451cdc1dd47a3a97e07065d39eef8c90388506d0d6066d1a9d32"),
+    "abu-beach-4": ("b919338996bc5d2edccb09cc97014c7e2588594ab9f21e93caec774aa1236963",
+                    "95b532cc4381affdff0d956e12520a04129ed49d37e154228368fe5621f0b9a2"),
+    "abu-urban-2": ("68ba9fccd0392c0d7b2b8932f35049574f073f0ef9f74314a838dee66a3c0657",
+                    "95b532cc4381affdff0d956e12520a04129ed49d37e154228368fe5621f0b9a2"),
+    "sandiego_plane": ("142c8ede21df62532a94c39b7a7e54a8835a5484f8f1a056f339d453fcca5f91",
+                       "95b532cc4381affdff0d956e12520a04129ed49d37e154228368fe5621f0b9a2"),
+    "HYDICE_data": ("21391594ccad776acee8ffb118df6a7b266c2dc3040f8c8067689cb81912c817",
+                    "668946bab9868b28489bb906205ee1026045c8bcd3ca62a1bdf733c65491351b"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(CHECKSUMS))
+@pytest.mark.realdata
+@needs_data
+def test_catalogue_gives_the_same_bytes_as_the_old_scene_table(converted, name):
+    image, label = converted[name]
+    digest = (hashlib.sha256(image.tobytes()).hexdigest(),
+              hashlib.sha256(label.tobytes()).hexdigest())  # fmt: skip
+    assert digest == CHECKSUMS[name]
+
+
+def test_catalogue_is_the_packaged_sidecar_files():
+    folder = Path(SCENES["Samson"].where).parent
+    assert sorted(p.stem for p in folder.glob("*.yaml")) == sorted(SCENES)
+    assert SCENES["houston_dataset"].label.rule == "majority"
+    assert SCENES["Samson"].max_extrapolated == 4  # told to accept its 4 extrapolated bands
+
+
+def test_adding_a_scene_is_adding_one_file(tmp_path):
+    """A new catalogue entry in another folder is found and converted like the shipped ones."""
+    catalogue_dir, data = tmp_path / "catalogue", tmp_path / "data"
+    catalogue_dir.mkdir()
+    rng = np.random.default_rng(4)
+    cube = rng.uniform(0, 1, (6, 7, 40))  # (H, W, B) reflectance 0-1
+    gt = rng.integers(0, 4, (6, 7)).astype(np.uint8)
+    (data / "Mine").mkdir(parents=True)
+    scipy.io.savemat(data / "Mine" / "mine.mat", {"cube": cube, "truth": gt})
+    (catalogue_dir / "mine.yaml").write_text(
+        "name: mine\nfile: Mine/mine.mat\nsensor: test\ncube: cube\n"
+        "label: {var: truth, rule: as_is}\n"
+        "wavelengths: {units: um, grid: {start: 0.40, stop: 1.0, count: 42, removed: [1, 42]}}\n"
+        "scale: 10000\n"
+    )
+    catalogue = load_catalogue(catalogue_dir)
+    assert list(catalogue) == ["mine"]
+    assert is_mat_folder(data, catalogue) and not is_mat_folder(data)
+    names = convert_mat_folder(data, tmp_path / "out", split="tr", catalogue=catalogue)
+    assert names == ["mine"]
+    wl = np.linspace(400, 1000, 42)[1:-1]
+    with rasterio.open(tmp_path / "out" / "tr" / "image" / "mine.tif") as f:
+        expect = np.rint(np.apply_along_axis(lambda s: np.interp(CENTRES, wl, s), 2, cube) * 1e4)
+        np.testing.assert_array_equal(f.read(), expect.transpose(2, 0, 1))
+    with rasterio.open(tmp_path / "out" / "tr" / "label" / "mine.tif") as f:
+        np.testing.assert_array_equal(f.read(1), gt)
+    assert (tmp_path / "out" / "tr" / "meta" / "mine.json").is_file()

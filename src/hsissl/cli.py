@@ -12,12 +12,17 @@ import json
 import logging
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 from hsissl.config import ConfigError, load_config
 
 # stage name -> (module under hsissl.stages, one-line help). Adding a stage = one line here.
 STAGES: dict[str, tuple[str, str]] = {
+    "convert": (
+        "convert",
+        "any hyperspectral cube (ENVI, GeoTIFF, .mat/.npy + sidecar) -> WHU-OHS layout, OHS bands",
+    ),
     "make-synthetic": (
         "synthetic",
         "write the generated WHU-OHS-layout dataset (the default input)",
@@ -54,8 +59,24 @@ STAGES: dict[str, tuple[str, str]] = {
     ),
 }
 
+# Longer help for stages whose use is not obvious from their config keys.
+DETAILS: dict[str, str] = {
+    "convert": "Reads ENVI (.hdr + binary), GeoTIFF with per-band wavelengths, or .mat/.npy with a "
+    "sidecar YAML (wavelengths, labels, scale: docs/convert.md); resamples to the 32 OHS bands "
+    "(Gaussian SRFs when FWHM is known, else linear); writes <dst>/<split>/{image,label}/<name>.tif "
+    "with the georeference and meta/<name>.json of what was assumed. Then: hsissl ingest "
+    "data.source=<dst> (it prints the exact command).",
+}
+
 # Stage-specific flags: shorthands for config keys (the flag wins over a KEY=VALUE override).
 FLAGS: dict[str, dict[str, tuple[str, str]]] = {
+    "convert": {
+        "--src": ("convert.src", "ENVI .hdr, GeoTIFF, .mat/.npy (+ sidecar), a sidecar, a folder"),
+        "--dst": ("convert.dst", "output root: <dst>/<split>/{image,label,meta}/"),
+        "--split": ("convert.split", "tr | va | ts (default tr)"),
+        "--sidecar": ("convert.sidecar", "sidecar YAML for a single --src"),
+        "--label": ("convert.label", "label raster / .npy on the image grid, for a single --src"),
+    },
     "finetune": {
         "--encoder": (
             "finetune.encoder",
@@ -86,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     for name, (_, help_text) in STAGES.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+        description = help_text + (
+            f"\n\n{textwrap.fill(DETAILS[name], 92)}" if name in DETAILS else ""
+        )
+        p = sub.add_parser(name, help=help_text, description=description, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         p.add_argument(
             "--config", type=Path, help="YAML preset (configs/tiny.yaml, configs/base.yaml)"
@@ -113,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     from hsissl.data.normalize import NormalizerMismatch
+    from hsissl.data.resample import ConvertError
     from hsissl.data.scenes import DataContractError
     from hsissl.pretrain.checkpoint import CheckpointError
     from hsissl.storage import StorageError
@@ -133,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     # FileNotFoundError: a dataset, scene or checkpoint the user named is missing;
     # Tracking/StorageError: the MLflow server or object store the config names is unusable
-    except (ConfigError, DataContractError, NormalizerMismatch, CheckpointError,
+    except (ConfigError, DataContractError, NormalizerMismatch, CheckpointError, ConvertError,
             FileNotFoundError, TrackingError, StorageError) as exc:  # fmt: skip
         print(f"hsissl {args.stage}: error: {exc}", file=sys.stderr)
         return 2

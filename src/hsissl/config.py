@@ -49,6 +49,10 @@ class DataConfig:
     drop_unlabelled: bool = False  # drop tiles without one labelled pixel
     shard_tiles: int = 1024  # tiles per shard: 1024 x 32 x 64 x 64 int16 = 256 MiB
     readers: int = 2  # threads reading scenes ahead of the tiler
+    # Scenes named in two splits, identical tiles in two splits or overlapping georeferenced
+    # footprints across splits refuse the ingest (data/leakage.py) unless this is true; the
+    # overlap is then recorded in the manifest.
+    allow_split_overlap: bool = False
 
 
 @dataclass
@@ -238,6 +242,19 @@ class RealEvalConfig:
 
 
 @dataclass
+class ConvertConfig:
+    """``hsissl convert``: hyperspectral cubes of any sensor -> the WHU-OHS layout (docs/convert.md)."""
+
+    src: str = ""  # ENVI .hdr, GeoTIFF, .mat/.npy with a sidecar, a sidecar .yaml, or a folder
+    dst: str = ""  # output root: <dst>/<split>/{image,label,meta}/<name>.*
+    split: str = "tr"
+    sidecar: str = ""  # sidecar YAML for a single src ("" = <src stem>.yaml beside it, if any)
+    label: str = ""  # label raster / .npy on the image grid, for a single src
+    resampling: str = ""  # "" = the sidecar's, else auto: Gaussian SRFs when FWHM is known
+    max_extrapolated: int | None = None  # OHS bands allowed from the edge band (None: sidecar, 2)
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/local"
     seed: int = 0
@@ -254,6 +271,7 @@ class Config:
     pca: PCAConfig = field(default_factory=PCAConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     real: RealEvalConfig = field(default_factory=RealEvalConfig)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
 
 
 def load_config(

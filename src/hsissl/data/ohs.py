@@ -13,6 +13,13 @@ BAND_CENTRES_NM: tuple[int, ...] = (
 )  # fmt: skip
 NUM_BANDS = len(BAND_CENTRES_NM)  # 32
 
+# Band widths (FWHM). The WHU-OHS release describes the 32 channels as having "an average
+# spectral resolution of 15 nm" (Li, Huang & Tu 2022, Int. J. Appl. Earth Obs. Geoinf. 113,
+# 103022; dataset page http://irsip.whu.edu.cn/resources/WHU_OHS_show.php). No per-band widths
+# are published with the data, so every band gets that average; it matches the ~15 nm spacing
+# of the centres. Used as the Gaussian spectral response of each OHS band (data/resample.py).
+BAND_FWHM_NM: tuple[float, ...] = (15.0,) * NUM_BANDS
+
 # Index 0 is "unlabelled": ignored by losses and metrics.
 CLASS_NAMES: tuple[str, ...] = (
     "unlabelled",

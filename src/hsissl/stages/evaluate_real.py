@@ -29,6 +29,7 @@ from torch import nn
 
 from hsissl.config import Config, ConfigError, RealEvalConfig
 from hsissl.data import realdata
+from hsissl.data.geotiff import read_image, read_label
 from hsissl.data.normalize import Normalizer
 from hsissl.data.shards import ShardDataset
 from hsissl.models.heads import HEADS
@@ -147,12 +148,31 @@ def train_dense(
         return logits.argmax(0).numpy()
 
 
+def layout_scenes(root: Path) -> dict[str, tuple[Path, Path]]:
+    """Scene name -> (image, label) of a WHU-OHS-layout folder (e.g. ``hsissl convert``'s output)."""
+    return {p.stem: (p, p.parent.parent / "label" / p.name)
+            for p in sorted(Path(root).glob("*/image/*.tif"))}  # fmt: skip
+
+
+def load_eval_scene(root: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """((32, H, W) int16, (H, W) uint8) of a catalogued .mat scene or a converted scene."""
+    if realdata.is_mat_folder(root):
+        return realdata.load_scene(root, realdata.SCENES[name])
+    image_path, label_path = layout_scenes(root)[name]
+    image = read_image(image_path)
+    if image.dtype != np.int16:
+        raise ConfigError(f"{image_path}: dtype {image.dtype}, expected int16 reflectance x 10000 "
+                          "(hsissl convert writes it)")  # fmt: skip
+    return image, read_label(label_path)
+
+
 def pretrain_encoders(cfg: Config, root: Path) -> tuple[dict[str, nn.Module], Normalizer, str]:
     rc = cfg.real
-    pcfg = replace(
-        cfg,
-        data=replace(cfg.data, source=str(root), name="real", tile_size=64, stride=rc.tile_stride),
-    )
+    data = replace(cfg.data, source=str(root), name="real", tile_size=64, stride=rc.tile_stride)
+    if not realdata.is_mat_folder(root):  # a converted folder: whatever splits it has, any size
+        splits = sorted({p.parent.parent.name for p, _ in layout_scenes(root).values()})
+        data = replace(data, splits=splits, scene_size=None)
+    pcfg = replace(cfg, data=data)
     ingest.run(pcfg)
     normalizer = ShardDataset(dataset_uri(pcfg)).normalizer
     encoders: dict[str, nn.Module] = {}
@@ -176,7 +196,7 @@ def pretrain_encoders(cfg: Config, root: Path) -> tuple[dict[str, nn.Module], No
 def evaluate_scene(cfg: Config, name: str, root: Path, encoders: dict[str, nn.Module],
                    normalizer: Normalizer) -> list[dict[str, Any]]:  # fmt: skip
     rc = cfg.real
-    image, label = realdata.load_scene(root, realdata.SCENES[name])
+    image, label = load_eval_scene(root, name)
     x = normalizer(torch.from_numpy(image))  # (32, H, W)
     windows = SceneWindows(tile=64, stride=rc.window_stride)
     cut = windows.cut(x)  # (N, 32, 64, 64): the windows of every dihedral view
@@ -245,8 +265,9 @@ def check_config(rc: RealEvalConfig, root: Path) -> None:
             raise ConfigError(
                 f"real.head_lr has no learning rate for head {head!r} (has {sorted(rc.head_lr)})"
             )
-    labelled = sorted(name for name, scene in realdata.SCENES.items()
-                      if scene.label_fn is not realdata.all_unlabelled)  # fmt: skip
+    if not realdata.is_mat_folder(root):
+        return _check_layout_scenes(rc, root)
+    labelled = sorted(name for name, spec in realdata.SCENES.items() if realdata.is_labelled(spec))
     for name in rc.scenes:
         if name not in labelled:
             raise ConfigError(f"real.scenes: {name!r} is not a labelled scene; expected some of "
@@ -256,9 +277,24 @@ def check_config(rc: RealEvalConfig, root: Path) -> None:
                                 f"scenes {sorted(realdata.SCENES)}")  # fmt: skip
     present = {p.stem for p in root.rglob("*.mat")}
     for name in rc.scenes:
-        if name not in present:
-            raise FileNotFoundError(f"real.scenes: {name!r} ({realdata.SCENES[name].relpath}) "
+        if Path(realdata.SCENES[name].file).stem not in present:
+            raise FileNotFoundError(f"real.scenes: {name!r} ({realdata.SCENES[name].file}) "
                                     f"is not below real.source={rc.source!r} ({root})")  # fmt: skip
+
+
+def _check_layout_scenes(rc: RealEvalConfig, root: Path) -> None:
+    scenes = layout_scenes(root)
+    if not scenes:
+        raise FileNotFoundError(
+            f"real.source={rc.source!r} ({root}) holds neither known .mat scenes "
+            f"{sorted(realdata.SCENES)} nor a WHU-OHS layout (<split>/image/*.tif, as written by "
+            "hsissl convert)"
+        )
+    for name in rc.scenes:
+        if name not in scenes:
+            raise ConfigError(f"real.scenes: {name!r} is not in {root}; found {sorted(scenes)}")
+        if not read_label(scenes[name][1]).any():
+            raise ConfigError(f"real.scenes: {name!r} has no labelled pixel ({scenes[name][1]})")
 
 
 def run(cfg: Config) -> dict[str, Any]:

@@ -25,7 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from hsissl.config import Config, to_yaml
-from hsissl.data import ohs
+from hsissl.data import leakage, ohs
+from hsissl.data.convert import read_records
 from hsissl.data.normalize import Normalizer
 from hsissl.data.scenes import (
     DataContractError,
@@ -52,10 +53,18 @@ def run(cfg: Config, report: bool = False) -> dict[str, Any]:
     headers, violations = validate_headers(
         root, data_cfg.splits, data_cfg.scene_size, data_cfg.tile_size
     )
+    allow = data_cfg.allow_split_overlap
+    leaks = leakage.name_overlaps(headers) + leakage.footprint_overlaps(headers)
     if report:
-        return {"violations": violations + validate_content(headers), "source": str(root)}
+        content, index = validate_content(headers, data_cfg.tile_size, data_cfg.stride)
+        leaks += index.overlaps()
+        found = violations + content + ([] if allow else [o.violation() for o in leaks])
+        return {"violations": found, "source": str(root),
+                "leakage": leakage.summary(leaks, allow, index.constant)}  # fmt: skip
     if violations:
         raise DataContractError(violations)
+    if leaks and not allow:  # before any pixel is read
+        raise DataContractError([o.violation() for o in leaks])
 
     storage = storage_of(cfg)
     prefix = f"datasets/{data_cfg.name}"
@@ -72,7 +81,7 @@ def run(cfg: Config, report: bool = False) -> dict[str, Any]:
     with stage_run(cfg, "ingest") as tracker:
         start = time.perf_counter()
         with storage.transaction(prefix) as tx:
-            manifest = _write_shards(tx, headers, data_cfg, fingerprint, root)
+            manifest = _write_shards(tx, headers, data_cfg, fingerprint, root, leaks)
             manifest["config"] = asdict(data_cfg)
             tx.commit(
                 {
@@ -111,12 +120,20 @@ def validate_headers(root: Path, splits: list[str], scene_size: int | None,
     return headers, violations
 
 
-def validate_content(headers: dict[str, list[SceneHeader]]) -> list[Violation]:
+def validate_content(headers: dict[str, list[SceneHeader]], tile: int,
+                     stride: int) -> tuple[list[Violation], leakage.TileIndex]:  # fmt: skip
+    """Content violations of every scene, and the tile digests of the readable ones."""
     violations: list[Violation] = []
-    for split_headers in headers.values():
+    index = leakage.TileIndex()
+    for split, split_headers in headers.items():
         for header in tqdm(split_headers, desc="validate", unit="scene", leave=False):
-            violations += read_scene(header)[2]
-    return violations
+            image, _, bad = read_scene(header)
+            violations += bad
+            if image is not None:
+                positions = tile_positions(header.height, header.width, tile, stride)
+                index.add(split, str(header.pair.image), positions,
+                          leakage.tile_digests(cut_tiles(image, positions, tile)))  # fmt: skip
+    return violations, index
 
 
 def input_fingerprint(headers: dict[str, list[SceneHeader]], data_cfg: Any) -> str:
@@ -157,6 +174,7 @@ class _PreparedScene:
     positions: list[tuple[int, int]]
     class_pixels: np.ndarray | None  # (NUM_CLASSES + 1,)
     sums: tuple | None  # band_sums() of the kept tiles
+    digests: list  # leakage.tile_digests() of the kept tiles
     source_bytes: int
     violations: list[Violation]
 
@@ -166,7 +184,7 @@ def _prepare_scene(header: SceneHeader, tile: int, stride: int, drop: bool) -> _
     image, label, bad = read_scene(header)
     size = header.pair.image.stat().st_size
     if bad:
-        return _PreparedScene(None, None, [], None, None, size, bad)
+        return _PreparedScene(None, None, [], None, None, [], size, bad)
     positions = tile_positions(header.height, header.width, tile, stride)
     img_tiles = cut_tiles(image, positions, tile)  # (N, C, T, T)
     lbl_tiles = cut_tiles(label, positions, tile)  # (N, T, T)
@@ -176,14 +194,16 @@ def _prepare_scene(header: SceneHeader, tile: int, stride: int, drop: bool) -> _
         positions = [p for p, k in zip(positions, keep, strict=True) if k]
     counts = np.bincount(lbl_tiles.ravel(), minlength=ohs.NUM_CLASSES + 1)
     sums = band_sums(img_tiles) if len(img_tiles) else None
-    return _PreparedScene(img_tiles, lbl_tiles, positions, counts, sums, size, [])
+    digests = leakage.tile_digests(img_tiles)
+    return _PreparedScene(img_tiles, lbl_tiles, positions, counts, sums, digests, size, [])
 
 
 def _write_shards(tx: Any, headers: dict[str, list[SceneHeader]], data_cfg: Any, fingerprint: str,
-                  root: Path) -> dict[str, Any]:  # fmt: skip
+                  root: Path, leaks: list[leakage.Overlap]) -> dict[str, Any]:  # fmt: skip
     tile, stride = data_cfg.tile_size, data_cfg.stride
     stats = BandStats(ohs.NUM_BANDS)
     splits: dict[str, Any] = {}
+    tiles_seen = leakage.TileIndex()
     total_bytes = sum(h.pair.image.stat().st_size for hs in headers.values() for h in hs)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="ingest")
     n_readers = max(1, data_cfg.readers)
@@ -209,6 +229,9 @@ def _write_shards(tx: Any, headers: dict[str, list[SceneHeader]], data_cfg: Any,
                     -1, 3
                 )
                 writer.add(scene.images, scene.labels, sources)
+                tiles_seen.add(
+                    split, str(headers[split][i].pair.image), scene.positions, scene.digests
+                )
                 class_pixels += scene.class_pixels
                 if split == "tr" and scene.sums is not None:
                     stats.merge(*scene.sums)
@@ -221,6 +244,9 @@ def _write_shards(tx: Any, headers: dict[str, list[SceneHeader]], data_cfg: Any,
                 "shards": writer.close(),
             }
     bar.close()
+    leaks = leaks + tiles_seen.overlaps()
+    if leaks and not data_cfg.allow_split_overlap:  # the transaction is aborted: nothing written
+        raise DataContractError([o.violation() for o in leaks])
     if stats.count == 0:
         raise DataContractError([Violation(str(root / "tr"), "training tiles", "none kept",
                                            "at least one tile for band statistics")])  # fmt: skip
@@ -246,4 +272,7 @@ def _write_shards(tx: Any, headers: dict[str, list[SceneHeader]], data_cfg: Any,
             "std": stats.std(),
         },
         "normalizer": normalizer.to_dict(),
+        "leakage": leakage.summary(leaks, data_cfg.allow_split_overlap, tiles_seen.constant),
+        # hsissl convert's per-scene records (resampling method, assumptions), where present
+        "conversion": {s: r for s in data_cfg.splits if (r := read_records(root, s))},
     }
