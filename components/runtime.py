@@ -184,13 +184,19 @@ def join_lineage(cfg, kfp_run_id: str = "") -> str | None:
 
 def close_lineage(preset: str, overrides: list[str], tracking_uri: str, kfp_run_id: str,
                   state: str) -> str | None:  # fmt: skip
-    """Mark the parent run FINISHED (pipeline state SUCCEEDED) or FAILED; returns its id."""
+    """End the parent run as the pipeline's final ``state`` says (``hsissl.pipeline_state``:
+    COMPLETE/SUCCEEDED finished, FAILED/CANCELED/SYSTEM_ERROR failed, else tagged unknown);
+    returns its id."""
+    from hsissl.pipeline_state import pipeline_outcome
+
     cfg = stage_config(preset, overrides, {"tracking.uri": tracking_uri})
     parent = join_lineage(cfg, kfp_run_id)
     if parent:
         client, _ = _client(cfg)
-        client.set_tag(parent, "kfp_state", state)
-        client.set_terminated(parent, "FINISHED" if state == "SUCCEEDED" else "FAILED")
+        outcome = pipeline_outcome(state)
+        for key, value in outcome.tags(state).items():
+            client.set_tag(parent, key, value)
+        client.set_terminated(parent, outcome.mlflow_status)
     return parent
 
 
