@@ -87,6 +87,14 @@ def add_options(parser: argparse.ArgumentParser, pytorchjob_service_account: boo
     )
     g.add_argument("--no-gpu-toleration", action="store_true", help="no tolerations on GPU pods")
     g.add_argument(
+        "--job-pod-annotation",
+        action="append",
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="annotation of multi-node job pods (repeatable; replaces the default "
+        f"{d.job_pod_annotations}; 'none=' for none)",
+    )
+    g.add_argument(
         "--s3-secret",
         default=d.s3_secret,
         help="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (default %(default)s)",
@@ -139,6 +147,9 @@ def options_from(args: argparse.Namespace) -> PipelineOptions:
     if args.gpu_node_selector:
         selector = {k: v for k, v in args.gpu_node_selector if k != "none"}
         opts = replace(opts, gpu_node_selector=selector)
+    if args.job_pod_annotation:
+        annotations = {k: v for k, v in args.job_pod_annotation if k != "none"}
+        opts = replace(opts, job_pod_annotations=annotations)
     if args.no_gpu_toleration:
         opts = replace(opts, gpu_tolerations=[])
     elif args.gpu_toleration:

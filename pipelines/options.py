@@ -46,6 +46,11 @@ class PipelineOptions:
     config_map: str = "hsissl-pipeline-config"  # holds config.yaml, the cluster preset
     config_mount: str = "/etc/hsissl"
     pod_labels: dict[str, str] = field(default_factory=lambda: {"hsissl.io/pipeline": "true"})
+    # Annotations of the multi-node job's pods (KFP's own step pods already opt out of Istio):
+    # an Istio sidecar would keep a finished replica running and intercept NCCL's ports.
+    job_pod_annotations: dict[str, str] = field(
+        default_factory=lambda: {"sidecar.istio.io/inject": "false"}
+    )
     gpu_node_selector: dict[str, str] = field(
         default_factory=lambda: {"nvidia.com/gpu.present": "true"}
     )
