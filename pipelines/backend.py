@@ -46,15 +46,23 @@ PLATFORM_CONSTRUCTS: dict[str, tuple[tuple[int, int, int], str]] = {
     "imagePullSecret.secretNameParameter": ((2, 5, 0), f"{PROTO}: secret_name_parameter"),
 }
 SPEC_CONSTRUCTS: dict[str, tuple[tuple[int, int, int], str]] = {
-    "taskFinalStatus": ((2, 14, 0), "backend/src/v2/driver/resolve.go: TaskFinalStatus case "
-                        "(PipelineTaskFinalStatus of the exit task)"),  # fmt: skip
-    "retryPolicy": ((2, 4, 1), "backend/src/v2/compiler/argocompiler/container.go: "
-                    "GetRetryPolicy / GetBackoffDuration"),  # fmt: skip
+    "taskFinalStatus": (
+        (2, 14, 0),
+        "backend/src/v2/driver/resolve.go: TaskFinalStatus case "
+        "(PipelineTaskFinalStatus of the exit task)",
+    ),  # fmt: skip
+    "retryPolicy": (
+        (2, 4, 1),
+        "backend/src/v2/compiler/argocompiler/container.go: GetRetryPolicy / GetBackoffDuration",
+    ),  # fmt: skip
     "resourceCpuRequest": ((2, 4, 0), "backend/src/v2/driver/driver.go: GetResourceCpuRequest"),
     "resourceMemoryRequest": ((2, 4, 0), "backend/src/v2/driver/driver.go: resource strings"),
     "resourceMemoryLimit": ((2, 4, 0), "backend/src/v2/driver/driver.go: resource strings"),
-    "accelerator.resourceType": ((2, 4, 0), "backend/src/v2/driver/driver.go: GetResourceCount "
-                                 "(accelerator type/count as run parameters)"),  # fmt: skip
+    "accelerator.resourceType": (
+        (2, 4, 0),
+        "backend/src/v2/driver/driver.go: GetResourceCount "
+        "(accelerator type/count as run parameters)",
+    ),  # fmt: skip
 }
 
 
@@ -77,8 +85,10 @@ def constructs_in(docs: list[dict[str, Any]]) -> set[str]:
                 for item in value if isinstance(value, list) else [value]:
                     for sub in item if isinstance(item, dict) else {}:
                         path = f"{key}.{sub}"
-                        if path in PLATFORM_CONSTRUCTS or sub == "optional" or sub.endswith(
-                            ("Parameter", "Json")
+                        if (
+                            path in PLATFORM_CONSTRUCTS
+                            or sub == "optional"
+                            or sub.endswith(("Parameter", "Json"))
                         ):
                             found.add(path)
     return found

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_pipeline import KfpStub
 
 from pipelines.backend import (
     MIN_BACKEND,
@@ -36,6 +35,7 @@ from pipelines.backend import (
 from pipelines.compile import compile_pipeline, main
 from pipelines.dag import STAGES
 from pipelines.options import PipelineOptions
+from test_pipeline import KfpStub
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_EXECUTORS = ("pretrain", "finetune-heads", "baseline")
@@ -89,7 +89,7 @@ def test_docs_state_the_floor_first_and_list_every_construct() -> None:
     for text in (deploy, readme, pipeline):
         first_heading = text.index("\n## ")
         assert f"Kubeflow Pipelines backend >= {floor}" in text[:first_heading]
-    for construct, (version, evidence) in {**PLATFORM_CONSTRUCTS, **SPEC_CONSTRUCTS}.items():
+    for construct, (version, _evidence) in {**PLATFORM_CONSTRUCTS, **SPEC_CONSTRUCTS}.items():
         row = f"| `{construct}` | {version_text(version)} |"
         assert row in deploy, f"docs/deploy.md lacks the compatibility row {row!r}"
 

@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_deploy import CHART, NAMESPACE, helm, pod_specs, render_error, run_helm  # noqa: F401
 
+import test_deploy
 from pipelines.compile import compile_pipeline
 from pipelines.options import MLFLOW_SECRET_KEYS, S3_SECRET_KEYS, PipelineOptions
 from pipelines.pytorchjob import build_pytorchjob
+from test_deploy import CHART, NAMESPACE, pod_specs, render_error, run_helm
+
+helm = test_deploy.helm  # the session fixture (helm from .tools/bin or PATH)
 
 ISTIO = {"sidecar.istio.io/inject": "false"}
 
@@ -107,5 +110,7 @@ def test_multi_node_job_pods_opt_out_of_the_istio_sidecar() -> None:
         assert replica["template"]["metadata"]["annotations"] == ISTIO
     plain = build_pytorchjob("pretrain-mae", [], nodes=2, gpus_per_node=1, name="mae-x",
                              opts=PipelineOptions(job_pod_annotations={}))  # fmt: skip
-    assert "annotations" not in plain["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]
+    assert (
+        "annotations" not in plain["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]
+    )
     assert set(MLFLOW_SECRET_KEYS) == {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
