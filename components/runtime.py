@@ -279,9 +279,24 @@ def call_stage(module: str, cfg, kfp_run_id: str = "") -> dict[str, Any]:
     return importlib.import_module(f"hsissl.stages.{module}").run(cfg)
 
 
+EMPTY_SOURCE_ON_CLUSTER = (
+    "source is empty: on a cluster, name the data: source=s3://<bucket>/<prefix> (WHU-OHS "
+    "uploaded to the object store, e.g. s3://hsissl/WHU-OHS), a folder in the pod mounted with "
+    "--data-pvc (source=/data/WHU-OHS), or source=generated for the small generated dataset"
+)
+
+
+def check_source(source: str) -> None:
+    """In a Kubernetes pod an empty ``source`` is a mistake (a UI run with the default), not a
+    request for the generated dataset: that one is asked for by name. Locally "" stays it."""
+    if not source.strip() and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        raise ValueError(EMPTY_SOURCE_ON_CLUSTER)
+
+
 def ingest(source: str, preset: str, overrides: list[str], storage_uri: str, tracking_uri: str,
            dataset: Any) -> dict[str, Any]:  # fmt: skip
     setup_logging()
+    check_source(source)
     cfg = stage_config(preset, overrides, {"data.source": source, "storage.uri": storage_uri,
                                            "tracking.uri": tracking_uri})  # fmt: skip
     result = call_stage("ingest", cfg)
