@@ -293,6 +293,18 @@ def check_source(source: str) -> None:
         raise ValueError(EMPTY_SOURCE_ON_CLUSTER)
 
 
+def check_claim(data_pvc: str, mounted: bool) -> None:
+    """A ``data_pvc`` run parameter on a pipeline compiled without ``--data-pvc`` mounts
+    nothing: say so instead of failing later on a missing folder."""
+    if data_pvc and not mounted:
+        raise ValueError(
+            f"data_pvc={data_pvc!r}, but this pipeline was compiled without --data-pvc, so no "
+            "claim is mounted; compile (or upload) with --data-pvc <any claim> to choose the "
+            "claim per run, or put the data in the object store and pass source=s3://<bucket>/"
+            "<prefix>"
+        )
+
+
 def ingest(source: str, preset: str, overrides: list[str], storage_uri: str, tracking_uri: str,
            dataset: Any) -> dict[str, Any]:  # fmt: skip
     setup_logging()

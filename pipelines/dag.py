@@ -96,6 +96,7 @@ def build_pipeline(opts: PipelineOptions | None = None, stages: Iterable[str] = 
         nodes: int = 1,
         gpu_node_selector: dict = default_selector,
         gpu_tolerations: list = default_tolerations,
+        data_pvc: str = opts.data_pvc,
     ):
         """The hsissl DAG (parameter descriptions show in the KFP UI).
 
@@ -120,6 +121,8 @@ def build_pipeline(opts: PipelineOptions | None = None, stages: Iterable[str] = 
                 "true"}; {} = none.
             gpu_tolerations: Taints GPU pods tolerate (Kubernetes tolerations, JSON list);
                 [] = none.
+            data_pvc: PersistentVolumeClaim mounted into ingest at /data (source=/data/...);
+                only in a pipeline compiled with --data-pvc, whose claim is the default.
         """
         common = {"preset": preset, "overrides": overrides, "tracking_uri": tracking_uri}
         train = {"gpus": gpus, "gpu_type": gpu_type, "node_selector": gpu_node_selector,
@@ -129,9 +132,10 @@ def build_pipeline(opts: PipelineOptions | None = None, stages: Iterable[str] = 
             lineage = open_lineage(kfp_run_id=RUN_ID, source=source, storage_uri=storage_uri,
                                    **common)  # fmt: skip
             configure(lineage, "light", opts, cache=False)
-            data = ingest(source=source, storage_uri=storage_uri, **common).after(lineage)
+            data = ingest(source=source, storage_uri=storage_uri, data_pvc=data_pvc,
+                          pvc_mounted=bool(opts.data_pvc), **common).after(lineage)  # fmt: skip
             configure(data, "cpu", opts, cache=True, retry=True)
-            mount_data(data, opts)
+            mount_data(data, opts, data_pvc)
             dataset = data.outputs["dataset"]
             if "pca-poc" in stages:
                 configure(pca_poc(dataset=dataset, **common), "cpu", opts, cache=True)
@@ -222,6 +226,7 @@ def build_stage_pipeline(stage: str, opts: PipelineOptions | None = None) -> Cal
         nodes: int = 1,
         gpu_node_selector: dict = default_selector,
         gpu_tolerations: list = default_tolerations,
+        data_pvc: str = opts.data_pvc,
     ):
         common = {"preset": preset, "overrides": overrides, "tracking_uri": tracking_uri}
         train = {"gpus": gpus, "gpu_type": gpu_type, "node_selector": gpu_node_selector,
@@ -234,9 +239,10 @@ def build_stage_pipeline(stage: str, opts: PipelineOptions | None = None) -> Cal
             if stage == "report":
                 return  # the exit task is the stage
             if stage == "ingest":
-                task = ingest(source=source, storage_uri=storage_uri, **common).after(lineage)
+                task = ingest(source=source, storage_uri=storage_uri, data_pvc=data_pvc,
+                              pvc_mounted=bool(opts.data_pvc), **common).after(lineage)  # fmt: skip
                 configure(task, "cpu", opts, cache=False, retry=True)
-                mount_data(task, opts)
+                mount_data(task, opts, data_pvc)
                 return
             ref = dataset_ref(uri=dataset_uri, preset=preset, overrides=overrides,
                               storage_uri=storage_uri).after(lineage)  # fmt: skip

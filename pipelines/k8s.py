@@ -85,8 +85,13 @@ def _place_on_gpu_nodes(task: dsl.PipelineTask, opts: PipelineOptions, node_sele
             kubernetes.add_toleration(task, **toleration)
 
 
-def mount_data(task: dsl.PipelineTask, opts: PipelineOptions) -> dsl.PipelineTask:
-    """The PVC holding the source scenes (``source`` = a folder under ``opts.data_mount``)."""
+def mount_data(task: dsl.PipelineTask, opts: PipelineOptions, claim: object = None
+               ) -> dsl.PipelineTask:  # fmt: skip
+    """The PVC holding the source scenes (``source`` = a folder under ``opts.data_mount``),
+    only when compiled with one (``opts.data_pvc``): there is no "no claim" value for a mount,
+    so whether to mount is fixed at compile time. Which claim is the run parameter ``claim``
+    (kfp-kubernetes ``pvc_name_parameter``, backend >= 2.5), defaulting to ``opts.data_pvc``."""
     if opts.data_pvc:
-        kubernetes.mount_pvc(task, opts.data_pvc, mount_path=opts.data_mount)
+        kubernetes.mount_pvc(task, claim if claim is not None else opts.data_pvc,
+                             mount_path=opts.data_mount)  # fmt: skip
     return task

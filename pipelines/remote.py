@@ -23,7 +23,7 @@ SERVICE_ACCOUNT = "hsissl-pipeline"  # created by charts/hsissl for release "hsi
 # Parameters a one-stage rerun takes over from the earlier run (the rest are the stage's own).
 INHERITED = ("source", "preset", "overrides", "storage_uri", "tracking_uri", "pretrain_epochs",
              "pretrain_max_steps", "gpus", "gpu_type", "nodes", "gpu_node_selector",
-             "gpu_tolerations")  # fmt: skip
+             "gpu_tolerations", "data_pvc")  # fmt: skip
 
 
 def connect(host: str, namespace: str | None = None, token: str | None = None) -> kfp.Client:

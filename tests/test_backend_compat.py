@@ -70,6 +70,7 @@ def test_every_construct_of_the_compiled_pipelines_is_within_the_floor(compiled)
     assert listing["taskFinalStatus"] == "2.14.0"
     assert listing["nodeSelector.nodeSelectorJson"] == "2.5.0"
     assert listing["pvcMount"] == "2.0.0"  # --data-pvc
+    assert listing["pvcMount.pvcNameParameter"] == "2.5.0"  # the claim is a run parameter
     assert minimum_backend(used) == MIN_BACKEND == (2, 15, 0)
 
 
@@ -200,3 +201,15 @@ def test_the_run_placement_reaches_the_pytorchjob_options() -> None:
     assert (placed.gpu_node_selector, placed.gpu_tolerations) == ({"pool": "a100"}, [])
     assert opts.placed(None, None) == opts
     assert json.loads(placed.to_json())["gpu_node_selector"] == {"pool": "a100"}
+
+
+def test_the_data_claim_is_a_run_parameter_when_compiled_with_one(compiled) -> None:
+    docs = compiled["dag-pvc"]
+    params = docs[0]["root"]["inputDefinitions"]["parameters"]
+    assert params["data_pvc"]["defaultValue"] == "whu"
+    executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    (mount,) = executors["exec-ingest"]["pvcMount"]
+    assert mount["pvcNameParameter"] == {"componentInputParameter": "pipelinechannel--data_pvc"}
+    assert mount["mountPath"] == "/data"
+    plain = compiled["dag"][1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert "pvcMount" not in plain["exec-ingest"]  # no claim compiled in: nothing mounted

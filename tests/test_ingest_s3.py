@@ -98,3 +98,10 @@ def test_on_a_cluster_an_empty_source_is_an_error_saying_what_to_pass(tmp_path, 
     with pytest.raises(ValueError, match=r"source is empty.*s3://<bucket>/<prefix>.*generated"):
         runtime.ingest("", "", [f"run_dir={tmp_path}"], str(tmp_path / "store"), "", None)
     assert not (tmp_path / "store").exists()
+
+
+def test_a_claim_on_a_pipeline_compiled_without_one_is_an_error() -> None:
+    runtime.check_claim("", False)
+    runtime.check_claim("whu-data", True)
+    with pytest.raises(ValueError, match=r"data_pvc='whu-data'.*compiled without --data-pvc"):
+        runtime.check_claim("whu-data", False)
