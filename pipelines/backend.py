@@ -42,8 +42,10 @@ PLATFORM_CONSTRUCTS: dict[str, tuple[tuple[int, int, int], str]] = {
     "emptyDirMounts": ((2, 3, 0), f"{PROTO}: EmptyDirMount empty_dir_mounts = 17"),
     "pvcMount": ((2, 0, 0), f"{PROTO}: PvcMount pvc_mount = 3"),
     "pvcMount.pvcNameParameter": ((2, 5, 0), f"{PROTO}: PvcMount.pvc_name_parameter = 5"),
-    "pvcMount.componentInputParameter": ((2, 0, 0), f"{PROTO}: PvcMount.component_input_parameter "
-                                         "(deprecated form kfp-kubernetes also writes)"),  # fmt: skip
+    "pvcMount.componentInputParameter": (
+        (2, 0, 0),
+        f"{PROTO}: PvcMount.component_input_parameter (deprecated form kfp-kubernetes also writes)",
+    ),  # fmt: skip
     "imagePullSecret": ((2, 1, 0), f"{PROTO}: ImagePullSecret image_pull_secret = 6"),
     "imagePullSecret.secretNameParameter": ((2, 5, 0), f"{PROTO}: secret_name_parameter"),
 }

@@ -9,7 +9,9 @@ $HSISSL_TRAIN_IMAGE) before uploading.
 from __future__ import annotations
 
 import argparse
+import ast
 import os
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +31,30 @@ def compile_pipeline(path: str | Path = GOLDEN, opts: PipelineOptions | None = N
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(func, str(path))
+    path.write_text(stable_header(path.read_text()))
     return path
+
+
+_HEADER_DEFAULT = re.compile(r"^(#    \S+: \S+ \[Default: )(.+)(\])$", re.M)
+
+
+def stable_header(text: str) -> str:
+    """kfp's header comment prints dict defaults (gpu_tolerations) in protobuf map order, which
+    differs between processes: sort their keys so the golden YAML compiles reproducibly."""
+
+    def ordered(value):
+        if isinstance(value, dict):
+            return {k: ordered(value[k]) for k in sorted(value)}
+        return [ordered(v) for v in value] if isinstance(value, list) else value
+
+    def fix(match: re.Match) -> str:
+        try:
+            value = ast.literal_eval(match.group(2))
+        except (ValueError, SyntaxError):
+            return match.group(0)
+        return f"{match.group(1)}{ordered(value)!r}{match.group(3)}"
+
+    return _HEADER_DEFAULT.sub(fix, text)
 
 
 def _key_value(text: str) -> tuple[str, str]:
