@@ -25,6 +25,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 log = logging.getLogger("hsissl.components")
 
 KFP_RUN_ENV = "KFP_RUN_ID"  # set from the pod label pipeline/runid, or by the local runner
+# Set by the KFP backend in every step's executor container (argocompiler/common.go commonEnvs,
+# 2.14-2.17), never by kfp.local: tells a cluster step from a local run.
+KFP_POD_ENV = "KFP_POD_NAME"
 PARENT_RUN_ENV = "HSISSL_PARENT_RUN_ID"  # read by hsissl.tracking: nests stage runs
 CONFIG_DIR_ENV = "HSISSL_CONFIG_DIR"
 GPUS_ENV = "HSISSL_GPUS"  # processes per pod for torchrun; default: visible CUDA devices
@@ -287,9 +290,10 @@ EMPTY_SOURCE_ON_CLUSTER = (
 
 
 def check_source(source: str) -> None:
-    """In a Kubernetes pod an empty ``source`` is a mistake (a UI run with the default), not a
-    request for the generated dataset: that one is asked for by name. Locally "" stays it."""
-    if not source.strip() and os.environ.get("KUBERNETES_SERVICE_HOST"):
+    """In a KFP backend step an empty ``source`` is a mistake (a UI run with the default), not
+    a request for the generated dataset: that one is asked for by name. Under kfp.local (also
+    in a notebook pod) "" stays the generated dataset, as ``make run`` uses it."""
+    if not source.strip() and os.environ.get(KFP_POD_ENV):
         raise ValueError(EMPTY_SOURCE_ON_CLUSTER)
 
 

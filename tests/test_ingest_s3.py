@@ -94,7 +94,13 @@ def test_a_missing_bucket_or_prefix_is_one_clear_error(whu_in_s3, tmp_path, wher
 
 
 def test_on_a_cluster_an_empty_source_is_an_error_saying_what_to_pass(tmp_path, monkeypatch):
-    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")  # what every pod has
+    """KFP_POD_NAME: set in every step's executor container by the KFP backend 2.14-2.17
+    (backend/src/v2/compiler/argocompiler/common.go, commonEnvs), not by kfp.local."""
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")  # any pod, e.g. a notebook
+    monkeypatch.delenv("KFP_POD_NAME", raising=False)
+    runtime.check_source("")  # kfp.local in a pod: "" is still the generated dataset
+    monkeypatch.setenv("KFP_POD_NAME", "hsissl-abc-system-container-impl-1")
+    runtime.check_source("generated")
     with pytest.raises(ValueError, match=r"source is empty.*s3://<bucket>/<prefix>.*generated"):
         runtime.ingest("", "", [f"run_dir={tmp_path}"], str(tmp_path / "store"), "", None)
     assert not (tmp_path / "store").exists()
