@@ -74,6 +74,10 @@ def test_s3_scenes_get_the_folders_checks_and_messages(whu_in_s3, s3_server, tmp
             f"{source}/va/label/T0003.tif") in text  # fmt: skip
     assert f"{source}/tr/label/T0000.tif: band count: found 32, expected 1" in text
     assert not (tmp_path / "store" / "datasets").exists()  # nothing written
+    listed = ingest.run(_cfg(tmp_path, source, str(tmp_path / "store")), report=True)
+    assert {(v.file, v.field) for v in listed["violations"]} >= {
+        (f"{source}/va/image/T0003.tif", "label file"),
+        (f"{source}/tr/label/T0000.tif", "band count"), (f"{source}/tr/label/T0000.tif", "dtype")}  # fmt: skip
 
 
 @pytest.mark.parametrize(
