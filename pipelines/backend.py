@@ -45,7 +45,7 @@ PLATFORM_CONSTRUCTS: dict[str, tuple[tuple[int, int, int], str]] = {
     "pvcMount.componentInputParameter": (
         (2, 0, 0),
         f"{PROTO}: PvcMount.component_input_parameter (deprecated form kfp-kubernetes also writes)",
-    ),  # fmt: skip
+    ),
     "imagePullSecret": ((2, 1, 0), f"{PROTO}: ImagePullSecret image_pull_secret = 6"),
     "imagePullSecret.secretNameParameter": ((2, 5, 0), f"{PROTO}: secret_name_parameter"),
 }
@@ -54,11 +54,11 @@ SPEC_CONSTRUCTS: dict[str, tuple[tuple[int, int, int], str]] = {
         (2, 14, 0),
         "backend/src/v2/driver/resolve.go: TaskFinalStatus case "
         "(PipelineTaskFinalStatus of the exit task)",
-    ),  # fmt: skip
+    ),
     "retryPolicy": (
         (2, 4, 1),
         "backend/src/v2/compiler/argocompiler/container.go: GetRetryPolicy / GetBackoffDuration",
-    ),  # fmt: skip
+    ),
     "resourceCpuRequest": ((2, 4, 0), "backend/src/v2/driver/driver.go: GetResourceCpuRequest"),
     "resourceMemoryRequest": ((2, 4, 0), "backend/src/v2/driver/driver.go: resource strings"),
     "resourceMemoryLimit": ((2, 4, 0), "backend/src/v2/driver/driver.go: resource strings"),
@@ -66,7 +66,7 @@ SPEC_CONSTRUCTS: dict[str, tuple[tuple[int, int, int], str]] = {
         (2, 4, 0),
         "backend/src/v2/driver/driver.go: GetResourceCount "
         "(accelerator type/count as run parameters)",
-    ),  # fmt: skip
+    ),
 }
 
 
