@@ -101,7 +101,9 @@ def build_pipeline(opts: PipelineOptions | None = None, stages: Iterable[str] = 
         """The hsissl DAG (parameter descriptions show in the KFP UI).
 
         Args:
-            source: WHU-OHS folder as ingest sees it; "" = the generated dataset.
+            source: Where WHU-OHS is: s3://bucket/prefix (uploaded to the object store), a
+                folder in the pod (with --data-pvc), or "generated" for the generated dataset
+                ("" means that only under kfp.local; on a cluster it is an error).
             preset: Config preset: a path in the pod, or a name in configs/ (tiny, base).
             overrides: Dotted config overrides, e.g. ["pretrain.epochs=50"].
             storage_uri: Artifact store (s3://bucket/prefix); "" = the preset's.
