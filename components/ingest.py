@@ -13,8 +13,13 @@ def ingest(
     storage_uri: str,
     tracking_uri: str,
     dataset: Output[Dataset],
+    data_pvc: str = "",
+    pvc_mounted: bool = False,
 ):
-    """Ingest ``source`` ("" = the generated dataset); ``dataset`` points at the shards."""
+    """Ingest ``source``: s3://bucket/prefix, a folder in the pod (``data_pvc``, mounted when
+    ``pvc_mounted``), or "generated" ("" too, outside a cluster); ``dataset`` points at the
+    shards."""
     from components import runtime
 
+    runtime.check_claim(data_pvc, pvc_mounted)
     runtime.ingest(source, preset, overrides, storage_uri, tracking_uri, dataset)

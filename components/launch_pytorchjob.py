@@ -23,14 +23,18 @@ def launch_pytorchjob(
     options: str,
     encoder: Output[Model],
     metrics: Output[Metrics],
+    gpu_node_selector: dict,
+    gpu_tolerations: list,
     namespace: str = "",
     timeout_s: int = 604800,  # a week (a literal: only the function's source runs in the pod)
 ):
     """Pretrain ``method`` on ``nodes`` x ``gpus_per_node`` GPUs; a retried task adopts the job
-    it created before. ``options``: compile-time PipelineOptions (JSON); ``namespace`` "" = the
-    pod's; ``timeout_s``: then the job is deleted (its checkpoints stay)."""
+    it created before. ``options``: compile-time PipelineOptions (JSON); ``gpu_node_selector`` /
+    ``gpu_tolerations``: the run's GPU placement of the job's pods ({} / [] = none);
+    ``namespace`` "" = the pod's; ``timeout_s``: then the job is deleted (its checkpoints stay)."""
     from pipelines import launcher
 
     launcher.launch(method, dataset, preset, overrides, tracking_uri, epochs, max_steps,
                     kfp_run_id, nodes, gpus_per_node, gpu_type, options, namespace, timeout_s,
-                    encoder, metrics)  # fmt: skip
+                    encoder, metrics, node_selector=gpu_node_selector,
+                    tolerations=gpu_tolerations)  # fmt: skip

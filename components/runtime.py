@@ -25,6 +25,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 log = logging.getLogger("hsissl.components")
 
 KFP_RUN_ENV = "KFP_RUN_ID"  # set from the pod label pipeline/runid, or by the local runner
+# Set by the KFP backend in every step's executor container (argocompiler/common.go commonEnvs,
+# 2.14-2.17), never by kfp.local: tells a cluster step from a local run.
+KFP_POD_ENV = "KFP_POD_NAME"
 PARENT_RUN_ENV = "HSISSL_PARENT_RUN_ID"  # read by hsissl.tracking: nests stage runs
 CONFIG_DIR_ENV = "HSISSL_CONFIG_DIR"
 GPUS_ENV = "HSISSL_GPUS"  # processes per pod for torchrun; default: visible CUDA devices
@@ -184,13 +187,19 @@ def join_lineage(cfg, kfp_run_id: str = "") -> str | None:
 
 def close_lineage(preset: str, overrides: list[str], tracking_uri: str, kfp_run_id: str,
                   state: str) -> str | None:  # fmt: skip
-    """Mark the parent run FINISHED (pipeline state SUCCEEDED) or FAILED; returns its id."""
+    """End the parent run as the pipeline's final ``state`` says (``hsissl.pipeline_state``:
+    COMPLETE/SUCCEEDED finished, FAILED/CANCELED/SYSTEM_ERROR failed, else tagged unknown);
+    returns its id."""
+    from hsissl.pipeline_state import pipeline_outcome
+
     cfg = stage_config(preset, overrides, {"tracking.uri": tracking_uri})
     parent = join_lineage(cfg, kfp_run_id)
     if parent:
         client, _ = _client(cfg)
-        client.set_tag(parent, "kfp_state", state)
-        client.set_terminated(parent, "FINISHED" if state == "SUCCEEDED" else "FAILED")
+        outcome = pipeline_outcome(state)
+        for key, value in outcome.tags(state).items():
+            client.set_tag(parent, key, value)
+        client.set_terminated(parent, outcome.mlflow_status)
     return parent
 
 
@@ -273,9 +282,37 @@ def call_stage(module: str, cfg, kfp_run_id: str = "") -> dict[str, Any]:
     return importlib.import_module(f"hsissl.stages.{module}").run(cfg)
 
 
+EMPTY_SOURCE_ON_CLUSTER = (
+    "source is empty: on a cluster, name the data: source=s3://<bucket>/<prefix> (WHU-OHS "
+    "uploaded to the object store, e.g. s3://hsissl/WHU-OHS), a folder in the pod mounted with "
+    "--data-pvc (source=/data/WHU-OHS), or source=generated for the small generated dataset"
+)
+
+
+def check_source(source: str) -> None:
+    """In a KFP backend step an empty ``source`` is a mistake (a UI run with the default), not
+    a request for the generated dataset: that one is asked for by name. Under kfp.local (also
+    in a notebook pod) "" stays the generated dataset, as ``make run`` uses it."""
+    if not source.strip() and os.environ.get(KFP_POD_ENV):
+        raise ValueError(EMPTY_SOURCE_ON_CLUSTER)
+
+
+def check_claim(data_pvc: str, mounted: bool) -> None:
+    """A ``data_pvc`` run parameter on a pipeline compiled without ``--data-pvc`` mounts
+    nothing: say so instead of failing later on a missing folder."""
+    if data_pvc and not mounted:
+        raise ValueError(
+            f"data_pvc={data_pvc!r}, but this pipeline was compiled without --data-pvc, so no "
+            "claim is mounted; compile (or upload) with --data-pvc <any claim> to choose the "
+            "claim per run, or put the data in the object store and pass source=s3://<bucket>/"
+            "<prefix>"
+        )
+
+
 def ingest(source: str, preset: str, overrides: list[str], storage_uri: str, tracking_uri: str,
            dataset: Any) -> dict[str, Any]:  # fmt: skip
     setup_logging()
+    check_source(source)
     cfg = stage_config(preset, overrides, {"data.source": source, "storage.uri": storage_uri,
                                            "tracking.uri": tracking_uri})  # fmt: skip
     result = call_stage("ingest", cfg)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipelines.backend import MIN_BACKEND, version_text
 from pipelines.compile import GOLDEN, add_options, compile_pipeline, options_from
 from pipelines.dag import METHODS, PIPELINE_NAME, STAGES
 from pipelines.options import PipelineOptions
@@ -76,6 +77,16 @@ def _remote(p: argparse.ArgumentParser, host_required: bool) -> None:
         "--service-account",
         default="hsissl-pipeline",
         help="service account of the run's pods (default %(default)s, from the chart)",
+    )
+    _version_check(p)
+
+
+def _version_check(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--skip-version-check",
+        action="store_true",
+        help=f"do not refuse a KFP server older than {version_text(MIN_BACKEND)} (the version "
+        "it reports at /apis/v2beta1/healthz; one reporting none is only warned about)",
     )
 
 
@@ -171,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", required=True, help="version name, e.g. the git SHA")
     p.add_argument("--pipeline", default=PIPELINE_NAME, help="pipeline name (default %(default)s)")
     p.add_argument("--package", type=Path, help="a compiled YAML (default: compile now)")
+    _version_check(p)
     add_options(p)
 
     p = sub.add_parser(
@@ -269,7 +281,8 @@ def _rerun(args: argparse.Namespace) -> int:
         client = remote.connect(args.host, args.namespace, args.token)
         run_id = remote.rerun(client, args.from_run, args.stage, args.overrides,
                               encoder=args.encoder, head=args.head, experiment=args.experiment,
-                              opts=options_from(args), service_account=args.service_account)  # fmt: skip
+                              opts=options_from(args), service_account=args.service_account,
+                              check_version=not args.skip_version_check)  # fmt: skip
         print(json.dumps({"run_id": run_id, "rerun_of": args.from_run, "stage": args.stage}))
         return 0
     from pipelines.local import rerun_local
@@ -295,7 +308,8 @@ def _submit(args: argparse.Namespace) -> int:
     client = remote.connect(args.host, args.namespace, args.token)
     run_id = remote.submit(client, arguments, experiment=args.experiment, run_name=args.run_name,
                            opts=opts, package=args.package,
-                           service_account=args.service_account)  # fmt: skip
+                           service_account=args.service_account,
+                           check_version=not args.skip_version_check)  # fmt: skip
     print(json.dumps({"run_id": run_id, "experiment": args.experiment}))
     return 0
 
@@ -305,7 +319,8 @@ def _upload(args: argparse.Namespace) -> int:
 
     client = remote.connect(args.host, args.namespace, args.token)
     pipeline_id = remote.upload(client, args.version, pipeline=args.pipeline,
-                                opts=options_from(args), package=args.package)  # fmt: skip
+                                opts=options_from(args), package=args.package,
+                                check_version=not args.skip_version_check)  # fmt: skip
     print(json.dumps({"pipeline_id": pipeline_id, "version": args.version}))
     return 0
 

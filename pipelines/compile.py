@@ -9,7 +9,9 @@ $HSISSL_TRAIN_IMAGE) before uploading.
 from __future__ import annotations
 
 import argparse
+import ast
 import os
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +31,30 @@ def compile_pipeline(path: str | Path = GOLDEN, opts: PipelineOptions | None = N
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(func, str(path))
+    path.write_text(stable_header(path.read_text()))
     return path
+
+
+_HEADER_DEFAULT = re.compile(r"^(#    \S+: \S+ \[Default: )(.+)(\])$", re.M)
+
+
+def stable_header(text: str) -> str:
+    """kfp's header comment prints dict defaults (gpu_tolerations) in protobuf map order, which
+    differs between processes: sort their keys so the golden YAML compiles reproducibly."""
+
+    def ordered(value):
+        if isinstance(value, dict):
+            return {k: ordered(value[k]) for k in sorted(value)}
+        return [ordered(v) for v in value] if isinstance(value, list) else value
+
+    def fix(match: re.Match) -> str:
+        try:
+            value = ast.literal_eval(match.group(2))
+        except (ValueError, SyntaxError):
+            return match.group(0)
+        return f"{match.group(1)}{ordered(value)!r}{match.group(3)}"
+
+    return _HEADER_DEFAULT.sub(fix, text)
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -87,6 +112,14 @@ def add_options(parser: argparse.ArgumentParser, pytorchjob_service_account: boo
     )
     g.add_argument("--no-gpu-toleration", action="store_true", help="no tolerations on GPU pods")
     g.add_argument(
+        "--job-pod-annotation",
+        action="append",
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="annotation of multi-node job pods (repeatable; replaces the default "
+        f"{d.job_pod_annotations}; 'none=' for none)",
+    )
+    g.add_argument(
         "--s3-secret",
         default=d.s3_secret,
         help="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (default %(default)s)",
@@ -139,6 +172,9 @@ def options_from(args: argparse.Namespace) -> PipelineOptions:
     if args.gpu_node_selector:
         selector = {k: v for k, v in args.gpu_node_selector if k != "none"}
         opts = replace(opts, gpu_node_selector=selector)
+    if args.job_pod_annotation:
+        annotations = {k: v for k, v in args.job_pod_annotation if k != "none"}
+        opts = replace(opts, job_pod_annotations=annotations)
     if args.no_gpu_toleration:
         opts = replace(opts, gpu_tolerations=[])
     elif args.gpu_toleration:

@@ -47,6 +47,11 @@ CONTROL_ENCODER = "random"  # a random init of the config's MAE encoder architec
 RUN_ID = dsl.PIPELINE_JOB_ID_PLACEHOLDER  # only for uncached tasks: it differs in every run
 
 
+def _placement_defaults(opts: PipelineOptions) -> tuple[dict, list]:
+    """Defaults of the run parameters gpu_node_selector / gpu_tolerations: the compile flags'."""
+    return dict(opts.gpu_node_selector), [dict(t) for t in opts.gpu_tolerations]
+
+
 def _check_stages(stages: Iterable[str]) -> frozenset[str]:
     stages = frozenset(stages)
     unknown = sorted(stages - set(STAGES))
@@ -68,6 +73,7 @@ def build_pipeline(opts: PipelineOptions | None = None, stages: Iterable[str] = 
     opts = opts or PipelineOptions()
     stages = _check_stages(stages) | {"ingest"}
     default_preset = opts.default_preset
+    default_selector, default_tolerations = _placement_defaults(opts)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Self-supervised pretraining on WHU-OHS "
                   "hyperspectral tiles: ingest, MAE/DINOv2/SS-ViT pretraining, segmentation "
@@ -88,11 +94,16 @@ def build_pipeline(opts: PipelineOptions | None = None, stages: Iterable[str] = 
         gpus: int = 1,
         gpu_type: str = "nvidia.com/gpu",
         nodes: int = 1,
+        gpu_node_selector: dict = default_selector,
+        gpu_tolerations: list = default_tolerations,
+        data_pvc: str = opts.data_pvc,
     ):
         """The hsissl DAG (parameter descriptions show in the KFP UI).
 
         Args:
-            source: WHU-OHS folder as ingest sees it; "" = the generated dataset.
+            source: Where WHU-OHS is: s3://bucket/prefix (uploaded to the object store), a
+                folder in the pod (with --data-pvc), or "generated" for the generated dataset
+                ("" means that only under kfp.local; on a cluster it is an error).
             preset: Config preset: a path in the pod, or a name in configs/ (tiny, base).
             overrides: Dotted config overrides, e.g. ["pretrain.epochs=50"].
             storage_uri: Artifact store (s3://bucket/prefix); "" = the preset's.
@@ -108,17 +119,25 @@ def build_pipeline(opts: PipelineOptions | None = None, stages: Iterable[str] = 
             gpus: Accelerators per training pod or node (more than 1: torchrun, one each).
             gpu_type: Accelerator resource name.
             nodes: Nodes per pretraining; more than 1: a PyTorchJob (Training Operator).
+            gpu_node_selector: Node labels GPU pods require, e.g. {"nvidia.com/gpu.present":
+                "true"}; {} = none.
+            gpu_tolerations: Taints GPU pods tolerate (Kubernetes tolerations, JSON list);
+                [] = none.
+            data_pvc: PersistentVolumeClaim mounted into ingest at /data (source=/data/...);
+                only in a pipeline compiled with --data-pvc, whose claim is the default.
         """
         common = {"preset": preset, "overrides": overrides, "tracking_uri": tracking_uri}
-        train = {"gpus": gpus, "gpu_type": gpu_type}
+        train = {"gpus": gpus, "gpu_type": gpu_type, "node_selector": gpu_node_selector,
+                 "tolerations": gpu_tolerations}  # fmt: skip
         exit_task = _exit_task(opts, "report" in stages, common, storage_uri, RUN_ID)
         with dsl.ExitHandler(exit_task, name="hsissl-stages"):
             lineage = open_lineage(kfp_run_id=RUN_ID, source=source, storage_uri=storage_uri,
                                    **common)  # fmt: skip
             configure(lineage, "light", opts, cache=False)
-            data = ingest(source=source, storage_uri=storage_uri, **common).after(lineage)
+            data = ingest(source=source, storage_uri=storage_uri, data_pvc=data_pvc,
+                          pvc_mounted=bool(opts.data_pvc), **common).after(lineage)  # fmt: skip
             configure(data, "cpu", opts, cache=True, retry=True)
-            mount_data(data, opts)
+            mount_data(data, opts, data_pvc)
             dataset = data.outputs["dataset"]
             if "pca-poc" in stages:
                 configure(pca_poc(dataset=dataset, **common), "cpu", opts, cache=True)
@@ -154,7 +173,9 @@ def _pretrain(method: str, nodes, opts: PipelineOptions, pretrain: dict, train: 
     adds what consumes the encoder, once in each branch (see the module docstring)."""
     with dsl.If(nodes > 1, name=f"{method}-multi-node"):
         job = launch_pytorchjob(method=method, nodes=nodes, gpus_per_node=train["gpus"],
-                                gpu_type=train["gpu_type"], options=opts.to_json(), **pretrain)  # fmt: skip
+                                gpu_type=train["gpu_type"], options=opts.to_json(),
+                                gpu_node_selector=train["node_selector"],
+                                gpu_tolerations=train["tolerations"], **pretrain)  # fmt: skip
         # Light: the GPUs are the PyTorchJob's. Retried: it adopts its job.
         configure(job, "light", opts, cache=False, retry=True, name=f"pytorchjob-{method}")
         if then is not None:
@@ -184,6 +205,7 @@ def build_stage_pipeline(stage: str, opts: PipelineOptions | None = None) -> Cal
     opts = opts or PipelineOptions()
     _check_stages([stage])
     default_preset = opts.default_preset
+    default_selector, default_tolerations = _placement_defaults(opts)
 
     @dsl.pipeline(
         name=f"{PIPELINE_NAME}-{stage}", description=f"Rerun {stage} on earlier artifacts."
@@ -204,9 +226,13 @@ def build_stage_pipeline(stage: str, opts: PipelineOptions | None = None) -> Cal
         gpus: int = 1,
         gpu_type: str = "nvidia.com/gpu",
         nodes: int = 1,
+        gpu_node_selector: dict = default_selector,
+        gpu_tolerations: list = default_tolerations,
+        data_pvc: str = opts.data_pvc,
     ):
         common = {"preset": preset, "overrides": overrides, "tracking_uri": tracking_uri}
-        train = {"gpus": gpus, "gpu_type": gpu_type}
+        train = {"gpus": gpus, "gpu_type": gpu_type, "node_selector": gpu_node_selector,
+                 "tolerations": gpu_tolerations}  # fmt: skip
         exit_task = _exit_task(opts, stage == "report", common, storage_uri, RUN_ID)
         with dsl.ExitHandler(exit_task, name=f"rerun-{stage}"):
             lineage = open_lineage(kfp_run_id=RUN_ID, source=source, storage_uri=storage_uri,
@@ -215,9 +241,10 @@ def build_stage_pipeline(stage: str, opts: PipelineOptions | None = None) -> Cal
             if stage == "report":
                 return  # the exit task is the stage
             if stage == "ingest":
-                task = ingest(source=source, storage_uri=storage_uri, **common).after(lineage)
+                task = ingest(source=source, storage_uri=storage_uri, data_pvc=data_pvc,
+                              pvc_mounted=bool(opts.data_pvc), **common).after(lineage)  # fmt: skip
                 configure(task, "cpu", opts, cache=False, retry=True)
-                mount_data(task, opts)
+                mount_data(task, opts, data_pvc)
                 return
             ref = dataset_ref(uri=dataset_uri, preset=preset, overrides=overrides,
                               storage_uri=storage_uri).after(lineage)  # fmt: skip

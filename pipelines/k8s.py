@@ -28,9 +28,12 @@ def configure(
     name: str | None = None,
     gpus: object = None,
     gpu_type: object = None,
+    node_selector: object = None,
+    tolerations: object = None,
 ) -> dsl.PipelineTask:
     """Image, resources, caching, retries, env from Secrets/ConfigMap, and for ``train`` tasks
-    GPUs (``gpus``/``gpu_type``: pipeline parameters), GPU node placement and /dev/shm."""
+    GPUs (``gpus``/``gpu_type``: pipeline parameters), GPU node placement (``node_selector``/
+    ``tolerations``: pipeline parameters, else the compile-time ``opts``) and /dev/shm."""
     task.set_container_image(opts.train_image if kind == "train" else opts.cpu_image)
     resources = {"light": opts.light, "cpu": opts.cpu, "train": opts.train}[kind]
     task.set_cpu_request(resources.cpu)
@@ -59,18 +62,36 @@ def configure(
         task.register_pipeline_channels(
             [c for c in (gpus, gpu_type) if isinstance(c, PipelineChannel)]
         )
-        for key, value in opts.gpu_node_selector.items():
-            kubernetes.add_node_selector(task, key, value)
-        for toleration in opts.gpu_tolerations:
-            kubernetes.add_toleration(task, **toleration)
+        _place_on_gpu_nodes(task, opts, node_selector, tolerations)
         kubernetes.empty_dir_mount(
             task, "dshm", "/dev/shm", medium="Memory", size_limit=opts.shm_size
         )
     return task
 
 
-def mount_data(task: dsl.PipelineTask, opts: PipelineOptions) -> dsl.PipelineTask:
-    """The PVC holding the source scenes (``source`` = a folder under ``opts.data_mount``)."""
+def _place_on_gpu_nodes(task: dsl.PipelineTask, opts: PipelineOptions, node_selector: object,
+                        tolerations: object) -> None:  # fmt: skip
+    """Run parameters go in kfp-kubernetes' JSON forms (``node_selector_json``,
+    ``toleration_json``: KFP backend >= 2.5), resolved by the driver when the pod is made."""
+    if isinstance(node_selector, PipelineChannel):
+        kubernetes.add_node_selector_json(task, node_selector)
+    else:
+        for key, value in opts.gpu_node_selector.items():
+            kubernetes.add_node_selector(task, key, value)
+    if isinstance(tolerations, PipelineChannel):
+        kubernetes.add_toleration_json(task, tolerations)
+    else:
+        for toleration in opts.gpu_tolerations:
+            kubernetes.add_toleration(task, **toleration)
+
+
+def mount_data(task: dsl.PipelineTask, opts: PipelineOptions, claim: object = None
+               ) -> dsl.PipelineTask:  # fmt: skip
+    """The PVC holding the source scenes (``source`` = a folder under ``opts.data_mount``),
+    only when compiled with one (``opts.data_pvc``): there is no "no claim" value for a mount,
+    so whether to mount is fixed at compile time. Which claim is the run parameter ``claim``
+    (kfp-kubernetes ``pvc_name_parameter``, backend >= 2.5), defaulting to ``opts.data_pvc``."""
     if opts.data_pvc:
-        kubernetes.mount_pvc(task, opts.data_pvc, mount_path=opts.data_mount)
+        kubernetes.mount_pvc(task, claim if claim is not None else opts.data_pvc,
+                             mount_path=opts.data_mount)  # fmt: skip
     return task

@@ -221,15 +221,18 @@ def wait(api: Any, namespace: str, name: str, timeout_s: float,
 def launch(method: str, dataset: Any, preset: str, overrides: list[str], tracking_uri: str,
            epochs: float, max_steps: int, kfp_run_id: str, nodes: int, gpus_per_node: int,
            gpu_type: str, options: str, namespace: str, timeout_s: float, encoder: Any,
-           metrics: Any, *, api: Any = None, poll_s: float = 30.0) -> dict[str, Any]:  # fmt: skip
+           metrics: Any, *, api: Any = None, poll_s: float = 30.0,
+           node_selector: dict[str, str] | None = None,
+           tolerations: list[dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
     """Pretrain ``method`` as a PyTorchJob of ``nodes`` x ``gpus_per_node`` and publish its
     encoder and metrics like ``components.runtime.pretrain``. ``options``: the compile-time
-    :class:`PipelineOptions` as JSON; ``api``: a CustomObjectsApi (default: :func:`connect`)."""
+    :class:`PipelineOptions` as JSON; ``node_selector``/``tolerations``: the run's GPU
+    placement (None: the options'); ``api``: a CustomObjectsApi (default: :func:`connect`)."""
     runtime.setup_logging()
     cfg, wiring = runtime.pretrain_config(method, dataset, preset, overrides, tracking_uri,
                                           epochs, max_steps, kfp_run_id)  # fmt: skip
     run_id = runtime.run_id(kfp_run_id)
-    opts = PipelineOptions.from_json(options)
+    opts = PipelineOptions.from_json(options).placed(node_selector, tolerations)
     parent = runtime.join_lineage(cfg, kfp_run_id)  # the job's MLflow run nests under it too
     preset_path = runtime.resolve_preset(preset)
     namespace = current_namespace(namespace)

@@ -9,7 +9,8 @@ releases (images, Secret and ConfigMap names, the PyTorchJob service account, GP
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 from components.base import CPU_IMAGE, TRAIN_IMAGE
 
@@ -45,6 +46,11 @@ class PipelineOptions:
     config_map: str = "hsissl-pipeline-config"  # holds config.yaml, the cluster preset
     config_mount: str = "/etc/hsissl"
     pod_labels: dict[str, str] = field(default_factory=lambda: {"hsissl.io/pipeline": "true"})
+    # Annotations of the multi-node job's pods (KFP's own step pods already opt out of Istio):
+    # an Istio sidecar would keep a finished replica running and intercept NCCL's ports.
+    job_pod_annotations: dict[str, str] = field(
+        default_factory=lambda: {"sidecar.istio.io/inject": "false"}
+    )
     gpu_node_selector: dict[str, str] = field(
         default_factory=lambda: {"nvidia.com/gpu.present": "true"}
     )
@@ -73,6 +79,16 @@ class PipelineOptions:
         pods are built with the images, Secrets and GPU placement the pipeline was compiled
         with."""
         return json.dumps(asdict(self), sort_keys=True)
+
+    def placed(self, node_selector: dict[str, str] | None,
+               tolerations: list[dict[str, Any]] | None) -> PipelineOptions:  # fmt: skip
+        """These options with a run's GPU placement (the run parameters; None keeps ours)."""
+        opts = self
+        if node_selector is not None:
+            opts = replace(opts, gpu_node_selector=dict(node_selector))
+        if tolerations is not None:
+            opts = replace(opts, gpu_tolerations=[dict(t) for t in tolerations])
+        return opts
 
     @classmethod
     def from_json(cls, text: str) -> PipelineOptions:

@@ -82,7 +82,10 @@ def pod_template(stage: str, overrides: list[str], gpus_per_node: int, opts: Pip
         ],  # fmt: skip
     }
     return {
-        "metadata": {"labels": dict(opts.pod_labels)},
+        "metadata": {
+            "labels": dict(opts.pod_labels),
+            **({"annotations": dict(opts.job_pod_annotations)} if opts.job_pod_annotations else {}),
+        },  # fmt: skip
         "spec": {
             "serviceAccountName": service_account,
             "containers": [container],

@@ -14,6 +14,7 @@ from typing import Any
 
 import kfp
 
+from pipelines.backend import check_server
 from pipelines.compile import compile_pipeline
 from pipelines.dag import PIPELINE_NAME
 from pipelines.options import PipelineOptions
@@ -21,7 +22,8 @@ from pipelines.options import PipelineOptions
 SERVICE_ACCOUNT = "hsissl-pipeline"  # created by charts/hsissl for release "hsissl"
 # Parameters a one-stage rerun takes over from the earlier run (the rest are the stage's own).
 INHERITED = ("source", "preset", "overrides", "storage_uri", "tracking_uri", "pretrain_epochs",
-             "pretrain_max_steps", "gpus", "gpu_type", "nodes")  # fmt: skip
+             "pretrain_max_steps", "gpus", "gpu_type", "nodes", "gpu_node_selector",
+             "gpu_tolerations", "data_pvc")  # fmt: skip
 
 
 def connect(host: str, namespace: str | None = None, token: str | None = None) -> kfp.Client:
@@ -43,8 +45,12 @@ def _package(opts: PipelineOptions | None, stage: str | None, package: str | Pat
 def submit(client: kfp.Client, arguments: dict[str, Any], *, experiment: str = PIPELINE_NAME,
            run_name: str | None = None, opts: PipelineOptions | None = None,
            stage: str | None = None, package: str | Path | None = None,
-           service_account: str | None = SERVICE_ACCOUNT) -> str:  # fmt: skip
-    """Create a run of the DAG (or of ``stage`` alone) with ``arguments``; returns its run id."""
+           service_account: str | None = SERVICE_ACCOUNT,
+           check_version: bool = True) -> str:  # fmt: skip
+    """Create a run of the DAG (or of ``stage`` alone) with ``arguments``; returns its run id.
+    First the server's version is checked against ``pipelines.backend.MIN_BACKEND``."""
+    if check_version:
+        check_server(client)
     result = client.create_run_from_pipeline_package(
         str(_package(opts, stage, package)), arguments=arguments, run_name=run_name,
         experiment_name=experiment, service_account=service_account,
@@ -53,9 +59,13 @@ def submit(client: kfp.Client, arguments: dict[str, Any], *, experiment: str = P
 
 
 def upload(client: kfp.Client, version: str, *, pipeline: str = PIPELINE_NAME,
-           opts: PipelineOptions | None = None, package: str | Path | None = None) -> str:  # fmt: skip
+           opts: PipelineOptions | None = None, package: str | Path | None = None,
+           check_version: bool = True) -> str:  # fmt: skip
     """Upload the compiled DAG as version ``version`` (e.g. the git SHA) of ``pipeline``,
-    creating the pipeline on first upload; returns the pipeline id."""
+    creating the pipeline on first upload (after the server's version check); returns the
+    pipeline id."""
+    if check_version:
+        check_server(client)
     path = str(_package(opts, None, package))
     pipeline_id = client.get_pipeline_id(pipeline)
     if pipeline_id is None:  # its first version is named after the pipeline; add ours too
@@ -80,10 +90,11 @@ def rerun_arguments(earlier: dict[str, Any], run_id: str, stage: str, overrides:
 def rerun(client: kfp.Client, run_id: str, stage: str, overrides: list[str], *,
           encoder: str = "mae", head: str = "", experiment: str = PIPELINE_NAME,
           opts: PipelineOptions | None = None,
-          service_account: str | None = SERVICE_ACCOUNT) -> str:  # fmt: skip
+          service_account: str | None = SERVICE_ACCOUNT, check_version: bool = True) -> str:  # fmt: skip
     """Submit ``stage`` alone on the artifacts of KFP run ``run_id``; returns the new run id."""
     run = client.get_run(run_id)
     earlier = dict(run.runtime_config.parameters or {}) if run.runtime_config else {}
     args = rerun_arguments(earlier, run_id, stage, overrides, encoder, head)
     return submit(client, args, experiment=experiment, run_name=f"rerun {stage} of {run_id}",
-                  opts=opts, stage=stage, service_account=service_account)  # fmt: skip
+                  opts=opts, stage=stage, service_account=service_account,
+                  check_version=check_version)  # fmt: skip

@@ -316,7 +316,8 @@ def test_default_secrets_are_generated_not_literals_from_values(helm, default_ob
 def test_named_existing_secrets_replace_generated_ones(helm: str):
     objects = render(helm, "--set", "objectStorage.credentials.existingSecret=team-s3",
                      "--set", "postgres.auth.existingSecret=team-pg")  # fmt: skip
-    assert [o for o in objects if o["kind"] == "Secret"] == []
+    secrets = [o for o in objects if o["kind"] == "Secret"]  # only MLflow's (empty) credentials
+    assert [(o["metadata"]["name"], o["data"]) for o in secrets] == [(f"{RELEASE}-mlflow", {})]
     env = env_of(mlflow_container(objects))
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "team-s3"
     assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "team-pg"
@@ -405,7 +406,9 @@ def test_external_values_render_no_minio_or_postgres(external_objects: list[dict
         "postgres",
         "s3",
     }
-    assert not {o["kind"] for o in external_objects} & {"StatefulSet", "Secret"}
+    assert not {o["kind"] for o in external_objects} & {"StatefulSet"}
+    secrets = [o["metadata"]["name"] for o in external_objects if o["kind"] == "Secret"]
+    assert secrets == [f"{RELEASE}-mlflow"]  # the empty MLflow credentials, nothing generated
     env = one(external_objects, "ConfigMap", f"{RELEASE}-pipeline-env")["data"]
     assert env["HSISSL_S3_ENDPOINT"] == "http://seaweedfs.kubeflow.svc.cluster.local:8333"
     mlflow = env_of(mlflow_container(external_objects))

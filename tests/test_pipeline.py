@@ -132,10 +132,11 @@ def test_gpus_are_requested_by_training_stages_only(compiled: dict) -> None:
 def test_gpu_pods_tolerate_gpu_taints_select_gpu_nodes_and_get_shm(compiled: dict) -> None:
     for name, k8s in compiled["k8s"]["executors"].items():
         shm = [m for m in k8s.get("emptyDirMounts", []) if m["mountPath"] == "/dev/shm"]
-        if _is_training(name):
-            assert k8s["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
-                                           "effect": "NoSchedule"}], name  # fmt: skip
-            assert k8s["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}, name
+        if _is_training(name):  # run parameters (tests/test_backend_compat.py: their defaults)
+            assert k8s["tolerations"] == [{"tolerationJson": {
+                "componentInputParameter": "pipelinechannel--gpu_tolerations"}}], name  # fmt: skip
+            assert k8s["nodeSelector"] == {"nodeSelectorJson": {
+                "componentInputParameter": "pipelinechannel--gpu_node_selector"}}, name  # fmt: skip
             assert shm == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi",
                             "volumeName": "dshm"}], name  # fmt: skip
         else:
@@ -187,7 +188,7 @@ def test_pipeline_parameters(compiled: dict) -> None:
     assert set(params) == {"source", "preset", "overrides", "storage_uri", "tracking_uri",
                            "run_mae", "run_dinov2", "run_ssvit", "heads", "control_encoder",
                            "pretrain_epochs", "pretrain_max_steps", "gpus", "gpu_type",
-                           "nodes"}  # fmt: skip
+                           "nodes", "gpu_node_selector", "gpu_tolerations", "data_pvc"}  # fmt: skip
     assert params["preset"]["defaultValue"] == "/etc/hsissl/config.yaml"
     assert params["nodes"] == {"defaultValue": 1.0, "description": params["nodes"]["description"],
                                "isOptional": True, "parameterType": "NUMBER_INTEGER"}  # fmt: skip
@@ -277,14 +278,16 @@ def test_compile_flags_set_images_and_gpu_placement(tmp_path: Path) -> None:
     images = {n: e["container"]["image"] for n, e in spec["deploymentSpec"]["executors"].items()}
     assert images["exec-pretrain-mae"] == "registry.example/train:abc"
     assert images["exec-ingest"] == "registry.example/cpu@sha256:" + "a" * 64
-    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-pretrain-mae"]
-    assert k8s["nodeSelector"]["labels"] == {"pool": "a100"}
-    assert k8s["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "gpu",
-                                   "effect": "NoExecute"}]  # fmt: skip
+    params = spec["root"]["inputDefinitions"]["parameters"]  # the flags set run defaults
+    assert params["gpu_node_selector"]["defaultValue"] == {"pool": "a100"}
+    assert params["gpu_tolerations"]["defaultValue"] == [{"key": "dedicated", "operator": "Equal",
+                                                          "value": "gpu", "effect": "NoExecute"}]  # fmt: skip
+    assert params["data_pvc"]["defaultValue"] == "whu-ohs"
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     mounts = {n: e["pvcMount"] for n, e in executors.items() if "pvcMount" in e}
     assert list(mounts) == ["exec-ingest"] and mounts["exec-ingest"][0]["mountPath"] == "/data"
-    assert mounts["exec-ingest"][0]["pvcNameParameter"]["runtimeValue"]["constant"] == "whu-ohs"
+    assert mounts["exec-ingest"][0]["pvcNameParameter"] == {
+        "componentInputParameter": "pipelinechannel--data_pvc"}  # fmt: skip
     # the PyTorchJob's pods get the same images and placement (the launcher's options input)
     params = [
         t.get("inputs", {}).get("parameters", {}) for t in _all_tasks({"spec": spec}).values()

@@ -417,9 +417,13 @@ def test_dag_with_two_nodes_pretrains_through_the_pytorchjob_and_finetunes_its_e
     run = run_local(REPO / "configs" / "tiny.yaml", overrides,
                     ["ingest", "pretrain-mae", "finetune-heads"],
                     {"nodes": 2, "gpus": 8, "run_dinov2": False, "run_ssvit": False,
-                     "heads": ["linear"], "control_encoder": ""})  # fmt: skip
+                     "heads": ["linear"], "control_encoder": "",
+                     "gpu_node_selector": {"pool": "a100"}, "gpu_tolerations": []})  # fmt: skip
     (job,) = operator.posted
     assert job["metadata"]["namespace"] == "team-a" and job["spec"]["nprocPerNode"] == "8"
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():  # the run's GPU placement
+        pod = replica["template"]["spec"]
+        assert (pod["nodeSelector"], pod["tolerations"]) == ({"pool": "a100"}, [])
     assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
     tasks = {path.rsplit("/", 1)[-1] for path in run.tasks}
     assert "launch-pytorchjob" in tasks and "pretrain-mae" not in tasks  # the Else branch idle

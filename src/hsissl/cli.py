@@ -90,6 +90,7 @@ EPILOG = """\
 Settings come from the dataclass defaults (the paper's settings), then the --config preset,
 then KEY=VALUE overrides with dotted keys, e.g.:
   hsissl ingest --config configs/tiny.yaml data.tile_size=32 data.source=/data/WHU-OHS
+  hsissl ingest --config configs/base.yaml data.source=s3://hsissl/WHU-OHS   # read in place
 Each run saves its fully resolved config beside its outputs and in MLflow.
 Exit codes: 0 ok, 1 unexpected error, 2 invalid input data or config (report: inputs missing,
 the page is still written), 130 interrupted (Ctrl-C or SIGTERM)."""

@@ -74,6 +74,15 @@ imagePullSecrets:
 {{- end -}}
 {{- end -}}
 
+{{/* Annotations of every pod the chart makes (podAnnotations: by default no Istio sidecar,
+     which would keep the bucket Job from completing and is not needed in-namespace). */}}
+{{- define "hsissl.podAnnotations" -}}
+{{- with .Values.podAnnotations -}}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end -}}
+{{- end -}}
+
 {{/* Security contexts (Pod Security Standard "restricted"). ------------------------------------ */}}
 
 {{/* include "hsissl.podSecurityContext" <uid> */}}
@@ -125,6 +134,15 @@ securityContext:
 
 {{/* Secrets: existingSecret, else the chart's generated one. --------------------------------- */}}
 
+{{/* Key names in the S3 Secret: fixed, because the compiled pipeline references exactly these
+     (pipelines/options.py S3_SECRET_KEYS; tests/test_deploy_cluster.py checks they agree). */}}
+{{- define "hsissl.s3.accessKeyIdKey" -}}AWS_ACCESS_KEY_ID{{- end -}}
+{{- define "hsissl.s3.secretAccessKeyKey" -}}AWS_SECRET_ACCESS_KEY{{- end -}}
+
+{{- define "hsissl.mlflow.secretName" -}}
+{{- default (include "hsissl.componentName" (list . "mlflow")) .Values.mlflow.auth.existingSecret -}}
+{{- end -}}
+
 {{- define "hsissl.s3.secretName" -}}
 {{- default (include "hsissl.componentName" (list . "s3")) .Values.objectStorage.credentials.existingSecret -}}
 {{- end -}}
@@ -148,7 +166,7 @@ securityContext:
 {{- fail "objectStorage: minio.enabled is false and external.endpoint is empty; set objectStorage.external.endpoint (e.g. http://seaweedfs.kubeflow.svc.cluster.local:8333)" -}}
 {{- end -}}
 {{- if and (not $os.minio.enabled) (not $os.credentials.existingSecret) -}}
-{{- fail "objectStorage.credentials.existingSecret is empty: an external S3 endpoint needs a Secret with its access key id and secret access key (keys objectStorage.credentials.accessKeyIdKey / secretAccessKeyKey)" -}}
+{{- fail "objectStorage.credentials.existingSecret is empty: an external S3 endpoint needs a Secret with its access key id and secret access key (keys AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)" -}}
 {{- end -}}
 {{- if and $os.minio.enabled (not $os.credentials.existingSecret) (not .Values.credentials.generate) -}}
 {{- fail "objectStorage.credentials.existingSecret is empty and credentials.generate is false: create a Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY and set objectStorage.credentials.existingSecret" -}}

@@ -9,6 +9,7 @@ was expected.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ class DataContractError(ValueError):
 class ScenePair:
     split: str
     name: str  # file stem, unique within the dataset
-    image: Path
+    image: Path  # or an object in S3 (hsissl.data.s3_scenes.ObjectFile), read in place
     label: Path
 
 
@@ -68,16 +69,28 @@ class SceneHeader:
 
 def discover(root: Path, splits: list[str]) -> tuple[dict[str, list[ScenePair]], list[Violation]]:
     """Pair images with labels by file name in each split folder."""
-    pairs: dict[str, list[ScenePair]] = {}
-    violations: list[Violation] = []
     if not root.is_dir():
         return {}, [
             Violation(str(root), "dataset root", "no such folder", "a WHU-OHS-layout folder")
         ]
+    listing = {}
     for split in splits:
         img_dir, lbl_dir = root / split / "image", root / split / "label"
         images = {p.stem: p for p in sorted(img_dir.glob("*.tif"))} if img_dir.is_dir() else {}
         labels = {p.stem: p for p in sorted(lbl_dir.glob("*.tif"))} if lbl_dir.is_dir() else {}
+        listing[split] = (images, labels)
+    return pair_scenes(root, splits, listing)
+
+
+def pair_scenes(root, splits: list[str], listing: dict[str, tuple[dict, dict]]
+                ) -> tuple[dict[str, list[ScenePair]], list[Violation]]:  # fmt: skip
+    """Pairs and pairing violations from each split's ``(images, labels)`` (stem -> file); the
+    same for a folder and an S3 prefix (``root``: a Path or ``hsissl.data.s3_scenes.ObjectRoot``)."""
+    pairs: dict[str, list[ScenePair]] = {}
+    violations: list[Violation] = []
+    for split in splits:
+        img_dir, lbl_dir = root / split / "image", root / split / "label"
+        images, labels = listing[split]
         for name in sorted(images.keys() - labels.keys()):
             violations.append(Violation(str(images[name]), "label file", "none",
                                         f"{lbl_dir / (name + '.tif')}"))  # fmt: skip
@@ -93,6 +106,24 @@ def discover(root: Path, splits: list[str]) -> tuple[dict[str, list[ScenePair]],
         pairs[split] = found
     # A name in two splits is split leakage: data/leakage.py reports it (refused unless allowed).
     return pairs, violations
+
+
+def file_size(file) -> int:
+    """Bytes of a scene file: a Path, or an object in S3 (which knows its size)."""
+    size = getattr(file, "size", None)
+    return size if isinstance(size, int) else file.stat().st_size
+
+
+def file_identity(split: str, file) -> str:
+    """A scene file's version in the dataset fingerprint: size and mtime of a local file, size
+    and ETag of an S3 object."""
+    version = getattr(file, "etag", None)
+    if version is None:
+        st = file.stat()
+        size, version = st.st_size, st.st_mtime_ns
+    else:
+        size = file.size
+    return f"{split}/{file.parent.name}/{file.name}:{size}:{version}\n"
 
 
 def check_header(
@@ -192,5 +223,6 @@ def to_int16(
 
 
 def _which(pair: ScenePair, exc: Exception) -> str:
-    text = str(exc)
-    return str(pair.label) if str(pair.label) in text else str(pair.image)
+    text = str(exc)  # GDAL names the path it opened (/vsis3/… for an object in S3)
+    label = (str(pair.label), os.fspath(pair.label))
+    return str(pair.label) if any(name in text for name in label) else str(pair.image)

@@ -9,9 +9,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hsissl.config import Config, DataConfig, save_resolved
 from hsissl.storage import Storage, open_storage
+
+if TYPE_CHECKING:
+    from hsissl.data.s3_scenes import ObjectRoot
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +35,23 @@ def dataset_uri(cfg: Config) -> str:
     return storage_of(cfg).join(f"datasets/{cfg.data.name}")
 
 
-def prepare_source(cfg: Config) -> tuple[Path, DataConfig]:
-    """The WHU-OHS-layout folder to ingest and the data settings that apply to it.
+GENERATED = "generated"  # data.source naming the generated dataset explicitly ("" locally too)
 
-    "" means the generated dataset (made once per synthetic config); a folder of known
-    ``.mat`` cubes is converted to the layout first (one ``tr`` split, any scene size).
+
+def prepare_source(cfg: Config) -> tuple[Path | ObjectRoot, DataConfig]:
+    """The WHU-OHS-layout folder (or ``s3://bucket/prefix``) to ingest and the data settings
+    that apply to it.
+
+    "" or "generated" means the generated dataset (made once per synthetic config); an S3
+    prefix is read in place (``hsissl.data.s3_scenes``); a folder of known ``.mat`` cubes is
+    converted to the layout first (one ``tr`` split, any scene size).
     """
-    if not cfg.data.source:
+    if cfg.data.source in ("", GENERATED):
         return ensure_synthetic(run_dir_of(cfg) / "synthetic", cfg), cfg.data
+    if cfg.data.source.startswith("s3://"):
+        from hsissl.data.s3_scenes import ObjectRoot  # rasterio: imported where it is needed
+
+        return ObjectRoot.parse(cfg.data.source), cfg.data
     path = Path(cfg.data.source).expanduser().resolve()
     from hsissl.data import realdata  # imported here: scipy is only needed for .mat input
 

@@ -28,12 +28,15 @@ from hsissl.config import Config, to_yaml
 from hsissl.data import leakage, ohs
 from hsissl.data.convert import read_records
 from hsissl.data.normalize import Normalizer
+from hsissl.data.s3_scenes import ObjectRoot, discover_s3, reading
 from hsissl.data.scenes import (
     DataContractError,
     SceneHeader,
     Violation,
     check_header,
     discover,
+    file_identity,
+    file_size,
     read_scene,
 )
 from hsissl.data.shards import FORMAT, MANIFEST, ShardWriter
@@ -50,6 +53,11 @@ def run(cfg: Config, report: bool = False) -> dict[str, Any]:
     With ``report=True`` every file is checked, all violations are returned, nothing is written.
     """
     root, data_cfg = prepare_source(cfg)
+    with reading(root):  # an s3:// source is read in place, scene by scene
+        return _ingest(cfg, root, data_cfg, report)
+
+
+def _ingest(cfg: Config, root: Path | ObjectRoot, data_cfg: Any, report: bool) -> dict[str, Any]:
     headers, violations = validate_headers(
         root, data_cfg.splits, data_cfg.scene_size, data_cfg.tile_size
     )
@@ -90,7 +98,7 @@ def run(cfg: Config, report: bool = False) -> dict[str, Any]:
                 }
             )
         seconds = time.perf_counter() - start
-        source_mb = sum(h.pair.image.stat().st_size + h.pair.label.stat().st_size
+        source_mb = sum(file_size(h.pair.image) + file_size(h.pair.label)
                         for hs in headers.values() for h in hs) / 1e6  # fmt: skip
         tracker.log_metrics({f"tiles_{s}": v["tiles"] for s, v in manifest["splits"].items()}
                             | {"seconds": seconds, "source_mb_per_s": source_mb / max(seconds, 1e-9)})  # fmt: skip
@@ -105,10 +113,11 @@ def run(cfg: Config, report: bool = False) -> dict[str, Any]:
     return {"dataset_uri": dataset_uri(cfg), "manifest": manifest, "reused": False}
 
 
-def validate_headers(root: Path, splits: list[str], scene_size: int | None,
+def validate_headers(root: Path | ObjectRoot, splits: list[str], scene_size: int | None,
                      tile: int) -> tuple[dict[str, list[SceneHeader]], list[Violation]]:  # fmt: skip
     """Headers of the scenes that pass the header checks per split, and all violations found."""
-    pairs, violations = discover(root, splits)
+    found = discover_s3(root, splits) if isinstance(root, ObjectRoot) else discover(root, splits)
+    pairs, violations = found
     headers: dict[str, list[SceneHeader]] = {}
     for split, found in pairs.items():
         headers[split] = []
@@ -143,11 +152,8 @@ def input_fingerprint(headers: dict[str, list[SceneHeader]], data_cfg: Any) -> s
     digest.update(json.dumps([FORMAT, settings], sort_keys=True).encode())
     for split in sorted(headers):
         for h in headers[split]:
-            for path in (h.pair.image, h.pair.label):
-                st = path.stat()
-                digest.update(
-                    f"{split}/{path.parent.name}/{path.name}:{st.st_size}:{st.st_mtime_ns}\n".encode()
-                )
+            for file in (h.pair.image, h.pair.label):
+                digest.update(file_identity(split, file).encode())
     return digest.hexdigest()[:16]
 
 
@@ -182,7 +188,7 @@ class _PreparedScene:
 def _prepare_scene(header: SceneHeader, tile: int, stride: int, drop: bool) -> _PreparedScene:
     """Read, check, tile and summarise one scene (runs on a reader thread)."""
     image, label, bad = read_scene(header)
-    size = header.pair.image.stat().st_size
+    size = file_size(header.pair.image)
     if bad:
         return _PreparedScene(None, None, [], None, None, [], size, bad)
     positions = tile_positions(header.height, header.width, tile, stride)
@@ -199,12 +205,12 @@ def _prepare_scene(header: SceneHeader, tile: int, stride: int, drop: bool) -> _
 
 
 def _write_shards(tx: Any, headers: dict[str, list[SceneHeader]], data_cfg: Any, fingerprint: str,
-                  root: Path, leaks: list[leakage.Overlap]) -> dict[str, Any]:  # fmt: skip
+                  root: Path | ObjectRoot, leaks: list[leakage.Overlap]) -> dict[str, Any]:  # fmt: skip
     tile, stride = data_cfg.tile_size, data_cfg.stride
     stats = BandStats(ohs.NUM_BANDS)
     splits: dict[str, Any] = {}
     tiles_seen = leakage.TileIndex()
-    total_bytes = sum(h.pair.image.stat().st_size for hs in headers.values() for h in hs)
+    total_bytes = sum(file_size(h.pair.image) for hs in headers.values() for h in hs)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="ingest")
     n_readers = max(1, data_cfg.readers)
     with (
@@ -274,5 +280,7 @@ def _write_shards(tx: Any, headers: dict[str, list[SceneHeader]], data_cfg: Any,
         "normalizer": normalizer.to_dict(),
         "leakage": leakage.summary(leaks, data_cfg.allow_split_overlap, tiles_seen.constant),
         # hsissl convert's per-scene records (resampling method, assumptions), where present
-        "conversion": {s: r for s in data_cfg.splits if (r := read_records(root, s))},
+        # hsissl convert's records live beside a local folder's scenes (none for s3:// sources)
+        "conversion": {s: r for s in data_cfg.splits
+                       if isinstance(root, Path) and (r := read_records(root, s))},  # fmt: skip
     }

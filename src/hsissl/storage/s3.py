@@ -307,6 +307,21 @@ class S3Storage(Storage):
         rel = _clean(prefix, allow_empty=True)
         return [k for k in self._list_starting(rel) if _under(k, rel)]
 
+    def objects(self, prefix: str = "") -> dict[str, tuple[int, str]]:
+        """Key -> (size, ETag) of every object under ``prefix`` (folder semantics, as
+        :meth:`list`); StorageError naming the bucket when it is missing."""
+        rel = _clean(prefix, allow_empty=True)
+        root = self._root()
+        with self._errors(rel or None):
+            found = list(self.client.list_objects(self.bucket, prefix=root + rel or None,
+                                                  recursive=True))  # fmt: skip
+        out = {}
+        for o in found:
+            key = o.object_name[len(root) :]
+            if not (o.is_dir or o.object_name.endswith("/")) and _under(key, rel):
+                out[key] = (int(o.size or 0), (o.etag or "").strip('"'))
+        return dict(sorted(out.items()))
+
     def delete_prefix(self, prefix: str) -> None:
         self._delete(self.list(_clean(prefix)))
 
