@@ -281,6 +281,7 @@ def _write_shards(tx: Any, headers: dict[str, list[SceneHeader]], data_cfg: Any,
         "leakage": leakage.summary(leaks, data_cfg.allow_split_overlap, tiles_seen.constant),
         # hsissl convert's per-scene records (resampling method, assumptions), where present
         # hsissl convert's records live beside a local folder's scenes (none for s3:// sources)
-        "conversion": {s: r for s in data_cfg.splits
-                       if isinstance(root, Path) and (r := read_records(root, s))},  # fmt: skip
+        "conversion": {
+            s: r for s in data_cfg.splits if isinstance(root, Path) and (r := read_records(root, s))
+        },  # fmt: skip
     }
