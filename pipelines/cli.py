@@ -119,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="config preset")
     p.add_argument("--dataset-uri", default="", help="default: <storage>/datasets/<data.name>")
     p.add_argument(
-        "--encoder-uri", default="", help="finetune-heads: encoder record or random:<factory>"
+        "--encoder-uri",
+        default="",
+        help="finetune-heads: encoder record, models:/<name>/<version>, models:/<name>@<alias> "
+        "(MLflow Model Registry) or random:<factory>",
     )
     p.add_argument("--head", default="", help="finetune-heads: linear | conv | segmenter")
     p.add_argument("--run-id", help="pipeline run id; the same id resumes the same checkpoints")
