@@ -11,6 +11,7 @@ Config for a stage = preset <- the pipeline's ``overrides`` <- the wiring the pi
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -458,7 +459,8 @@ def report(preset: str, overrides: list[str], storage_uri: str, tracking_uri: st
         log.exception("the report failed; the pipeline's state (%s) still goes to MLflow", state)
         report_error = exc
     except BaseException:  # interrupted: still the pipeline's state, not the report's
-        close_lineage(preset, overrides, tracking_uri, kfp_run_id, state)
+        with contextlib.suppress(Exception):  # keep the interruption, not a closing error
+            close_lineage(preset, overrides, tracking_uri, kfp_run_id, state)
         raise
     parent, lineage_error = None, None
     try:

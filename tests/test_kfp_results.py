@@ -191,7 +191,11 @@ class _Artifact:
         self.path, self.metadata, self.name = str(path), {}, "encoder"
 
 
-def test_malformed_models_uris_and_rewritten_checkpoints_are_refused(tmp_path) -> None:
+def test_malformed_models_uris_and_rewritten_checkpoints_are_refused(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a closed port: fail at once
+    with pytest.raises(ConfigError, match=r"registry at http://127.0.0.1:9\): the registry "
+                       r"could not be read .*tracking.uri"):  # fmt: skip
+        registry.resolve("models:/hsissl-mae/1", "http://127.0.0.1:9")
     for uri in ("models:/", "models:/mae", "models:/mae/v1", "models:/mae@"):
         with pytest.raises(ConfigError, match="expected models:/<name>/<version>"):
             registry.parse(uri)

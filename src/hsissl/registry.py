@@ -105,7 +105,6 @@ def resolve(uri: str, tracking_uri: str) -> dict[str, Any]:
     """The registered version a ``models:/`` URI names: ``source`` (the encoder record's
     store URI), ``name``, ``version``, ``step``, ``normalizer``, ``uri`` (with the version
     number). ConfigError naming the URI, the tracking server and what it does have."""
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from hsissl.tracking import apply_http_limits
@@ -124,22 +123,28 @@ def resolve(uri: str, tracking_uri: str) -> dict[str, Any]:
             found = max(versions, key=lambda v: int(v.version))
         else:
             found = client.get_model_version(name, version)
-    except MlflowException as exc:
-        raise ConfigError(f"{where}: {exc.message}; {_known(client, name)}") from exc
+    except ConfigError:
+        raise
+    except Exception as exc:  # MlflowException, also for an unreachable server
+        known = _known(client, name)
+        if known is None:
+            raise ConfigError(f"{where}: the registry could not be read ({exc}); check "
+                              "tracking.uri / $MLFLOW_TRACKING_URI") from exc  # fmt: skip
+        raise ConfigError(f"{where}: {getattr(exc, 'message', exc)}; {known}") from exc
     return {"source": found.source, "name": name, "version": str(found.version),
             "uri": f"{SCHEME}{name}/{found.version}", "step": found.tags.get("step"),
             "normalizer": found.tags.get("normalizer")}  # fmt: skip
 
 
-def _known(client: Any, name: str) -> str:
-    """What the registry has, for an error message."""
+def _known(client: Any, name: str) -> str | None:
+    """What the registry has, for an error message; None if it cannot be read at all."""
     try:
         model = client.get_registered_model(name)
     except Exception:
         try:
             names = sorted(m.name for m in client.search_registered_models(max_results=50))
         except Exception:
-            return "the registry could not be listed"
+            return None
         return f"registered models: {names or 'none'}"
     versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
     aliases = sorted(getattr(model, "aliases", {}) or {})
