@@ -1,6 +1,7 @@
 """launch-pytorchjob: multi-node pretraining (pipeline parameter nodes > 1) as a Kubeflow
-Training Operator PyTorchJob; this light pod creates it, waits, and emits the encoder record
-exactly as the single-pod pretrain task would."""
+Trainer v2 TrainJob or a Training Operator PyTorchJob, whichever the cluster serves
+(``pipelines.multinode``; the name predates TrainJob support); this light pod creates it,
+waits, and emits the encoder record exactly as the single-pod pretrain task would."""
 
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 

@@ -11,6 +11,7 @@ Config for a stage = preset <- the pipeline's ``overrides`` <- the wiring the pi
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -256,6 +257,23 @@ def log_metrics(metrics: Any, values: dict[str, Any]) -> None:
     path.write_text(json.dumps(dict(metrics.metadata), indent=1))
 
 
+def log_confusion(confusion: Any, results_uri: str) -> None:
+    """The whole-scene confusion matrix of a finetune or baseline result (its
+    ``metrics.json``) on a KFP ``ClassificationMetrics`` artifact, which the run page draws:
+    the WHU-OHS classes by name, rows = ground truth, columns = prediction, in pixels. The
+    ``unlabelled`` id 0 is left out (its pixels are not scored)."""
+    from hsissl.data.ohs import CLASS_NAMES
+
+    metrics = json.loads(fetch(f"{results_uri.rstrip('/')}/metrics.json"))
+    matrix = metrics["scene"]["matrix"]
+    ids = range(1, len(matrix))
+    names = [CLASS_NAMES[i] if i < len(CLASS_NAMES) else f"class {i}" for i in ids]
+    confusion.log_confusion_matrix(names, [[int(matrix[t][p]) for p in ids] for t in ids])
+    path = Path(confusion.path)  # a file, as for Metrics (kfp.local's cache wants one)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(confusion.metadata)))
+
+
 def first_uri(result: dict[str, Any], keys: tuple[str, ...], stage: str) -> str:
     for key in keys:
         if result.get(key):
@@ -418,8 +436,10 @@ def _torchrun(stage: str, preset: str, overrides: list[str], wiring: dict[str, A
 
 
 def finetune(dataset: Any, encoder: Any, head: str, preset: str, overrides: list[str],
-             tracking_uri: str, model: Any, metrics: Any) -> dict[str, Any]:  # fmt: skip
-    """One head on one frozen encoder (or on a random-init one: ``random:<factory>``)."""
+             tracking_uri: str, model: Any, metrics: Any,
+             confusion: Any = None) -> dict[str, Any]:  # fmt: skip
+    """One head on one frozen encoder (or on a random-init one: ``random:<factory>``);
+    ``confusion``: a ClassificationMetrics artifact for the whole-scene confusion matrix."""
     setup_logging()
     cfg = stage_config(preset, overrides, {**dataset_wiring(uri_of(dataset)),
                                            "tracking.uri": tracking_uri,
@@ -430,29 +450,41 @@ def finetune(dataset: Any, encoder: Any, head: str, preset: str, overrides: list
     publish(model, uri, {"head": cfg.finetune.head, "encoder": cfg.finetune.encoder,
                          "name": result.get("name", "")})  # fmt: skip
     log_metrics(metrics, result)
+    if confusion is not None:
+        log_confusion(confusion, first_uri(result, ("results_uri",), "finetune-heads"))
     return result
 
 
 def evaluate(module: str, stage: str, dataset: Any, preset: str, overrides: list[str],
-             tracking_uri: str, model: Any, metrics: Any) -> dict[str, Any]:  # fmt: skip
-    """A stage that reads the dataset and writes results: baseline, pca_poc."""
+             tracking_uri: str, model: Any, metrics: Any,
+             confusion: Any = None) -> dict[str, Any]:  # fmt: skip
+    """A stage that reads the dataset and writes results: baseline, pca_poc (``confusion``:
+    see :func:`finetune`)."""
     setup_logging()
     cfg = stage_config(preset, overrides, {**dataset_wiring(uri_of(dataset)),
                                            "tracking.uri": tracking_uri})  # fmt: skip
     result = call_stage(module, cfg)
     publish(model, first_uri(result, ("results_uri", "results"), stage))
     log_metrics(metrics, result)
+    if confusion is not None:
+        log_confusion(confusion, first_uri(result, ("results_uri",), stage))
     return result
 
 
 def report(preset: str, overrides: list[str], storage_uri: str, tracking_uri: str,
            kfp_run_id: str, state: str, html: Any, markdown: Any) -> dict[str, Any]:  # fmt: skip
-    """The report over everything in the store, then the parent run closed with ``state``."""
+    """The report over everything in the store, then the parent run closed with ``state``, the
+    pipeline's own state, whatever happened to the report. If the report fails (or MLflow
+    cannot be told), the task still succeeds and its outputs are a page saying what failed
+    and where the logs are (``components.report_failure``): a failed report must neither
+    hide the run page nor turn a successful pipeline into a failed one."""
     setup_logging()
-    cfg = stage_config(
-        preset, overrides, {"storage.uri": storage_uri, "tracking.uri": tracking_uri}
-    )
+    result: dict[str, Any] = {}
+    report_error: Exception | None = None
     try:
+        cfg = stage_config(
+            preset, overrides, {"storage.uri": storage_uri, "tracking.uri": tracking_uri}
+        )
         result = call_stage("report", cfg, kfp_run_id)
         html_uri = first_uri(result, ("html_uri", "report_uri", "html"), "report")
         md_uri = first_uri(result, ("markdown_uri", "summary_uri", "markdown"), "report")
@@ -460,16 +492,52 @@ def report(preset: str, overrides: list[str], storage_uri: str, tracking_uri: st
             Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
             Path(artifact.path).write_bytes(fetch(uri))  # the KFP UI renders the content itself
             artifact.metadata["uri"] = uri
-    except BaseException:
-        close_lineage(preset, overrides, tracking_uri, kfp_run_id, "FAILED")
+    except Exception as exc:
+        log.exception("the report failed; the pipeline's state (%s) still goes to MLflow", state)
+        report_error = exc
+    except BaseException:  # interrupted: still the pipeline's state, not the report's
+        with contextlib.suppress(Exception):  # keep the interruption, not a closing error
+            close_lineage(preset, overrides, tracking_uri, kfp_run_id, state)
         raise
-    close_lineage(preset, overrides, tracking_uri, kfp_run_id, state)
+    parent, lineage_error = None, None
+    try:
+        parent = close_lineage(preset, overrides, tracking_uri, kfp_run_id, state)
+        if parent and report_error is not None:
+            cfg = stage_config(preset, overrides, {"tracking.uri": tracking_uri})
+            client, _ = _client(cfg)
+            client.set_tag(parent, "report_state", "FAILED")
+            client.set_tag(parent, "report_error", f"{type(report_error).__name__}: "
+                           f"{report_error}"[:5000])  # fmt: skip
+    except Exception as exc:
+        log.exception("MLflow parent run of %s not closed", kfp_run_id)
+        lineage_error = exc
+    if report_error is not None or lineage_error is not None:
+        from components.report_failure import failure_html, failure_markdown
+
+        page = failure_markdown(state=state, kfp_run_id=run_id(kfp_run_id),
+                                storage_uri=storage_uri, tracking_uri=tracking_uri,
+                                parent_run=parent, report_error=report_error,
+                                lineage_error=lineage_error)  # fmt: skip
+        if report_error is None:  # the report is there: the note goes under it
+            page = Path(markdown.path).read_text() + "\n---\n\n" + page
+        for artifact, text in ((markdown, page), (html, failure_html(page))):
+            if report_error is not None or artifact is markdown:
+                Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+                Path(artifact.path).write_text(text)
+        markdown.metadata["failed"] = "report" if report_error is not None else "mlflow"
+        result = {**result, "failed": markdown.metadata["failed"]}
     return result
 
 
 def reference(uri: str, artifact: Any, kind: str) -> str:
-    """An existing dataset/encoder in the store as an artifact; checks that it exists."""
-    if not uri.startswith("random:"):
+    """An existing dataset/encoder in the store as an artifact; checks that it exists. A
+    registered encoder (``models:/<name>/<version>``, ``models:/<name>@<alias>``) is passed on
+    as it is: finetune resolves it against its own tracking URI and checks it there."""
+    if kind == "encoder" and uri.startswith("models:/"):
+        from hsissl import registry
+
+        registry.parse(uri)  # a malformed one fails here, before any GPU pod starts
+    elif not uri.startswith("random:"):
         from hsissl.storage import open_storage
 
         target = f"{uri.rstrip('/')}/manifest.json" if kind == "dataset" else uri

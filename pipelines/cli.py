@@ -7,6 +7,7 @@ hsissl-pipeline submit --host http://localhost:8080 --experiment hsissl [KEY=VAL
 hsissl-pipeline rerun --stage finetune-heads --from-run <KFP run id> --host URL --encoder mae
 hsissl-pipeline upload --host URL --version $(git rev-parse HEAD)
 hsissl-pipeline pytorchjob --stage pretrain-mae --nodes 4 --gpus-per-node 8 --name mae-4x8
+hsissl-pipeline trainjob --stage pretrain-mae --nodes 4 --gpus-per-node 8 --name mae-4x8
 """
 
 from __future__ import annotations
@@ -129,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="config preset")
     p.add_argument("--dataset-uri", default="", help="default: <storage>/datasets/<data.name>")
     p.add_argument(
-        "--encoder-uri", default="", help="finetune-heads: encoder record or random:<factory>"
+        "--encoder-uri",
+        default="",
+        help="finetune-heads: encoder record, models:/<name>/<version>, models:/<name>@<alias> "
+        "(MLflow Model Registry) or random:<factory>",
     )
     p.add_argument("--head", default="", help="finetune-heads: linear | conv | segmenter")
     p.add_argument("--run-id", help="pipeline run id; the same id resumes the same checkpoints")
@@ -185,26 +189,28 @@ def build_parser() -> argparse.ArgumentParser:
     _version_check(p)
     add_options(p)
 
-    p = sub.add_parser(
-        "pytorchjob", help="print a multi-node PyTorchJob manifest for a pretraining"
-    )
-    p.add_argument(
-        "--stage", required=True, choices=[s for s in STAGES if s.startswith("pretrain-")]
-    )
-    p.add_argument("--nodes", type=int, required=True)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--name", required=True, help="PyTorchJob name (lowercase RFC 1123)")
-    p.add_argument("--namespace")
-    p.add_argument("--run-id", default="", help="names the checkpoint folder; reuse it to resume")
-    p.add_argument("--config", type=Path, help="local preset the overrides are checked against")
-    p.add_argument(
-        "--service-account",
-        dest="pytorchjob_service_account",
-        metavar="NAME",
-        help=f"of the job's pods (default {PipelineOptions().pytorchjob_service_account})",
-    )
-    add_options(p, pytorchjob_service_account=False)
-    _overrides(p)
+    for command, what in (("pytorchjob", "Training Operator v1 PyTorchJob"),
+                          ("trainjob", "Kubeflow Trainer v2 TrainJob (--trainjob-runtime)")):  # fmt: skip
+        p = sub.add_parser(command, help=f"print a multi-node {what} manifest for a pretraining")
+        p.add_argument(
+            "--stage", required=True, choices=[s for s in STAGES if s.startswith("pretrain-")]
+        )
+        p.add_argument("--nodes", type=int, required=True)
+        p.add_argument("--gpus-per-node", type=int, default=8)
+        p.add_argument("--name", required=True, help="job name (lowercase RFC 1123)")
+        p.add_argument("--namespace")
+        p.add_argument(
+            "--run-id", default="", help="names the checkpoint folder; reuse it to resume"
+        )
+        p.add_argument("--config", type=Path, help="local preset the overrides are checked against")
+        p.add_argument(
+            "--service-account",
+            dest="pytorchjob_service_account",
+            metavar="NAME",
+            help=f"of the job's pods (default {PipelineOptions().pytorchjob_service_account})",
+        )
+        add_options(p, pytorchjob_service_account=False)
+        _overrides(p)
     return parser
 
 
@@ -325,27 +331,32 @@ def _upload(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pytorchjob(args: argparse.Namespace) -> int:
+def _multi_node_job(args: argparse.Namespace) -> int:
+    """``pytorchjob`` / ``trainjob``: the manifest the launcher would create, checked."""
     import yaml
 
-    from pipelines.pytorchjob import build_pytorchjob, check_k8s_name, validate
+    from pipelines.multinode import KINDS
+    from pipelines.pytorchjob import check_k8s_name
 
     check_k8s_name("--name", args.name)
     if args.namespace:
         check_k8s_name("--namespace", args.namespace)
     opts = options_from(args)
-    manifest = build_pytorchjob(args.stage, args.overrides, nodes=args.nodes,
-                                gpus_per_node=args.gpus_per_node, name=args.name,
-                                namespace=args.namespace, local_preset=args.config, opts=opts,
-                                service_account=opts.pytorchjob_service_account,
-                                run_id=args.run_id)  # fmt: skip
-    validate(manifest)
+    kind = KINDS[args.command]
+    extra = {"runtime": opts.trainjob_runtime} if kind.key == "trainjob" else {}
+    manifest = kind.build(args.stage, args.overrides, nodes=args.nodes,
+                          gpus_per_node=args.gpus_per_node, name=args.name,
+                          namespace=args.namespace, local_preset=args.config, opts=opts,
+                          service_account=opts.pytorchjob_service_account, run_id=args.run_id,
+                          **extra)  # fmt: skip
+    kind.validate(manifest)
     print(yaml.safe_dump(manifest, sort_keys=False), end="")
     return 0
 
 
 COMMANDS = {"compile": _compile, "run-local": _run_local, "run-stage": _run_stage,
-            "rerun": _rerun, "submit": _submit, "upload": _upload, "pytorchjob": _pytorchjob}  # fmt: skip
+            "rerun": _rerun, "submit": _submit, "upload": _upload,
+            "pytorchjob": _multi_node_job, "trainjob": _multi_node_job}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 from kfp import compiler
 
 from pipelines.dag import STAGES, build_pipeline, build_stage_pipeline
-from pipelines.options import PipelineOptions
+from pipelines.options import MULTI_NODE_APIS, PipelineOptions
 
 GOLDEN = Path(__file__).with_name("hsissl.yaml")
 
@@ -147,9 +147,19 @@ def add_options(parser: argparse.ArgumentParser, pytorchjob_service_account: boo
         g.add_argument(
             "--pytorchjob-service-account",
             metavar="NAME",
-            help="service account of multi-node PyTorchJob pods (default: --service-account "
+            help="service account of multi-node job pods (default: --service-account "
             f"where the command has it, else {d.pytorchjob_service_account})",
         )
+    g.add_argument("--multi-node-api", choices=MULTI_NODE_APIS, default=d.multi_node_api,
+                   help="job API of nodes > 1: Kubeflow Trainer v2 TrainJob, Training Operator "
+                        "PyTorchJob, or auto = TrainJob where the cluster serves it, else "
+                        "PyTorchJob (default %(default)s)")  # fmt: skip
+    g.add_argument(
+        "--trainjob-runtime",
+        default=d.trainjob_runtime,
+        metavar="NAME",
+        help="ClusterTrainingRuntime of TrainJobs (default %(default)s)",
+    )
     g.add_argument(
         "--shm-size", default=d.shm_size, help="/dev/shm of GPU pods (default %(default)s)"
     )
@@ -168,7 +178,8 @@ def options_from(args: argparse.Namespace) -> PipelineOptions:
                    s3_secret=args.s3_secret, mlflow_secret=args.mlflow_secret,
                    env_config_map=args.env_config_map, config_map=args.config_map,
                    pytorchjob_service_account=job_account, shm_size=args.shm_size,
-                   data_pvc=args.data_pvc)  # fmt: skip
+                   data_pvc=args.data_pvc, multi_node_api=args.multi_node_api,
+                   trainjob_runtime=args.trainjob_runtime)  # fmt: skip
     if args.gpu_node_selector:
         selector = {k: v for k, v in args.gpu_node_selector if k != "none"}
         opts = replace(opts, gpu_node_selector=selector)

@@ -8,10 +8,10 @@
     report: the exit task, after everything (also after a failure: it reports what finished)
 
 Multi-node pretraining (``nodes`` > 1) is a light task that runs the pretraining as a
-Kubeflow PyTorchJob and emits the same encoder as the single pod. Each branch has its own
-finetune-heads loop instead of one loop over ``dsl.OneOf`` of the two encoders: kfp.local
-(``make run``) cannot resolve a OneOf of artifacts in kfp 2.17 ("Expected 1 artifact in
-ArtifactSelectorSpec"), and this way the same DAG runs everywhere; only one branch runs.
+Kubeflow Trainer TrainJob or Training Operator PyTorchJob and emits the same encoder as the
+single pod. Each branch has its own finetune-heads loop instead of one loop over
+``dsl.OneOf`` of the two encoders: kfp.local (``make run``) cannot resolve a OneOf of
+artifacts in kfp 2.17 ("Expected 1 artifact in ArtifactSelectorSpec"), and this way the same DAG runs everywhere; only one branch runs.
 
 ``build_pipeline(opts)`` is the pipeline function that is compiled, submitted and run
 locally under ``kfp.local``: one definition for all three. (No ``from __future__ import
@@ -118,7 +118,7 @@ def build_pipeline(opts: PipelineOptions | None = None, stages: Iterable[str] = 
             pretrain_max_steps: Pretraining steps (overrides epochs); 0 = the preset's.
             gpus: Accelerators per training pod or node (more than 1: torchrun, one each).
             gpu_type: Accelerator resource name.
-            nodes: Nodes per pretraining; more than 1: a PyTorchJob (Training Operator).
+            nodes: Nodes per pretraining; more than 1: a Kubeflow Trainer TrainJob or PyTorchJob.
             gpu_node_selector: Node labels GPU pods require, e.g. {"nvidia.com/gpu.present":
                 "true"}; {} = none.
             gpu_tolerations: Taints GPU pods tolerate (Kubernetes tolerations, JSON list);

@@ -1,9 +1,11 @@
 """Multi-node pretraining inside the DAG: what the launch-pytorchjob task does in its pod.
 
-It builds the PyTorchJob of one pretraining (``pipelines.pytorchjob``) from the same preset,
-overrides and run id as the single-pod pretrain task, creates it through the Kubernetes API,
-waits for the Training Operator to finish it and emits the same outputs: an encoder Model
-pointing at ``checkpoints/<method>-<run id>/encoder.pt`` and the training Metrics, so
+It finds the cluster's multi-node job API (``pipelines.multinode``: a Kubeflow Trainer v2
+``TrainJob``, else a Training Operator v1 ``PyTorchJob``, or the one compiled in), builds the
+job of one pretraining (``pipelines.trainjob`` / ``pipelines.pytorchjob``) from the same
+preset, overrides and run id as the single-pod pretrain task, creates it through the
+Kubernetes API, waits for the operator to finish it and emits the same outputs: an encoder
+Model pointing at ``checkpoints/<method>-<run id>/encoder.pt`` and the training Metrics, so
 finetune-heads downstream works unchanged. The pod itself needs no GPU.
 
 Idempotent: the job's name follows from the checkpoint folder and run id, so a retried task
@@ -24,21 +26,20 @@ from pathlib import Path
 from typing import Any
 
 from components import runtime
+from pipelines.multinode import PYTORCHJOB, JobKind, TrainingJobError, detect, kind_of
 from pipelines.options import PipelineOptions
-from pipelines.pytorchjob import build_pytorchjob, validate
 
 log = logging.getLogger("hsissl.launcher")
 
-GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-# The operator names pods and services <job>-master-0 / <job>-worker-<i> (63 characters at most).
+# Pod and service names grow by the operator's suffixes (PyTorchJob <job>-worker-<i>, TrainJob
+# <job>-node-<i>-<j>), 63 characters at most.
 NAME_LIMIT = 48
 MAX_API_ERRORS = 5  # consecutive failed status reads (5xx, connection) before giving up
 GONE_TIMEOUT_S = 300.0  # how long a deleted job may take to disappear before it is recreated
 
 
-class PyTorchJobError(RuntimeError):
-    """The PyTorchJob failed, vanished, or could not be created."""
+PyTorchJobError = TrainingJobError  # the name before TrainJob support
 
 
 def job_name(checkpoint: str, run_id: str) -> str:
@@ -80,64 +81,82 @@ def connect() -> Any:
         else:
             config.load_kube_config(os.environ.get("KUBECONFIG") or None)  # read now, not at import
     except config.ConfigException as exc:
-        raise PyTorchJobError(
-            f"no Kubernetes API to create the PyTorchJob: {exc} (expected the pod's service "
+        raise TrainingJobError(
+            f"no Kubernetes API to create the multi-node job: {exc} (expected the pod's service "
             "account, or a kubeconfig at $KUBECONFIG / ~/.kube/config)"
         ) from exc
     return client.CustomObjectsApi()
 
 
-def state_of(job: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(Succeeded | Failed | the latest true condition type | Pending, that condition)."""
+def state_of(job: dict[str, Any], kind: JobKind = PYTORCHJOB) -> tuple[str, dict[str, Any]]:
+    """(Succeeded | Failed | the latest true condition type | Pending, that condition); the
+    kind's success condition (TrainJob ``Complete``, PyTorchJob ``Succeeded``) is Succeeded."""
     conditions = [c for c in (job.get("status") or {}).get("conditions") or []
                   if str(c.get("status")) == "True"]  # fmt: skip
-    for terminal in ("Failed", "Succeeded"):
+    for terminal, state in (("Failed", "Failed"), (kind.succeeded, "Succeeded")):
         for condition in conditions:
             if condition.get("type") == terminal:
-                return terminal, condition
+                return state, condition
     if conditions:
         return str(conditions[-1].get("type")), conditions[-1]
     return "Pending", {}
 
 
-def _describe(namespace: str, name: str, condition: dict[str, Any]) -> str:
+def _describe(kind: JobKind, namespace: str, name: str, condition: dict[str, Any]) -> str:
     reason = condition.get("reason") or "no reason given"
     message = condition.get("message") or "no message"
-    return (f"PyTorchJob {namespace}/{name}: {reason}: {message} (kubectl -n {namespace} "
-            f"describe pytorchjob {name}; logs: kubectl -n {namespace} logs {name}-master-0)")  # fmt: skip
+    return (f"{kind.kind} {namespace}/{name}: {reason}: {message} "
+            f"({kind.describe(namespace, name)})")  # fmt: skip
 
 
-def _api_error(action: str, namespace: str, name: str, exc: Exception) -> PyTorchJobError:
+def _api_error(kind: JobKind, action: str, namespace: str, name: str,
+               exc: Exception) -> TrainingJobError:  # fmt: skip
     detail = getattr(exc, "body", None) or exc
     status = getattr(exc, "status", "")
-    return PyTorchJobError(f"{action} PyTorchJob {namespace}/{name}: HTTP {status} {detail}")
+    hint = ""
+    if kind.key == "trainjob" and status in (400, 422) and "runtimePatches" in str(detail):
+        hint = f" (this Trainer predates runtimePatches: the launcher needs {kind.install})"
+    elif kind.key == "trainjob" and status in (400, 422) and "runtime" in str(detail).lower():
+        hint = (" (is the ClusterTrainingRuntime there? kubectl get clustertrainingruntimes; "
+                "another one: compile with --trainjob-runtime NAME)")  # fmt: skip
+    return TrainingJobError(f"{action} {kind.kind} {namespace}/{name}: HTTP {status} "
+                            f"{detail}{hint}")  # fmt: skip
 
 
-def _get(api: Any, namespace: str, name: str) -> dict[str, Any]:
-    return api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+def _get(api: Any, kind: JobKind, namespace: str, name: str) -> dict[str, Any]:
+    return api.get_namespaced_custom_object(kind.group, kind.version, namespace, kind.plural,
+                                            name)  # fmt: skip
 
 
-def delete(api: Any, namespace: str, name: str, wait_s: float = 0.0) -> None:
+def _create(api: Any, kind: JobKind, namespace: str, manifest: dict[str, Any]) -> dict:
+    # Strict: a field the cluster's CRD lacks (an older operator) fails the create, named,
+    # instead of being dropped with a warning (the API server's default since 1.27).
+    return api.create_namespaced_custom_object(kind.group, kind.version, namespace, kind.plural,
+                                               manifest, field_validation="Strict")  # fmt: skip
+
+
+def delete(api: Any, namespace: str, name: str, wait_s: float = 0.0,
+           kind: JobKind = PYTORCHJOB) -> None:  # fmt: skip
     """Delete the job and its pods; with ``wait_s``, wait until it is gone."""
     from kubernetes.client.exceptions import ApiException
 
     try:
-        api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
-                                            propagation_policy="Background")  # fmt: skip
+        api.delete_namespaced_custom_object(kind.group, kind.version, namespace, kind.plural,
+                                            name, propagation_policy="Background")  # fmt: skip
     except ApiException as exc:
         if exc.status != 404:
-            raise _api_error("deleting", namespace, name, exc) from exc
+            raise _api_error(kind, "deleting", namespace, name, exc) from exc
     deadline = time.monotonic() + wait_s
     while wait_s:
         try:
-            _get(api, namespace, name)
+            _get(api, kind, namespace, name)
         except ApiException as exc:
             if exc.status == 404:
                 return
-            raise _api_error("reading", namespace, name, exc) from exc
+            raise _api_error(kind, "reading", namespace, name, exc) from exc
         if time.monotonic() > deadline:
-            raise PyTorchJobError(f"PyTorchJob {namespace}/{name} still exists {wait_s:.0f} s "
-                                  "after it was deleted (a finalizer holding it?)")  # fmt: skip
+            raise TrainingJobError(f"{kind.kind} {namespace}/{name} still exists {wait_s:.0f} s "
+                                   "after it was deleted (a finalizer holding it?)")  # fmt: skip
         time.sleep(0.5)
 
 
@@ -146,34 +165,33 @@ def create_or_adopt(api: Any, namespace: str, manifest: dict[str, Any]) -> tuple
     Failed: then it is deleted and created again. Returns (job, adopted)."""
     from kubernetes.client.exceptions import ApiException
 
+    kind = kind_of(manifest)
     name = manifest["metadata"]["name"]
     try:
-        return api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
-                                                   manifest), False  # fmt: skip
+        return _create(api, kind, namespace, manifest), False
     except ApiException as exc:
         if exc.status != 409:
-            raise _api_error("creating", namespace, name, exc) from exc
+            raise _api_error(kind, "creating", namespace, name, exc) from exc
     try:
-        existing = _get(api, namespace, name)
+        existing = _get(api, kind, namespace, name)
     except ApiException as exc:  # e.g. no "get" in the Role
-        raise _api_error("adopting the existing", namespace, name, exc) from exc
-    state, condition = state_of(existing)
+        raise _api_error(kind, "adopting the existing", namespace, name, exc) from exc
+    state, condition = state_of(existing, kind)
     if state != "Failed":
-        log.info("PyTorchJob %s/%s already exists (%s): adopting it", namespace, name, state)
+        log.info("%s %s/%s already exists (%s): adopting it", kind.kind, namespace, name, state)
         return existing, True
     log.warning("%s; an earlier attempt left it Failed: deleting it and starting again "
                 "(training resumes from the last checkpoint)",
-                _describe(namespace, name, condition))  # fmt: skip
-    delete(api, namespace, name, wait_s=GONE_TIMEOUT_S)
+                _describe(kind, namespace, name, condition))  # fmt: skip
+    delete(api, namespace, name, wait_s=GONE_TIMEOUT_S, kind=kind)
     try:
-        return api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
-                                                   manifest), True  # fmt: skip
+        return _create(api, kind, namespace, manifest), True
     except ApiException as exc:
-        raise _api_error("recreating", namespace, name, exc) from exc
+        raise _api_error(kind, "recreating", namespace, name, exc) from exc
 
 
-def wait(api: Any, namespace: str, name: str, timeout_s: float,
-         poll_s: float = 30.0) -> dict[str, Any]:  # fmt: skip
+def wait(api: Any, namespace: str, name: str, timeout_s: float, poll_s: float = 30.0,
+         kind: JobKind = PYTORCHJOB) -> dict[str, Any]:  # fmt: skip
     """Poll the job's conditions until Succeeded (returns the job) or Failed (raises). Polls
     after 1 s, then doubling up to ``poll_s``; deletes the job when ``timeout_s`` runs out."""
     from kubernetes.client.exceptions import ApiException
@@ -184,33 +202,33 @@ def wait(api: Any, namespace: str, name: str, timeout_s: float,
     condition: dict[str, Any] = {}
     while True:
         try:
-            job = _get(api, namespace, name)
+            job = _get(api, kind, namespace, name)
             errors = 0
         except ApiException as exc:
             if exc.status == 404:
-                raise PyTorchJobError(f"PyTorchJob {namespace}/{name} disappeared while this "
-                                      "task waited for it (deleted by someone else?)") from exc  # fmt: skip
+                raise TrainingJobError(f"{kind.kind} {namespace}/{name} disappeared while this "
+                                       "task waited for it (deleted by someone else?)") from exc  # fmt: skip
             if exc.status < 500 or errors >= MAX_API_ERRORS:
-                raise _api_error("reading", namespace, name, exc) from exc
+                raise _api_error(kind, "reading", namespace, name, exc) from exc
             errors += 1
         except HTTPError as exc:  # the API server unreachable for a moment
             if errors >= MAX_API_ERRORS:
-                raise _api_error("reading", namespace, name, exc) from exc
+                raise _api_error(kind, "reading", namespace, name, exc) from exc
             errors += 1
         else:
-            state, condition = state_of(job)
+            state, condition = state_of(job, kind)
             if state != last:
-                log.info("PyTorchJob %s/%s: %s", namespace, name, state)
+                log.info("%s %s/%s: %s", kind.kind, namespace, name, state)
                 last = state
             if state == "Succeeded":
                 return job
             if state == "Failed":
-                raise PyTorchJobError(f"failed: {_describe(namespace, name, condition)}")
+                raise TrainingJobError(f"failed: {_describe(kind, namespace, name, condition)}")
         left = deadline - time.monotonic()
         if left <= 0:
-            delete(api, namespace, name)
+            delete(api, namespace, name, kind=kind)
             raise TimeoutError(
-                f"PyTorchJob {namespace}/{name} not finished after {timeout_s:.0f} s (last "
+                f"{kind.kind} {namespace}/{name} not finished after {timeout_s:.0f} s (last "
                 f"state {last or 'unknown'}: {condition.get('message') or 'no message'}); "
                 "deleted it to free its GPUs, its checkpoints stay (a retry resumes)"
             )
@@ -224,8 +242,9 @@ def launch(method: str, dataset: Any, preset: str, overrides: list[str], trackin
            metrics: Any, *, api: Any = None, poll_s: float = 30.0,
            node_selector: dict[str, str] | None = None,
            tolerations: list[dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Pretrain ``method`` as a PyTorchJob of ``nodes`` x ``gpus_per_node`` and publish its
-    encoder and metrics like ``components.runtime.pretrain``. ``options``: the compile-time
+    """Pretrain ``method`` as a TrainJob or PyTorchJob (``options.multi_node_api``, default:
+    what the cluster serves) of ``nodes`` x ``gpus_per_node`` and publish its encoder and
+    metrics like ``components.runtime.pretrain``. ``options``: the compile-time
     :class:`PipelineOptions` as JSON; ``node_selector``/``tolerations``: the run's GPU
     placement (None: the options'); ``api``: a CustomObjectsApi (default: :func:`connect`)."""
     runtime.setup_logging()
@@ -236,24 +255,26 @@ def launch(method: str, dataset: Any, preset: str, overrides: list[str], trackin
     parent = runtime.join_lineage(cfg, kfp_run_id)  # the job's MLflow run nests under it too
     preset_path = runtime.resolve_preset(preset)
     namespace = current_namespace(namespace)
-    manifest = build_pytorchjob(
+    api = api or connect()
+    kind = detect(api, opts.multi_node_api)
+    extra = {"runtime": opts.trainjob_runtime} if kind.key == "trainjob" else {}
+    manifest = kind.build(
         f"pretrain-{method}", [*overrides, *runtime.managed_overrides(wiring)], nodes=nodes,
         gpus_per_node=gpus_per_node, name=job_name(cfg.pretrain.name, run_id),
         namespace=namespace, local_preset=preset_path, opts=opts,
         service_account=opts.pytorchjob_service_account, run_id=run_id,
         config=str(preset_path) if preset_path else "", gpu_type=gpu_type,
-        extra_env={runtime.PARENT_RUN_ENV: parent} if parent else {},
+        extra_env={runtime.PARENT_RUN_ENV: parent} if parent else {}, **extra,
     )  # fmt: skip
-    validate(manifest)
+    kind.validate(manifest)
     from hsissl.stages.common import storage_of
 
     had_checkpoint = storage_of(cfg).exists(f"checkpoints/{cfg.pretrain.name}/train.pt")
-    api = api or connect()
     name = manifest["metadata"]["name"]
     _, adopted = create_or_adopt(api, namespace, manifest)
-    log.info("PyTorchJob %s/%s: %d node(s) x %d GPU(s), checkpoints in %s", namespace, name,
+    log.info("%s %s/%s: %d node(s) x %d GPU(s), checkpoints in %s", kind.kind, namespace, name,
              nodes, gpus_per_node, storage_of(cfg).join(f"checkpoints/{cfg.pretrain.name}"))  # fmt: skip
-    wait(api, namespace, name, timeout_s, poll_s)
+    wait(api, namespace, name, timeout_s, poll_s, kind=kind)
     result = runtime.stored_pretrain_result(cfg, resumed=adopted or had_checkpoint)
     runtime.publish_pretrain(method, result, encoder, metrics)
     return result

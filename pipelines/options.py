@@ -18,6 +18,7 @@ from components.base import CPU_IMAGE, TRAIN_IMAGE
 ENV_FROM_CONFIG_MAP = {k: k for k in ("HSISSL_S3_ENDPOINT", "AWS_REGION", "MLFLOW_TRACKING_URI")}
 S3_SECRET_KEYS = {k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
 MLFLOW_SECRET_KEYS = {k: k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+MULTI_NODE_APIS = ("auto", "trainjob", "pytorchjob")  # PipelineOptions.multi_node_api
 # KFP labels every pod of a run with its run id; components read it for lineage and checkpoints.
 RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
 
@@ -69,13 +70,17 @@ class PipelineOptions:
     # Pods of the multi-node PyTorchJob run as this service account (the chart's pipeline one;
     # the KFP run's own service account is chosen at submit time, not compiled in).
     pytorchjob_service_account: str = "hsissl-pipeline"
+    # nodes > 1: "auto" = a Trainer v2 TrainJob if the cluster serves one, else a PyTorchJob
+    # (pipelines.multinode); "trainjob" / "pytorchjob" insist on one.
+    multi_node_api: str = "auto"
+    trainjob_runtime: str = "torch-distributed"  # the ClusterTrainingRuntime TrainJobs name
 
     @property
     def default_preset(self) -> str:
         return f"{self.config_mount}/config.yaml"
 
     def to_json(self) -> str:
-        """These options as JSON: what the launch-pytorchjob task gets, so the PyTorchJob's
+        """These options as JSON: what the launch-pytorchjob task gets, so the multi-node job's
         pods are built with the images, Secrets and GPU placement the pipeline was compiled
         with."""
         return json.dumps(asdict(self), sort_keys=True)

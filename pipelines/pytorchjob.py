@@ -99,6 +99,26 @@ def pod_template(stage: str, overrides: list[str], gpus_per_node: int, opts: Pip
     }
 
 
+def pretrain_pod(stage: str, overrides: list[str], *, nodes: int, gpus_per_node: int,
+                 local_preset: str | Path | None, opts: PipelineOptions, service_account: str,
+                 run_id: str, config: str | None, gpu_type: str,
+                 extra_env: dict[str, str] | None) -> dict[str, Any]:  # fmt: skip
+    """The pod every node of a multi-node pretraining runs (PyTorchJob replica or TrainJob
+    node), after checking the stage, the sizes and the ``overrides`` against the config
+    schema (over ``local_preset``, default the dataclass defaults)."""
+    if stage not in PRETRAIN_STAGES:
+        raise ValueError(f"stage {stage!r}: a multi-node job runs one of {list(PRETRAIN_STAGES)}")
+    if nodes < 1 or gpus_per_node < 1:
+        raise ValueError(f"nodes={nodes}, gpus_per_node={gpus_per_node}: both must be >= 1")
+    cfg = load_config(local_preset, overrides)  # validates keys and types
+    method = stage.removeprefix("pretrain-")
+    if run_id and not cfg.pretrain.name:
+        overrides = [*overrides, f"pretrain.name={method}-{run_id}"]
+    env = {**({"KFP_RUN_ID": run_id} if run_id else {}), **(extra_env or {})}
+    return pod_template(stage, overrides, gpus_per_node, opts, service_account, env,
+                        config=config, gpu_type=gpu_type)  # fmt: skip
+
+
 def build_pytorchjob(stage: str, overrides: list[str], *, nodes: int, gpus_per_node: int,
                      name: str, namespace: str | None = None, local_preset: str | Path | None = None,
                      opts: PipelineOptions | None = None, service_account: str = "hsissl-pipeline",
@@ -113,18 +133,11 @@ def build_pytorchjob(stage: str, overrides: list[str], *, nodes: int, gpus_per_n
     ``config`` is the preset path inside the pods (default: the chart's ConfigMap);
     ``extra_env``: literal environment of every replica (e.g. the MLflow parent run).
     """
-    if stage not in PRETRAIN_STAGES:
-        raise ValueError(f"stage {stage!r}: a PyTorchJob runs one of {list(PRETRAIN_STAGES)}")
-    if nodes < 1 or gpus_per_node < 1:
-        raise ValueError(f"nodes={nodes}, gpus_per_node={gpus_per_node}: both must be >= 1")
     opts = opts or PipelineOptions()
-    cfg = load_config(local_preset, overrides)  # validates keys and types
-    method = stage.removeprefix("pretrain-")
-    if run_id and not cfg.pretrain.name:
-        overrides = [*overrides, f"pretrain.name={method}-{run_id}"]
-    env = {**({"KFP_RUN_ID": run_id} if run_id else {}), **(extra_env or {})}
-    template = pod_template(stage, overrides, gpus_per_node, opts, service_account, env,
-                            config=config, gpu_type=gpu_type)  # fmt: skip
+    template = pretrain_pod(stage, overrides, nodes=nodes, gpus_per_node=gpus_per_node,
+                            local_preset=local_preset, opts=opts,
+                            service_account=service_account, run_id=run_id, config=config,
+                            gpu_type=gpu_type, extra_env=extra_env)  # fmt: skip
     replicas = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": template}}
     if nodes > 1:
         replicas["Worker"] = {"replicas": nodes - 1, "restartPolicy": "OnFailure",

@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from hsissl.config import load_config
+from pipelines.multinode import KINDS
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "hsissl"
@@ -392,11 +393,12 @@ def test_rbac_is_namespaced_and_bound_to_the_pipeline_service_account(objects: l
     secrets = [r for r in one(objects, "Role", f"{RELEASE}-pipeline")["rules"]
                if "secrets" in r["resources"]]  # fmt: skip
     assert secrets and all(r.get("resourceNames") for r in secrets), "secret access must be by name"
-    # the launch-pytorchjob task (nodes > 1): exactly what it does to PyTorchJobs, nothing more
+    # the launch-pytorchjob task (nodes > 1): exactly what it does to TrainJobs (Trainer v2)
+    # and PyTorchJobs (Training Operator v1), nothing more; discovery needs no rule
     jobs = [r for r in one(objects, "Role", f"{RELEASE}-pipeline")["rules"]
-            if "kubeflow.org" in r["apiGroups"]]  # fmt: skip
-    assert jobs == [{"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"],
-                     "verbs": ["create", "get", "delete"]}]  # fmt: skip
+            if {"kubeflow.org", "trainer.kubeflow.org"} & set(r["apiGroups"])]  # fmt: skip
+    assert jobs == [{"apiGroups": [kind.group], "resources": [kind.plural],
+                     "verbs": ["create", "get", "delete"]} for kind in KINDS.values()]  # fmt: skip
 
 
 def test_external_values_render_no_minio_or_postgres(external_objects: list[dict]):

@@ -25,6 +25,7 @@ from minio import Minio
 from mlflow.tracking import MlflowClient
 
 from components import runtime
+from hsissl.data.ohs import CLASS_NAMES
 from hsissl.pretrain import checkpoint
 from hsissl.storage import open_storage
 from pipelines import remote
@@ -399,6 +400,11 @@ def test_full_dag_runs_every_stage_and_ends_with_the_report(pipeline_run) -> Non
     assert sum(r.startswith("finetune-") for r in results) == 4
     for task in heads:
         assert task["artifacts"]["metrics"]["metadata"], "finetune logged no metrics"
+    baseline = [t for path, t in run.tasks.items() if _base(path) == "baseline-deeplabv3plus"]
+    for task in [*heads, *baseline]:  # the run page's confusion matrix, WHU-OHS class names
+        matrix = task["artifacts"]["confusion_matrix"]["metadata"]["confusionMatrix"]
+        assert [a["displayName"] for a in matrix["annotationSpecs"]] == list(CLASS_NAMES[1:])
+        assert sum(map(sum, (r["row"] for r in matrix["rows"]))) > 0
     html = Path(run.output("report", "html")["uri"]).read_text()
     assert (
         html.lstrip().lower().startswith(("<!doctype html", "<html")) and "</html>" in html.lower()

@@ -1,12 +1,6 @@
 """The launch-pytorchjob task (multi-node pretraining inside the DAG) against a loopback
-Kubernetes API that plays the Training Operator.
-
-No kube-apiserver is installable here (no envtest/apiserver binaries on PyPI), so a small
-HTTP server implements what the launcher uses (POST/GET/DELETE on
-/apis/kubeflow.org/v1/namespaces/<ns>/pytorchjobs[/<name>]) and the operator's part: it runs
-the posted job's own command (``torchrun -m hsissl.cli <stage> …``, one process) in-process,
-which writes the encoder into the artifact store, and reports the job's conditions. The real
-``kubernetes`` client talks to it.
+Kubernetes API that plays the Training Operator v1 (``tests/fake_kube.py``); the cluster serves
+only PyTorchJob here, so discovery picks it. TrainJob: ``tests/test_trainjob_launch.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +9,6 @@ import json
 import os
 import re
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -24,6 +17,7 @@ import pytest
 from kfp.dsl import Dataset, Metrics, Model
 
 from components import runtime
+from fake_kube import FakeOperator, api_for, condition, kubeconfig, serve
 from hsissl.pretrain import checkpoint
 from hsissl.storage import open_storage
 from pipelines import launcher
@@ -32,148 +26,14 @@ from pipelines.pytorchjob import validate
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
-JOBS_PATH = re.compile(r"^/apis/kubeflow\.org/v1/namespaces/([^/]+)/pytorchjobs(?:/([^/?]+))?")
-
-
-def condition(kind: str, reason: str = "", message: str = "") -> dict[str, str]:
-    return {"type": kind, "status": "True", "reason": reason or f"PyTorchJob{kind}",
-            "message": message or f"PyTorchJob is {kind.lower()}."}  # fmt: skip
-
-
-class FakeOperator:
-    """The Kubernetes API subset the launcher uses, plus the Training Operator's part.
-
-    ``outcome`` of a created job: "train" (run its command, then Succeeded or Failed),
-    "succeed" (at once), "fail" (at once, with ``failure``) or "hang" (Running forever).
-    """
-
-    def __init__(self) -> None:
-        self.jobs: dict[str, dict[str, Any]] = {}  # "<ns>/<name>" -> job
-        self.requests: list[tuple[str, str, int]] = []  # (method, "<ns>/<name>", HTTP status)
-        self.posted: list[dict[str, Any]] = []
-        self.outcome = "train"
-        self.refuse = 0  # an HTTP status every create gets instead
-        self.failure = ("BackoffLimitExceeded", "the job reached its backoff limit")
-        self.lock = threading.Lock()
-
-    # -- the operator's part ----------------------------------------------------------
-    def add(self, key: str, job: dict[str, Any], *conditions: dict[str, str]) -> None:
-        job.setdefault("status", {})["conditions"] = [condition("Created"), *conditions]
-        self.jobs[key] = job
-
-    def _set(self, key: str, cond: dict[str, str]) -> None:
-        with self.lock:
-            if key in self.jobs:
-                self.jobs[key]["status"]["conditions"].append(cond)
-
-    def _run(self, key: str, job: dict[str, Any]) -> None:
-        from hsissl.cli import main
-
-        (container,) = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
-            "containers"
-        ]
-        command = container["command"]
-        assert command[:3] == ["torchrun", "-m", "hsissl.cli"], command
-        self._set(key, condition("Running"))
-        code = main(command[3:])  # the replica's module, as torchrun runs it (one process)
-        self._set(key, condition("Succeeded") if code == 0 else
-                  condition("Failed", "ExitCode", f"master exited with code {code}"))  # fmt: skip
-
-    def created(self, key: str, job: dict[str, Any]) -> None:
-        self.add(key, job)
-        if self.outcome == "train":
-            threading.Thread(target=self._run, args=(key, job), daemon=True).start()
-        elif self.outcome == "succeed":
-            self._set(key, condition("Succeeded"))
-        elif self.outcome == "fail":
-            self._set(key, condition("Failed", *self.failure))
-        else:
-            self._set(key, condition("Running"))
-
-    # -- the API server's part --------------------------------------------------------
-    def handler(self) -> type[BaseHTTPRequestHandler]:
-        operator = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _reply(self, code: int, body: dict[str, Any], key: str) -> None:
-                operator.requests.append((self.command, key, code))
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _status(self, code: int, reason: str, key: str) -> None:
-                body = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code,
-                        "reason": reason, "message": f'pytorchjobs.kubeflow.org "{key}" {reason}'}  # fmt: skip
-                self._reply(code, body, key)
-
-            def _route(self) -> tuple[str, str | None]:
-                match = JOBS_PATH.match(self.path)
-                if not match:
-                    self._status(404, "NotFound", self.path)
-                    raise LookupError(self.path)
-                return match.group(1), match.group(2)
-
-            def do_POST(self) -> None:
-                namespace, name = self._route()
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                key = f"{namespace}/{body['metadata']['name']}"
-                operator.posted.append(body)
-                with operator.lock:
-                    exists = key in operator.jobs
-                if operator.refuse:
-                    return self._status(operator.refuse, "Forbidden", key)
-                if name is not None or exists:
-                    return self._status(409, "AlreadyExists", key)
-                operator.created(key, json.loads(json.dumps(body)))
-                self._reply(201, body, key)
-
-            def do_GET(self) -> None:
-                namespace, name = self._route()
-                key = f"{namespace}/{name}"
-                with operator.lock:
-                    job = json.loads(json.dumps(operator.jobs.get(key)))
-                if job is None:
-                    return self._status(404, "NotFound", key)
-                self._reply(200, job, key)
-
-            def do_DELETE(self) -> None:
-                namespace, name = self._route()
-                key = f"{namespace}/{name}"
-                with operator.lock:
-                    job = operator.jobs.pop(key, None)
-                if job is None:
-                    return self._status(404, "NotFound", key)
-                self._reply(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"}, key)
-
-            def log_message(self, *args: Any) -> None:  # keep pytest output clean
-                pass
-
-        return Handler
-
-    def calls(self, method: str) -> list[str]:
-        return [key for m, key, _ in self.requests if m == method]
 
 
 @pytest.fixture
 def operator():
-    fake = FakeOperator()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), fake.handler())
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    fake.host = f"http://127.0.0.1:{server.server_address[1]}"
+    fake, server = serve(("pytorchjob",))
     yield fake
     server.shutdown()
     server.server_close()
-
-
-def api_for(host: str):
-    """The real client, pointed at the loopback API."""
-    from kubernetes import client
-
-    return client.CustomObjectsApi(client.ApiClient(client.Configuration(host=host)))
 
 
 @pytest.fixture(autouse=True)
@@ -214,16 +74,19 @@ def outputs(where: Path) -> tuple[Model, Metrics]:
 
 
 def launch(stage: SimpleNamespace, operator: FakeOperator, run_id: str, *, nodes: int = 2,
-           timeout_s: float = 120.0, namespace: str = "team-a") -> tuple[Model, Metrics]:  # fmt: skip
+           timeout_s: float = 120.0, namespace: str = "team-a",
+           opts: PipelineOptions | None = None) -> tuple[Model, Metrics]:  # fmt: skip
     encoder, metrics = outputs(stage.root / "kfp" / run_id)
+    options = (opts or PipelineOptions()).to_json()
     launcher.launch("mae", stage.dataset, stage.preset, stage.overrides, stage.tracking, 0.0, 0,
-                    run_id, nodes, 4, "nvidia.com/gpu", PipelineOptions().to_json(), namespace,
+                    run_id, nodes, 4, "nvidia.com/gpu", options, namespace,
                     timeout_s, encoder, metrics, api=api_for(operator.host), poll_s=0.2)  # fmt: skip
     return encoder, metrics
 
 
-def job_of(name: str, namespace: str = "team-a") -> dict[str, Any]:
-    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
+def job_of(name: str, namespace: str = "team-a", kind: str = "PyTorchJob") -> dict[str, Any]:
+    api_version = "kubeflow.org/v1" if kind == "PyTorchJob" else "trainer.kubeflow.org/v1alpha1"
+    return {"apiVersion": api_version, "kind": kind,
             "metadata": {"name": name, "namespace": namespace}, "spec": {}}  # fmt: skip
 
 
@@ -298,13 +161,13 @@ def test_a_failed_job_raises_an_error_naming_it_and_the_operators_reason(stage, 
 
 def test_a_retried_task_adopts_the_job_it_created_instead_of_failing_with_409(stage, operator):
     store_a_finished_pretraining(stage, "mae-adopt-1")
-    operator.add("team-a/mae-adopt-1", job_of("mae-adopt-1"), condition("Running"))
-    threading.Timer(0.5, operator._set, ("team-a/mae-adopt-1", condition("Succeeded"))).start()
+    key = operator.add(job_of("mae-adopt-1"), condition("Running"))
+    threading.Timer(0.5, operator.set, (key, condition("Succeeded"))).start()
 
     encoder, metrics = launch(stage, operator, "adopt-1")
 
     assert [status for m, _, status in operator.requests if m == "POST"] == [409]
-    assert operator.calls("DELETE") == [] and len(operator.calls("GET")) >= 2  # waited
+    assert operator.calls("DELETE") == [] and len(operator.job_calls("GET")) >= 2  # waited
     assert encoder.metadata == {"uri": open_storage(stage.storage).join(
         "checkpoints/mae-adopt-1/encoder.pt"), "method": "mae", "steps": float(STEPS),
         "resumed": "true"}  # fmt: skip
@@ -313,7 +176,7 @@ def test_a_retried_task_adopts_the_job_it_created_instead_of_failing_with_409(st
 
 def test_a_job_an_earlier_attempt_left_failed_is_replaced(stage, operator):
     store_a_finished_pretraining(stage, "mae-again-1")
-    operator.add("team-a/mae-again-1", job_of("mae-again-1"), condition("Failed"))
+    operator.add(job_of("mae-again-1"), condition("Failed"))
     operator.outcome = "succeed"
 
     encoder, _ = launch(stage, operator, "again-1")
@@ -327,13 +190,13 @@ def test_a_timeout_deletes_the_job_and_raises(stage, operator):
     operator.outcome = "hang"
     with pytest.raises(TimeoutError, match=r"team-a/mae-slow-1 not finished after 1 s .*Running"):
         launch(stage, operator, "slow-1", timeout_s=1.0)
-    assert operator.calls("DELETE") == ["team-a/mae-slow-1"] and not operator.jobs
+    assert operator.calls("DELETE") == ["pytorchjobs/team-a/mae-slow-1"] and not operator.jobs
 
 
 def test_a_refused_create_names_the_job_and_the_http_status(stage, operator):
     operator.refuse = 403  # e.g. the Role lacks "create" on pytorchjobs
     with pytest.raises(launcher.PyTorchJobError,
-                       match=r"creating PyTorchJob team-a/mae-rbac-1: HTTP 403 .*Forbidden"):  # fmt: skip
+                       match=r"creating PyTorchJob team-a/mae-rbac-1: HTTP 403 .*Invalid"):  # fmt: skip
         launch(stage, operator, "rbac-1")
 
 
@@ -371,18 +234,12 @@ def test_pipeline_options_reach_the_launcher_intact() -> None:
 
 
 def test_outside_a_pod_the_client_uses_the_kubeconfig(operator, tmp_path, monkeypatch) -> None:
-    kubeconfig = tmp_path / "config"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": operator.host}}],
-        "users": [{"name": "me", "user": {"token": "t"}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "me",
-                                                  "namespace": "from-kubeconfig"}}]}))  # fmt: skip
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setenv("KUBECONFIG", kubeconfig(tmp_path / "config", operator.host,
+                                                "from-kubeconfig"))  # fmt: skip
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setattr(launcher, "SA_NAMESPACE_FILE", tmp_path / "absent")
     assert launcher.current_namespace() == "from-kubeconfig"
-    operator.add("from-kubeconfig/j", job_of("j", "from-kubeconfig"), condition("Succeeded"))
+    operator.add(job_of("j", "from-kubeconfig"), condition("Succeeded"))
     assert launcher.wait(launcher.connect(), "from-kubeconfig", "j", 5)["metadata"]["name"] == "j"
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
     with pytest.raises(launcher.PyTorchJobError, match="no Kubernetes API"):
@@ -398,14 +255,8 @@ def test_dag_with_two_nodes_pretrains_through_the_pytorchjob_and_finetunes_its_e
 ) -> None:
     from pipelines.local import run_local
 
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": operator.host}}],
-        "users": [{"name": "me", "user": {"token": "t"}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "me",
-                                                  "namespace": "team-a"}}]}))  # fmt: skip
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))  # the launcher's subprocess reads it
+    # the launcher's subprocess reads it
+    monkeypatch.setenv("KUBECONFIG", kubeconfig(tmp_path / "kubeconfig", operator.host, "team-a"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     overrides = [
         f"run_dir={tmp_path / 'run'}", "synthetic.scenes={tr: 4, va: 1, ts: 1}",

@@ -80,7 +80,8 @@ FLAGS: dict[str, dict[str, tuple[str, str]]] = {
     "finetune": {
         "--encoder": (
             "finetune.encoder",
-            "encoder record URI (…/checkpoints/<name>/encoder.pt) or random:<factory>",
+            "encoder record URI (…/checkpoints/<name>/encoder.pt), a registered version "
+            "(models:/hsissl-mae/3, models:/hsissl-mae@champion) or random:<factory>",
         ),
         "--head": ("finetune.head", "linear | conv | segmenter"),
     },

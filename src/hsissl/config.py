@@ -66,6 +66,8 @@ class StorageConfig:
 class TrackingConfig:
     uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db
     experiment: str = "hsissl"
+    # Encoders are registered as models <prefix><method> (hsissl.registry); "" = not at all.
+    model_prefix: str = "hsissl-"
 
 
 @dataclass

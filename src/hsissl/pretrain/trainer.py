@@ -28,6 +28,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from hsissl import registry
 from hsissl.config import Config, ConfigError, OptimConfig
 from hsissl.data.loaders import TileBatches
 from hsissl.data.prefetch import DeviceBatches
@@ -232,6 +233,9 @@ class Trainer:
             if tracker is not None:
                 tracker.set_tags({"encoder_uri": encoder_uri})
                 tracker.log_params({"encoder_uri": encoder_uri})
+                registry.register_encoder(tracker, self.cfg, self.method, encoder_uri,
+                                          self.normalizer.fingerprint, self.step,
+                                          self.dataset.uri)  # fmt: skip
                 tracker.name_after(encoder_uri)
                 tracker.log_dict({"encoder_uri": encoder_uri, "build": self.recipe.build(),
                                   "normalizer": self.normalizer.to_dict(), "metrics": metrics}, "encoder.json")  # fmt: skip

@@ -1,6 +1,8 @@
 """Stage: a segmentation head on a frozen encoder (the dissertation's runs 1-9).
 
-``hsissl finetune --config configs/finetune/run1.yaml finetune.encoder=<URI>`` trains
+``hsissl finetune --config configs/finetune/run1.yaml finetune.encoder=<URI>`` (an encoder
+record, ``models:/<name>/<version>`` or ``models:/<name>@<alias>`` from the Model Registry, or
+``random:<factory>``) trains
 ``finetune.head`` on the labelled training tiles, evaluates it at tile size and on whole scenes
 of ``finetune.eval_split`` (sliding window) and writes ``results/<name>/metrics.json``,
 ``predictions.npz`` and ``head.pt`` to the artifact store, all or nothing.
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hsissl import registry
 from hsissl.config import Config, ConfigError, FinetuneConfig
 from hsissl.data.shards import ShardDataset
 from hsissl.models import MODELS
@@ -41,6 +44,7 @@ from hsissl.segment.finetune import (
 )
 from hsissl.stages.common import dataset_uri, stage_run, storage_of
 from hsissl.storage import Storage, open_storage
+from hsissl.tracking import resolve_uri
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +64,16 @@ def run(cfg: Config) -> dict[str, Any]:
             "(start it without torchrun)"
         )
     rt = setup(cfg.pretrain.device, cfg.seed)
+    registered = None  # the Model Registry version a models:/ URI names
+    encoder_uri = ft.encoder
+    if encoder_uri.startswith(registry.SCHEME):
+        registered = registry.resolve(encoder_uri, resolve_uri(cfg.tracking.uri, cfg.run_dir))
+        encoder_uri = registered["source"]
     encoder, normalizer, enc_info = open_encoder(
-        resolve_encoder(ft.encoder, store), dataset, cfg.seed
+        resolve_encoder(encoder_uri, store), dataset, cfg.seed
     )
+    if registered is not None:
+        registry.check_step(registered, enc_info.get("step"))
     name = ft.name or f"finetune-{enc_info['method']}-{ft.head}"
     tile = int(dataset.manifest["tile_size"])
     spec = head_spec(encoder, ft, normalizer.bands, tile)
@@ -83,6 +94,8 @@ def run(cfg: Config) -> dict[str, Any]:
                 "results": name,
             }
         )
+        if registered is not None:
+            tracker.set_tags({"encoder_model": registered["uri"]})
         tracker.name_after(name)
         tracker.log_params({"encoder_uri": enc_info["uri"]})  # the config's may be '' or relative
         history = train_head(
@@ -209,7 +222,8 @@ def check_config(ft: FinetuneConfig, dataset: ShardDataset) -> None:
     if not ft.encoder:
         raise ConfigError(
             "finetune.encoder is empty; give an encoder record URI "
-            "(…/checkpoints/<name>/encoder.pt) or random:<model factory>"
+            "(…/checkpoints/<name>/encoder.pt), a registered version "
+            "(models:/<name>/<version> or models:/<name>@<alias>) or random:<model factory>"
         )
     if ft.head not in HEADS:
         raise ConfigError(f"finetune.head={ft.head!r}; expected one of {sorted(HEADS)}")
