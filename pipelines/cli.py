@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", required=True, help="version name, e.g. the git SHA")
     p.add_argument("--pipeline", default=PIPELINE_NAME, help="pipeline name (default %(default)s)")
     p.add_argument("--package", type=Path, help="a compiled YAML (default: compile now)")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="do nothing if the pipeline has a version of that name (KFP would reject "
+                        "a duplicate)")  # fmt: skip
     add_options(p)
 
     p = sub.add_parser(
@@ -305,7 +308,8 @@ def _upload(args: argparse.Namespace) -> int:
 
     client = remote.connect(args.host, args.namespace, args.token)
     pipeline_id = remote.upload(client, args.version, pipeline=args.pipeline,
-                                opts=options_from(args), package=args.package)  # fmt: skip
+                                opts=options_from(args), package=args.package,
+                                skip_existing=args.skip_existing)  # fmt: skip
     print(json.dumps({"pipeline_id": pipeline_id, "version": args.version}))
     return 0
 

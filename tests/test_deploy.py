@@ -90,8 +90,11 @@ def test_dockerfile_rules(dockerfile: Path):
     assert deps < final.index("COPY src/")
     assert "pip install --no-cache-dir --no-deps" in final.split("COPY src/", 1)[1]
     assert not re.search(r"(?i)\w*(PASSWORD|SECRET|TOKEN|ACCESS_KEY)\w*\s*=", text), "no secrets"
+    # upstream defaults for CI; a local build overrides them (scripts/images.sh, LOCAL=1)
+    assert re.search(r"^ARG PIP_CONFIG_FILE$", final, re.M), "no pip config unless passed in"
     if dockerfile.name == "cpu.Dockerfile":
-        assert "--index-url https://download.pytorch.org/whl/cpu" in final
+        assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu\n" in final
+        assert '${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}' in final
 
 
 def docker_context() -> list[str]:
