@@ -519,3 +519,13 @@ def test_mlflow_server_accepts_in_cluster_names_and_rejects_others(default_objec
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=20)
         log.close()
+
+
+def test_pipeline_pods_pull_with_the_charts_image_pull_secrets(helm: str, default_objects):
+    """Pods running as the pipeline service account (KFP steps, PyTorchJob replicas) get its
+    imagePullSecrets from Kubernetes' service-account admission."""
+    assert "imagePullSecrets" not in one(default_objects, "ServiceAccount", f"{RELEASE}-pipeline")
+    objects = render(helm, "--set", "pipeline.imagePullSecrets={regcred,mirror}")
+    sa = one(objects, "ServiceAccount", f"{RELEASE}-pipeline")
+    assert sa["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+    assert "/pipeline/cacheSize" in render_error(helm, "--set", "pipeline.cacheSize=lots")
