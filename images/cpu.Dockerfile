@@ -59,8 +59,11 @@ RUN pip install --no-cache-dir --no-deps --no-build-isolation /app \
 # the dependency layer.
 ARG GIT_SHA=unknown
 LABEL org.opencontainers.image.revision=$GIT_SHA
+# Stages may write only to /tmp and the KFP launcher's folders (a read-only root otherwise):
+# matplotlib keeps its font cache and config under /tmp, not in HOME.
 ENV HSISSL_GIT_SHA=$GIT_SHA \
-    HOME=/home/hsissl
+    HOME=/home/hsissl \
+    MPLCONFIGDIR=/tmp/matplotlib
 USER 10001:10001
 ENTRYPOINT ["hsissl"]
 CMD ["--help"]

@@ -77,7 +77,7 @@ local_base() {
 }
 
 build() {
-  local args=(--build-arg "GIT_SHA=$GIT_SHA") hostpip=""
+  local args=(--build-arg "GIT_SHA=$GIT_SHA")
   for arg in BASE_IMAGE REQUIREMENTS_IMAGE TORCH_INDEX_URL; do
     if [ -n "${!arg+set}" ]; then args+=(--build-arg "$arg=${!arg}"); fi
   done
@@ -87,9 +87,9 @@ build() {
     args+=(--build-arg "BASE_IMAGE=${BASE_IMAGE:-$LOCAL_BASE}"
            --build-arg "REQUIREMENTS_IMAGE=${REQUIREMENTS_IMAGE:-$LOCAL_BASE}"
            --build-arg "TORCH_INDEX_URL=${TORCH_INDEX_URL:-}")
-    hostpip=$(mktemp -d)
-    trap 'rm -rf "$hostpip"' EXIT
-    mapfile -t -O "${#args[@]}" args < <(python3 scripts/host_pip.py "$hostpip")
+    HOSTPIP=$(mktemp -d)
+    trap 'rm -rf "$HOSTPIP"' EXIT
+    mapfile -t -O "${#args[@]}" args < <(python3 scripts/host_pip.py "$HOSTPIP")
   fi
   for kind in "$@"; do
     local name="$IMAGE_REGISTRY/hsissl-$kind" start=$SECONDS

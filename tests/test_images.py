@@ -185,7 +185,8 @@ def test_ingest_and_report_run_in_the_cpu_image_as_uid_10001(
         assert html.lstrip().lower().startswith(("<!doctype html", "<html")) and "</html>" in html
 
         written = box.written()
-        assert outside_writable(written, volumes) == [], "writes outside the writable paths"
+        outside = outside_writable(written, volumes)
+        assert outside == [], f"written outside {WRITABLE} and the volumes: {outside}"
         assert any(p.startswith("/s3/") for p in written)  # the check sees what was written
     finally:
         box.remove()
