@@ -5,6 +5,7 @@ and the shard cache emptyDir in compiled pipelines and PyTorchJob pods."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,52 @@ def test_pytorchjob_pods_pull_with_the_secret_and_cache_in_an_emptydir():
         (container,) = pod["containers"]
         assert {"name": "cache", "mountPath": opts.cache_mount} in container["volumeMounts"]
         assert {"name": "HSISSL_CACHE", "value": opts.cache_mount} in container["env"]
+
+
+def _fake_builders(tmp_path: Path, docker_daemon: bool | None, buildah: bool) -> dict[str, str]:
+    """A PATH with only the tools scripts/images.sh needs, and builders that log their argv."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("dirname", "sed", "git", "cat"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    log = tmp_path / "calls.log"
+    names = (["docker"] if docker_daemon is not None else []) + (["buildah"] if buildah else [])
+    for name in names:
+        info_rc = 0 if docker_daemon else 1  # `docker info` fails without a daemon
+        script = f'#!/bin/bash\n[ "$1" = info ] && exit {info_rc}\necho "{name} $*" >> {log}\n'
+        (bin_dir / name).write_text(script)
+        (bin_dir / name).chmod(0o755)
+    return {"PATH": str(bin_dir), "GIT_SHA": SHA, "LOG": str(log)}
+
+
+@pytest.mark.parametrize(
+    ("docker_daemon", "buildah", "expected"),
+    [(True, True, "docker build"), (False, True, "buildah bud"), (None, True, "buildah bud")],
+)
+def test_make_images_builds_with_whichever_builder_works(
+    tmp_path, docker_daemon, buildah, expected
+):
+    env = _fake_builders(tmp_path, docker_daemon, buildah)
+    proc = subprocess.run(["/bin/bash", "scripts/images.sh", "build", "cpu"], cwd=REPO,
+                          env={**env, "BASE_IMAGE": "mirror.example/python:3.11"},
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (call,) = Path(env["LOG"]).read_text().splitlines()
+    assert call.startswith(expected)
+    name = image_ref("cpu").rsplit(":", 1)[0]
+    for part in (f"-t {image_ref('cpu')}", f"-t {name}:{SHA}", "-f images/cpu.Dockerfile",
+                 f"--build-arg GIT_SHA={SHA}", "--build-arg BASE_IMAGE=mirror.example/python:3.11"):  # fmt: skip
+        assert part in call
+    push = subprocess.run(["/bin/bash", "scripts/images.sh", "push", "cpu"], cwd=REPO, env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    assert push.returncode == 0, push.stderr
+    pushes = Path(env["LOG"]).read_text().splitlines()[1:]
+    assert [p.split()[-1] for p in pushes] == [image_ref("cpu"), f"{name}:{SHA}"]
+
+
+def test_make_images_says_what_it_needs_when_no_builder_works(tmp_path):
+    env = _fake_builders(tmp_path, docker_daemon=False, buildah=False)
+    proc = subprocess.run(["/bin/bash", "scripts/images.sh", "build"], cwd=REPO, env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 1
+    assert "needs docker (with a running daemon), podman or buildah" in proc.stderr
