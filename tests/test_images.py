@@ -204,6 +204,9 @@ def test_the_image_runs_as_the_non_root_user_with_only_declared_folders_writable
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.split() == ["/app", "/gcs", "/minio", "/s3", "/tmp"]
         assert box.run(["hsissl", "--help"], {}).returncode == 0
+        # the build machine's pip configuration was mounted for the RUN steps only
+        leaked = box.run(["find", "/run/host-pip", "-type", "f", "-size", "+0"], {})
+        assert leaked.returncode in (0, 1) and leaked.stdout == "", leaked.stdout
     finally:
         box.remove()
 
