@@ -33,6 +33,8 @@ pytestmark = [
     pytest.mark.images,
     pytest.mark.skipif(bool(MISSING_TOOLS), reason=f"{' and '.join(MISSING_TOOLS)} not installed "
                        "(apt-get install buildah mmdebstrap): the image tests build with them"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: buildah's chroot isolation without "
+                       "a rootless setup, and a cache volume owned by uid 10001"),
 ]  # fmt: skip
 UID = "10001"
 # Where a stage pod may write: the KFP launcher's artifact staging folders (owned by 10001 in
