@@ -78,6 +78,11 @@ local_base() {
 
 build() {
   local args=(--build-arg "GIT_SHA=$GIT_SHA")
+  if [ "$BUILDER" != docker ]; then
+    # buildah's layer cache ignores a changed ARG in ENV/LABEL (containers/buildah#5501): a new
+    # commit would keep the previous build's revision. Set both on the final image instead.
+    args+=(--env "HSISSL_GIT_SHA=$GIT_SHA" --label "org.opencontainers.image.revision=$GIT_SHA")
+  fi
   for arg in BASE_IMAGE REQUIREMENTS_IMAGE TORCH_INDEX_URL; do
     if [ -n "${!arg+set}" ]; then args+=(--build-arg "$arg=${!arg}"); fi
   done

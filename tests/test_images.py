@@ -45,10 +45,12 @@ RUNTIME_FILES = {"/etc/hosts", "/etc/resolv.conf", "/etc/hostname", "/run", "/ru
 TAG = "images-test"
 
 
-def build(kind: str) -> tuple[str, float]:
+def build(kind: str, git_sha: str | None = None) -> tuple[str, float]:
     """Build images/<kind>.Dockerfile (cached layers reused); its reference and seconds."""
     start = time.monotonic()
     env = {**os.environ, "LOCAL": "1", "IMAGE_TAG": TAG, "BUILDER": "buildah"}
+    if git_sha:
+        env["GIT_SHA"] = git_sha
     proc = subprocess.run(["bash", "scripts/images.sh", "build", kind], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=3600)  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
@@ -195,9 +197,7 @@ def test_ingest_and_report_run_in_the_cpu_image_as_uid_10001(
 
 
 def test_the_image_runs_as_the_non_root_user_with_only_declared_folders_writable(cpu_image):
-    config = json.loads(subprocess.run(["buildah", "inspect", "--type", "image", cpu_image],
-                                       check=True, capture_output=True, text=True).stdout)  # fmt: skip
-    assert config["OCIv1"]["config"]["User"] == f"{UID}:{UID}"
+    assert image_config(cpu_image)["User"] == f"{UID}:{UID}"
     box = Container(cpu_image, {})
     try:
         probe = ("import os; print(' '.join(p for p in ('/', '/app', '/opt/venv', '/etc', '/usr', "
@@ -211,6 +211,23 @@ def test_the_image_runs_as_the_non_root_user_with_only_declared_folders_writable
         assert leaked.returncode in (0, 1) and leaked.stdout == "", leaked.stdout
     finally:
         box.remove()
+
+
+def image_config(ref: str) -> dict:
+    out = subprocess.run(["buildah", "inspect", "--type", "image", ref], check=True,
+                         capture_output=True, text=True).stdout  # fmt: skip
+    return json.loads(out)["OCIv1"]["config"]
+
+
+def test_a_rebuild_for_another_commit_carries_that_commits_revision(cpu_image):
+    """The dependency layers come from the cache, the revision must not (a cached ENV/LABEL
+    of the previous build would name the wrong commit in MLflow's git_sha tag)."""
+    for sha in ("1" * 40, "2" * 40):
+        ref, _ = build("cpu", git_sha=sha)
+        config = image_config(ref)
+        assert f"HSISSL_GIT_SHA={sha}" in config["Env"]
+        assert config["Labels"]["org.opencontainers.image.revision"] == sha
+    build("cpu")  # back to this checkout's revision for the other tests
 
 
 def test_the_train_image_builds_and_imports_the_training_stack():

@@ -201,6 +201,9 @@ def test_make_images_builds_with_whichever_builder_works(
     for part in (f"-t {image_ref('cpu')}", f"-t {name}:{SHA}", "-f images/cpu.Dockerfile",
                  f"--build-arg GIT_SHA={SHA}", "--build-arg BASE_IMAGE=mirror.example/python:3.11"):  # fmt: skip
         assert part in call
+    # buildah's layer cache would keep a previous build's revision (containers/buildah#5501)
+    revision = f"--label org.opencontainers.image.revision={SHA}"
+    assert (revision in call) == expected.startswith("buildah")
     push = subprocess.run(["/bin/bash", "scripts/images.sh", "push", "cpu"], cwd=REPO, env=env,
                           capture_output=True, text=True)  # fmt: skip
     assert push.returncode == 0, push.stderr
