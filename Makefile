@@ -8,14 +8,16 @@ DATA   ?=
 # A real WHU-OHS copy: make run DATA=/data/WHU-OHS CONFIG=configs/base.yaml
 RUN_ARGS := $(if $(DATA),data.source=$(abspath $(DATA)))
 
-.PHONY: help install run test lint bench bench-ingest bench-train bench-gpu bench-loader images tools pipeline submit clean
+.PHONY: help install run test test-images lint bench bench-ingest bench-train bench-gpu bench-loader images images-local push-images tools pipeline submit clean
 KFP_HOST   ?=
 EXPERIMENT ?= hsissl
-IMAGE_TAG  ?= $(shell git rev-parse HEAD 2>/dev/null || echo dev)
-IMAGE_REPO ?= ghcr.io/hsissl
+# IMAGE_REGISTRY and IMAGE_TAG: the one setting compile and CI read (make images IMAGE_TAG=dev ...)
+include pipelines/images.env
+IMAGE_ARGS := --image-registry $(IMAGE_REGISTRY) --image-tag $(IMAGE_TAG)
+export IMAGE_REGISTRY IMAGE_TAG
 
 help:  ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -34,11 +36,14 @@ pipeline: $(STAMP)  ## compile the Kubeflow pipeline to pipelines/hsissl.yaml (r
 
 submit: $(STAMP)  ## submit to Kubeflow: make submit KFP_HOST=http://<kfp api> [EXPERIMENT=hsissl]
 	@test -n "$(KFP_HOST)" || { echo "set KFP_HOST, e.g. make submit KFP_HOST=http://localhost:8080"; exit 2; }
-	$(VENV)/bin/hsissl-pipeline submit --host $(KFP_HOST) --experiment $(EXPERIMENT)
+	$(VENV)/bin/hsissl-pipeline submit --host $(KFP_HOST) --experiment $(EXPERIMENT) $(IMAGE_ARGS)
 
 test: $(STAMP)  ## run the test suite (CPU, tiny presets)
 	$(VENV)/bin/ruff check src tests components pipelines scripts
 	$(VENV)/bin/pytest -q
+
+test-images: $(STAMP)  ## build both images here (buildah, LOCAL=1) and run ingest + report inside as uid 10001
+	$(VENV)/bin/pytest -q -m images tests/test_images.py
 
 lint: $(STAMP)  ## ruff lint + format check
 	$(VENV)/bin/ruff check src tests components pipelines scripts
@@ -59,13 +64,14 @@ bench-train: $(STAMP)  ## pretraining img/s, MFU, peak memory per method (base m
 bench-gpu:  ## the GPU pretraining bench in one command, no venv needed (scripts/gpu_bench.sh; results in OUT, default runs/bench-gpu/)
 	bash scripts/gpu_bench.sh
 
-images:  ## build images/cpu.Dockerfile and images/train.Dockerfile (docker or buildah), tag = git SHA
-	@builder="$$(command -v docker || command -v buildah)"; \
-	if [ -z "$$builder" ]; then echo "make images: needs docker or buildah on PATH" >&2; exit 1; fi; \
-	for image in cpu train; do \
-	  "$$builder" build -f images/$$image.Dockerfile --build-arg GIT_SHA=$(IMAGE_TAG) \
-	    -t $(IMAGE_REPO)/hsissl-$$image:$(IMAGE_TAG) . || exit 1; \
-	done
+images:  ## build both images (docker, podman or buildah): $(IMAGE_REGISTRY)/hsissl-{cpu,train}:$(IMAGE_TAG) and :<git SHA>
+	bash scripts/images.sh build
+
+images-local:  ## the same without a registry: Debian base made with mmdebstrap, this machine's pip config (buildah/podman)
+	LOCAL=1 bash scripts/images.sh build
+
+push-images:  ## push what make images built (both tags)
+	bash scripts/images.sh push
 
 tools:  ## install helm and kubectl into .tools/bin (chart tests, docs/deploy.md)
 	bash scripts/install_tools.sh

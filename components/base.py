@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from kfp import dsl
 
-CPU_IMAGE = "ghcr.io/hsissl/hsissl-cpu:latest"  # images/cpu.Dockerfile: ingest, pca, report
-TRAIN_IMAGE = "ghcr.io/hsissl/hsissl-train:latest"  # images/train.Dockerfile: CUDA stages
+from pipelines.images import image_ref
+
+# From the registry/tag setting (pipelines/images.env), which CI publishes.
+CPU_IMAGE = image_ref("cpu")  # images/cpu.Dockerfile: ingest, pca, report
+TRAIN_IMAGE = image_ref("train")  # images/train.Dockerfile: CUDA stages
 
 
 def cpu_component(func):

@@ -1,15 +1,17 @@
 # syntax=docker/dockerfile:1
 # CPU image for the ingest, pca-poc and report stages: python:3.11-slim, torch from PyTorch's CPU
-# wheel index. Build from the repository root:
+# wheel index. Build from the repository root with scripts/images.sh (make images), or:
 #   docker build -f images/cpu.Dockerfile --build-arg GIT_SHA=$(git rev-parse HEAD) .
 # BASE_IMAGE is pinned by digest (python:3.11-slim multi-arch index); bump tag and digest together.
+# Any Debian-like base with python3 (>= 3.11) and python3-venv works (make images-local builds on
+# a Debian bookworm rootfs made with mmdebstrap).
 ARG BASE_IMAGE=python:3.11-slim@sha256:9c900dea9e8fb7e16277c179b555cc72d29a352dbc33cff48ad5a0412fd5bfc7
 
 # The exact dependency pins of pyproject.toml as a requirements file. A separate stage, so the
 # dependency layer below is rebuilt only when the pins change, not on any pyproject edit.
 FROM ${BASE_IMAGE} AS requirements
 COPY pyproject.toml /tmp/pyproject.toml
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']))" \
+RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']))" \
       > /tmp/requirements.txt
 
 FROM ${BASE_IMAGE}
@@ -31,11 +33,15 @@ RUN groupadd --gid 10001 hsissl \
  && install -d -o 10001 -g 10001 /app /gcs /minio /s3
 
 # Dependency layer: torch/torchvision from the CPU wheel index (no CUDA libraries), then the
-# rest of the pins from PyPI (the installed torch satisfies its pin).
+# rest of the pins from PyPI (the installed torch satisfies its pin). TORCH_INDEX_URL empty =
+# pip's configured index. PIP_CONFIG_FILE: unset here; local builds point it at the build
+# machine's pip configuration, mounted for the RUN only (scripts/host_pip.py).
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_CONFIG_FILE
 COPY --from=requirements /tmp/requirements.txt /tmp/build/requirements.txt
-RUN python -m venv "$VIRTUAL_ENV" \
+RUN python3 -m venv "$VIRTUAL_ENV" \
  && grep -E '^(torch|torchvision)==' /tmp/build/requirements.txt > /tmp/build/torch.txt \
- && pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu -r /tmp/build/torch.txt \
+ && pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} -r /tmp/build/torch.txt \
  && pip install --no-cache-dir -r /tmp/build/requirements.txt setuptools==84.2.1 \
  && rm -rf /tmp/build
 
@@ -53,8 +59,11 @@ RUN pip install --no-cache-dir --no-deps --no-build-isolation /app \
 # the dependency layer.
 ARG GIT_SHA=unknown
 LABEL org.opencontainers.image.revision=$GIT_SHA
+# Stages may write only to /tmp and the KFP launcher's folders (a read-only root otherwise):
+# matplotlib keeps its font cache and config under /tmp, not in HOME.
 ENV HSISSL_GIT_SHA=$GIT_SHA \
-    HOME=/home/hsissl
+    HOME=/home/hsissl \
+    MPLCONFIGDIR=/tmp/matplotlib
 USER 10001:10001
 ENTRYPOINT ["hsissl"]
 CMD ["--help"]

@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # CUDA image for the training stages (pretrain, finetune, baseline): CUDA 13.0 + cuDNN runtime on
 # Ubuntu 24.04 (Python 3.12), matching the cu130 build PyPI serves for torch==2.14.1, which brings
-# its own CUDA libraries. Build from the repository root:
+# its own CUDA libraries. Build from the repository root with scripts/images.sh (make images), or:
 #   docker build -f images/train.Dockerfile --build-arg GIT_SHA=$(git rev-parse HEAD) .
 # Both images are pinned by digest (multi-arch indexes); bump tag and digest together.
 ARG BASE_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04@sha256:14d94b039cb94bbd5da559f303b46bc4b0d5d6c24ab1a9d7b186e566ed3400dc
@@ -11,7 +11,7 @@ ARG REQUIREMENTS_IMAGE=python:3.11-slim@sha256:9c900dea9e8fb7e16277c179b555cc72d
 # dependency layer below is rebuilt only when the pins change, not on any pyproject edit.
 FROM ${REQUIREMENTS_IMAGE} AS requirements
 COPY pyproject.toml /tmp/pyproject.toml
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']))" \
+RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']))" \
       > /tmp/requirements.txt
 
 FROM ${BASE_IMAGE}
@@ -41,6 +41,9 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 # Dependency layer: the exact pins from PyPI (torch==2.14.1 brings its CUDA 13 libraries).
+# PIP_CONFIG_FILE: unset here; local builds point it at the build machine's pip configuration,
+# mounted for the RUN only (scripts/host_pip.py).
+ARG PIP_CONFIG_FILE
 COPY --from=requirements /tmp/requirements.txt /tmp/build/requirements.txt
 RUN python3 -m venv "$VIRTUAL_ENV" \
  && pip install --no-cache-dir -r /tmp/build/requirements.txt setuptools==84.2.1 \
@@ -60,8 +63,11 @@ RUN pip install --no-cache-dir --no-deps --no-build-isolation /app \
 # the dependency layer.
 ARG GIT_SHA=unknown
 LABEL org.opencontainers.image.revision=$GIT_SHA
+# Stages may write only to /tmp and the KFP launcher's folders (a read-only root otherwise):
+# matplotlib keeps its font cache and config under /tmp, not in HOME.
 ENV HSISSL_GIT_SHA=$GIT_SHA \
-    HOME=/home/hsissl
+    HOME=/home/hsissl \
+    MPLCONFIGDIR=/tmp/matplotlib
 USER 10001:10001
 ENTRYPOINT ["hsissl"]
 CMD ["--help"]

@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", default=PIPELINE_NAME, help="pipeline name (default %(default)s)")
     p.add_argument("--package", type=Path, help="a compiled YAML (default: compile now)")
     _version_check(p)
+    p.add_argument("--skip-existing", action="store_true",
+                   help="do nothing if the pipeline has a version of that name (KFP would reject "
+                        "a duplicate)")  # fmt: skip
     add_options(p)
 
     for command, what in (("pytorchjob", "Training Operator v1 PyTorchJob"),
@@ -326,7 +329,8 @@ def _upload(args: argparse.Namespace) -> int:
     client = remote.connect(args.host, args.namespace, args.token)
     pipeline_id = remote.upload(client, args.version, pipeline=args.pipeline,
                                 opts=options_from(args), package=args.package,
-                                check_version=not args.skip_version_check)  # fmt: skip
+                                check_version=not args.skip_version_check,
+                                skip_existing=args.skip_existing)  # fmt: skip
     print(json.dumps({"pipeline_id": pipeline_id, "version": args.version}))
     return 0
 

@@ -2,8 +2,9 @@
 
 The checked-in ``pipelines/hsissl.yaml`` is compiled with the default options; a test
 compiles again and compares, so any change to the DAG is reviewed in the YAML diff. CI
-compiles with its image references (``--cpu-image``/``--train-image`` or $HSISSL_CPU_IMAGE,
-$HSISSL_TRAIN_IMAGE) before uploading.
+compiles with the digests it has just pushed (``--cpu-image``/``--train-image``
+``<name>@sha256:…``). Otherwise the images are ``<registry>/hsissl-{cpu,train}:<tag>`` from the
+one registry/tag setting ``pipelines/images.env`` (``--image-registry``/``--image-tag``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from kfp import compiler
 
 from pipelines.dag import STAGES, build_pipeline, build_stage_pipeline
+from pipelines.images import check_reference, default_registry, default_tag, image_ref
 from pipelines.options import MULTI_NODE_APIS, PipelineOptions
 
 GOLDEN = Path(__file__).with_name("hsissl.yaml")
@@ -78,6 +80,13 @@ def _toleration(text: str) -> dict[str, str]:
     return {"key": key, "operator": "Exists", "effect": effect}
 
 
+def _image(text: str) -> str:
+    try:
+        return check_reference(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def add_options(parser: argparse.ArgumentParser, pytorchjob_service_account: bool = True) -> None:
     """Flags for :class:`PipelineOptions` (shared by compile, submit, upload, rerun and
     pytorchjob). The defaults are the names the chart creates as release ``hsissl``;
@@ -86,14 +95,45 @@ def add_options(parser: argparse.ArgumentParser, pytorchjob_service_account: boo
     d = PipelineOptions()
     g = parser.add_argument_group("compile options")
     g.add_argument(
+        "--image-registry",
+        default=default_registry(),
+        metavar="REGISTRY",
+        help="images are REGISTRY/hsissl-{cpu,train}:TAG (default $HSISSL_IMAGE_REGISTRY or "
+        "pipelines/images.env: %(default)s)",
+    )
+    g.add_argument(
+        "--image-tag",
+        default=default_tag(),
+        metavar="TAG",
+        help="(default $HSISSL_IMAGE_TAG or pipelines/images.env: %(default)s)",
+    )
+    g.add_argument(
         "--cpu-image",
-        default=os.environ.get("HSISSL_CPU_IMAGE", d.cpu_image),
-        help="image of ingest/pca-poc/report (default $HSISSL_CPU_IMAGE or %(default)s)",
+        type=_image,
+        default=os.environ.get("HSISSL_CPU_IMAGE"),
+        help="full reference of the ingest/pca-poc/report image, e.g. NAME@sha256:DIGEST "
+        "(default $HSISSL_CPU_IMAGE, else from --image-registry/--image-tag)",
     )
     g.add_argument(
         "--train-image",
-        default=os.environ.get("HSISSL_TRAIN_IMAGE", d.train_image),
-        help="image of the GPU stages (default $HSISSL_TRAIN_IMAGE or %(default)s)",
+        type=_image,
+        default=os.environ.get("HSISSL_TRAIN_IMAGE"),
+        help="full reference of the GPU stages' image (default $HSISSL_TRAIN_IMAGE, else from "
+        "--image-registry/--image-tag)",
+    )
+    g.add_argument(
+        "--image-pull-secret",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="Secret for pulling the images from a private registry (repeatable; or give the "
+        "service account imagePullSecrets: chart value pipeline.imagePullSecrets)",
+    )
+    g.add_argument(
+        "--cache-size",
+        default=d.cache_size,
+        help=f"emptyDir of the shard download cache at {d.cache_mount} in the pods that read a "
+        "dataset (about the dataset size; default %(default)s)",
     )
     g.add_argument(
         "--gpu-node-selector",
@@ -174,7 +214,14 @@ def options_from(args: argparse.Namespace) -> PipelineOptions:
     # PyTorchJob pods run as the run's pods do unless told otherwise (submit, rerun)
     job_account = (getattr(args, "pytorchjob_service_account", None)
                    or getattr(args, "service_account", None) or d.pytorchjob_service_account)  # fmt: skip
-    opts = replace(d, cpu_image=args.cpu_image, train_image=args.train_image,
+    try:
+        images = {kind: getattr(args, f"{kind}_image")
+                  or image_ref(kind, args.image_registry, args.image_tag) for kind in ("cpu", "train")}  # fmt: skip
+    except ValueError as err:  # a usage error, as argparse reports one
+        print(f"hsissl-pipeline: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    opts = replace(d, cpu_image=images["cpu"], train_image=images["train"],
+                   image_pull_secrets=list(args.image_pull_secret), cache_size=args.cache_size,
                    s3_secret=args.s3_secret, mlflow_secret=args.mlflow_secret,
                    env_config_map=args.env_config_map, config_map=args.config_map,
                    pytorchjob_service_account=job_account, shm_size=args.shm_size,

@@ -31,9 +31,10 @@ def configure(
     node_selector: object = None,
     tolerations: object = None,
 ) -> dsl.PipelineTask:
-    """Image, resources, caching, retries, env from Secrets/ConfigMap, and for ``train`` tasks
-    GPUs (``gpus``/``gpu_type``: pipeline parameters), GPU node placement (``node_selector``/
-    ``tolerations``: pipeline parameters, else the compile-time ``opts``) and /dev/shm."""
+    """Image (and pull secrets), resources, caching, retries, env from Secrets/ConfigMap, the
+    shard cache emptyDir (``cpu``/``train``), and for ``train`` tasks GPUs (``gpus``/
+    ``gpu_type``: pipeline parameters), GPU node placement (``node_selector``/``tolerations``:
+    pipeline parameters, else the compile-time ``opts``) and /dev/shm."""
     task.set_container_image(opts.train_image if kind == "train" else opts.cpu_image)
     resources = {"light": opts.light, "cpu": opts.cpu, "train": opts.train}[kind]
     task.set_cpu_request(resources.cpu)
@@ -54,6 +55,11 @@ def configure(
     kubernetes.use_field_path_as_env(task, "KFP_RUN_ID", RUN_ID_FIELD)
     for key, value in opts.pod_labels.items():
         kubernetes.add_pod_label(task, key, value)
+    if opts.image_pull_secrets:
+        kubernetes.set_image_pull_secrets(task, list(opts.image_pull_secrets))
+    if kind != "light":  # the stages that may download a dataset's shards
+        kubernetes.empty_dir_mount(task, "cache", opts.cache_mount, size_limit=opts.cache_size)
+        task.set_env_variable("HSISSL_CACHE", opts.cache_mount)
     if kind == "train":
         task.set_accelerator_type(gpu_type)
         task.set_accelerator_limit(gpus)

@@ -61,6 +61,12 @@ class PipelineOptions:
         ]
     )
     shm_size: str = "16Gi"  # /dev/shm for DataLoader workers (memory-backed emptyDir)
+    # The shard download cache ($HSISSL_CACHE) of the stages that read a dataset: an emptyDir
+    # of at most cache_size (about the dataset size), not the container's writable layer.
+    cache_size: str = "100Gi"
+    cache_mount: str = "/var/cache/hsissl"
+    # Secrets for pulling the images from a private registry (pod imagePullSecrets).
+    image_pull_secrets: list[str] = field(default_factory=list)
     data_pvc: str = ""  # a PersistentVolumeClaim with WHU-OHS, mounted into ingest at data_mount
     data_mount: str = "/data"
     light: Resources = Resources("250m", "1Gi")  # lineage, references

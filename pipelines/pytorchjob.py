@@ -63,11 +63,12 @@ def pod_template(stage: str, overrides: list[str], gpus_per_node: int, opts: Pip
     preset = opts.default_preset if config is None else config
     command = ["torchrun", "-m", "hsissl.cli", stage, *(["--config", preset] if preset else []),
                *overrides]  # fmt: skip
+    base_env = {"NCCL_DEBUG": "WARN", "PYTHONUNBUFFERED": "1", "HSISSL_CACHE": opts.cache_mount}
     container = {
         "name": "pytorch",  # the name the training operator looks for
         "image": opts.train_image,
         "command": command,
-        "env": _env(opts, {"NCCL_DEBUG": "WARN", "PYTHONUNBUFFERED": "1", **extra_env}),
+        "env": _env(opts, {**base_env, **extra_env}),
         "resources": {
             "requests": {
                 "cpu": opts.train.cpu,
@@ -79,6 +80,7 @@ def pod_template(stage: str, overrides: list[str], gpus_per_node: int, opts: Pip
         "volumeMounts": [
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "config", "mountPath": opts.config_mount, "readOnly": True},
+            {"name": "cache", "mountPath": opts.cache_mount},
         ],  # fmt: skip
     }
     return {
@@ -92,7 +94,9 @@ def pod_template(stage: str, overrides: list[str], gpus_per_node: int, opts: Pip
             "volumes": [
                 {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": opts.shm_size}},
                 {"name": "config", "configMap": {"name": opts.config_map}},
+                {"name": "cache", "emptyDir": {"sizeLimit": opts.cache_size}},
             ],
+            "imagePullSecrets": [{"name": s} for s in opts.image_pull_secrets],
             "nodeSelector": dict(opts.gpu_node_selector),
             "tolerations": [dict(t) for t in opts.gpu_tolerations],
         },

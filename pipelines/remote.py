@@ -6,6 +6,7 @@ finds (kube config, in-cluster service account). Runs use the chart's service ac
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
@@ -60,18 +61,32 @@ def submit(client: kfp.Client, arguments: dict[str, Any], *, experiment: str = P
 
 def upload(client: kfp.Client, version: str, *, pipeline: str = PIPELINE_NAME,
            opts: PipelineOptions | None = None, package: str | Path | None = None,
-           check_version: bool = True) -> str:  # fmt: skip
+           check_version: bool = True, skip_existing: bool = False) -> str:  # fmt: skip
     """Upload the compiled DAG as version ``version`` (e.g. the git SHA) of ``pipeline``,
     creating the pipeline on first upload (after the server's version check); returns the
-    pipeline id."""
+    pipeline id. KFP rejects a second version of the same name: ``skip_existing`` leaves an
+    existing one alone instead (CI re-runs)."""
     if check_version:
         check_server(client)
-    path = str(_package(opts, None, package))
     pipeline_id = client.get_pipeline_id(pipeline)
+    if pipeline_id is not None and skip_existing and version_exists(client, pipeline_id, version):
+        print(f"pipeline {pipeline!r} has a version {version!r} already; not uploaded again")
+        return pipeline_id
+    path = str(_package(opts, None, package))
     if pipeline_id is None:  # its first version is named after the pipeline; add ours too
         pipeline_id = client.upload_pipeline(path, pipeline_name=pipeline).pipeline_id
     client.upload_pipeline_version(path, pipeline_version_name=version, pipeline_id=pipeline_id)
     return pipeline_id
+
+
+def version_exists(client: kfp.Client, pipeline_id: str, version: str) -> bool:
+    """Whether ``pipeline_id`` has a version named ``version``. KFP keeps version names unique
+    per pipeline (unique index on PipelineId, Name) and filters them by the API key ``name``
+    (backend/src/apiserver/model/pipeline_version.go, APIToModelFieldMap, KFP 2.x)."""
+    name_filter = json.dumps({"predicates": [
+        {"operation": "EQUALS", "key": "name", "stringValue": version}]})  # fmt: skip
+    listed = client.list_pipeline_versions(pipeline_id, page_size=1, filter=name_filter)
+    return bool(listed.pipeline_versions)
 
 
 def rerun_arguments(earlier: dict[str, Any], run_id: str, stage: str, overrides: list[str],

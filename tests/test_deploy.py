@@ -91,8 +91,11 @@ def test_dockerfile_rules(dockerfile: Path):
     assert deps < final.index("COPY src/")
     assert "pip install --no-cache-dir --no-deps" in final.split("COPY src/", 1)[1]
     assert not re.search(r"(?i)\w*(PASSWORD|SECRET|TOKEN|ACCESS_KEY)\w*\s*=", text), "no secrets"
+    # upstream defaults for CI; a local build overrides them (scripts/images.sh, LOCAL=1)
+    assert re.search(r"^ARG PIP_CONFIG_FILE$", final, re.M), "no pip config unless passed in"
     if dockerfile.name == "cpu.Dockerfile":
-        assert "--index-url https://download.pytorch.org/whl/cpu" in final
+        assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu\n" in final
+        assert '${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}' in final
 
 
 def docker_context() -> list[str]:
@@ -521,3 +524,13 @@ def test_mlflow_server_accepts_in_cluster_names_and_rejects_others(default_objec
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=20)
         log.close()
+
+
+def test_pipeline_pods_pull_with_the_charts_image_pull_secrets(helm: str, default_objects):
+    """Pods running as the pipeline service account (KFP steps, PyTorchJob replicas) get its
+    imagePullSecrets from Kubernetes' service-account admission."""
+    assert "imagePullSecrets" not in one(default_objects, "ServiceAccount", f"{RELEASE}-pipeline")
+    objects = render(helm, "--set", "pipeline.imagePullSecrets={regcred,mirror}")
+    sa = one(objects, "ServiceAccount", f"{RELEASE}-pipeline")
+    assert sa["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+    assert "/pipeline/cacheSize" in render_error(helm, "--set", "pipeline.cacheSize=lots")

@@ -157,8 +157,8 @@ def test_credentials_and_settings_come_from_cluster_objects_by_reference(compile
         assert k8s["fieldPathAsEnv"] == [{"fieldPath": "metadata.labels['pipeline/runid']",
                                           "name": "KFP_RUN_ID"}], name  # fmt: skip
         assert k8s["podMetadata"]["labels"] == {"hsissl.io/pipeline": "true"}, name
-    for executor in _executors(compiled).values():  # no literal environment in any container
-        assert "env" not in executor["container"]
+    for executor in _executors(compiled).values():  # literal env: only the cache emptyDir's path
+        assert {e["name"] for e in executor["container"].get("env", [])} <= {"HSISSL_CACHE"}
     # credential names appear only as references (envVar/secretKey values), never assigned
     assert not re.search(r"(AWS_\w+|MLFLOW_TRACKING_\w+)['\"]?\s*[:=]", text)
 
@@ -461,6 +461,7 @@ class KfpStub(BaseHTTPRequestHandler):
 
     requests: list[dict] = []
     pipelines: dict[str, str] = {}  # name -> id
+    versions: dict[str, list[str]] = {}  # pipeline id -> version names
     runs: dict[str, dict] = {}
 
     def _reply(self, body: dict) -> None:
@@ -485,6 +486,12 @@ class KfpStub(BaseHTTPRequestHandler):
             return self._reply({"multi_user": False})
         if req["path"].endswith("/experiments"):
             return self._reply({})
+        if req["path"].endswith("/versions"):  # filtered by name, as remote.version_exists does
+            (predicate,) = json.loads(req["query"]["filter"][0])["predicates"]
+            assert predicate["key"] == "name" and predicate["operation"] == "EQUALS"
+            names = self.versions.get(req["path"].split("/")[-2], [])
+            found = [{"display_name": n} for n in names if n == predicate["stringValue"]]
+            return self._reply({"pipeline_versions": found} if found else {})
         if req["path"].endswith("/pipelines"):
             wanted = json.loads(req["query"]["filter"][0])["predicates"][0]["stringValue"]
             found = [
@@ -509,6 +516,8 @@ class KfpStub(BaseHTTPRequestHandler):
             self.pipelines[req["query"]["name"][0]] = "pipe-1"
             return self._reply({"pipeline_id": "pipe-1"})
         if req["path"].endswith("/pipelines/upload_version"):
+            pipeline_id, name = req["query"]["pipelineid"][0], req["query"]["name"][0]
+            self.versions.setdefault(pipeline_id, []).append(name)
             return self._reply({"pipeline_id": req["query"]["pipelineid"][0],
                                 "pipeline_version_id": "v-2"})  # fmt: skip
         self.send_error(404)
@@ -519,7 +528,7 @@ class KfpStub(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def kfp_host():
-    KfpStub.requests, KfpStub.pipelines, KfpStub.runs = [], {}, {}
+    KfpStub.requests, KfpStub.pipelines, KfpStub.versions, KfpStub.runs = [], {}, {}, {}
     server = ThreadingHTTPServer(("127.0.0.1", 0), KfpStub)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -562,6 +571,48 @@ def test_upload_creates_the_pipeline_then_adds_a_version_per_commit(kfp_host: st
     assert [r["query"]["name"] for r in uploads] == [["hsissl"], ["sha-1"], ["sha-2"]]
     assert uploads[2]["query"]["pipelineid"] == ["pipe-1"]
     assert b"pipelineInfo" in uploads[0]["body"] and b"hsissl-train" in uploads[0]["body"]
+
+
+def _uploaded_versions() -> list[tuple[str, bytes]]:
+    return [(r["query"]["name"][0], r["body"]) for r in KfpStub.requests
+            if r["path"] == "/apis/v2beta1/pipelines/upload_version"]  # fmt: skip
+
+
+def _ci(script: str, tmp_path: Path, ref: str, **env: str) -> subprocess.CompletedProcess:
+    """Run one of CI's scripts (.ci/) as the workflow does, with GitHub's variables for ``ref``
+    and the venv's hsissl-pipeline on PATH."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    full_env = {**os.environ, "PATH": path, "GITHUB_REF": ref, "GITHUB_SHA": "f" * 40, **env}
+    return subprocess.run(["bash", str(REPO / ".ci" / script)], capture_output=True, text=True,
+                          cwd=tmp_path, env=full_env, timeout=300)  # fmt: skip
+
+
+def test_ci_uploads_its_pushed_digests_once_per_commit_and_tags_by_name(kfp_host, tmp_path):
+    digests = {"cpu": "1" * 64, "train": "2" * 64}
+    for kind, digest in digests.items():  # what the images job leaves for the pipeline job
+        (tmp_path / f"image-{kind}.txt").write_text(
+            f"ghcr.io/hsissl/hsissl-{kind}@sha256:{digest}\n"
+        )
+    env = {"KFP_HOST": kfp_host, "IMAGES_DIR": str(tmp_path)}
+    main, tag = "refs/heads/main", "refs/tags/v1.2.0"
+    for ref in (main, main, tag):  # a re-run of the main workflow, then the release tag
+        proc = _ci("upload-pipeline", tmp_path, ref, **env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    versions = _uploaded_versions()
+    # KFP would reject the second "f"*40 (unique name per pipeline): it is not sent again
+    assert [name for name, _ in versions] == ["f" * 40, "v1.2.0"]
+    for _, body in versions:
+        pipeline_yaml = body[body.index(b"# PIPELINE DEFINITION") :].split(b"\r\n--")[0]
+        spec = next(yaml.safe_load_all(pipeline_yaml))
+        images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+        assert images == {f"ghcr.io/hsissl/hsissl-{k}@sha256:{d}" for k, d in digests.items()}
+
+
+def test_ci_upload_refuses_to_run_without_the_images_jobs_digests(kfp_host, tmp_path):
+    proc = _ci("upload-pipeline", tmp_path, "refs/heads/main", KFP_HOST=kfp_host,
+               IMAGES_DIR=str(tmp_path))  # fmt: skip
+    assert proc.returncode == 2 and "image-cpu.txt" in proc.stderr
+    assert _uploaded_versions() == []
 
 
 def test_rerun_on_kfp_submits_one_stage_on_the_earlier_runs_artifacts(kfp_host: str) -> None:
