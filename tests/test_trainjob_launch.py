@@ -68,7 +68,11 @@ def test_launcher_creates_a_valid_trainjob_waits_and_emits_the_encoder(stage, cl
     pod = node["template"]["spec"]["template"]
     assert node["name"] == "node" and pod["metadata"]["labels"] == {"hsissl.io/pipeline": "true"}
     assert pod["spec"]["serviceAccountName"] == "hsissl-pipeline"
-    assert {v["name"] for v in pod["spec"]["volumes"]} == {"dshm", "config"}
+    assert {v["name"] for v in pod["spec"]["volumes"]} == {
+        "dshm",
+        "config",
+        "cache",
+    }  # + the shard cache (#14)
     assert pod["spec"]["containers"] == [{"name": "node", "volumeMounts": [
         {"name": "dshm", "mountPath": "/dev/shm"},
         {"name": "config", "mountPath": "/etc/hsissl", "readOnly": True}]}]  # fmt: skip
