@@ -75,7 +75,8 @@ def test_launcher_creates_a_valid_trainjob_waits_and_emits_the_encoder(stage, cl
     }  # + the shard cache (#14)
     assert pod["spec"]["containers"] == [{"name": "node", "volumeMounts": [
         {"name": "dshm", "mountPath": "/dev/shm"},
-        {"name": "config", "mountPath": "/etc/hsissl", "readOnly": True}]}]  # fmt: skip
+        {"name": "config", "mountPath": "/etc/hsissl", "readOnly": True},
+        {"name": "cache", "mountPath": "/var/cache/hsissl"}]}]  # fmt: skip
     assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["spec"]["tolerations"] == PipelineOptions().gpu_tolerations
 
