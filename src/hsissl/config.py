@@ -159,7 +159,10 @@ class FinetuneConfig:
     max_steps: int = 0  # > 0 overrides epochs
     eval_split: str = "ts"
     eval_scenes: int = 0  # whole scenes evaluated by sliding window; 0 = all in eval_split
-    eval_stride: int = 64  # sliding-window stride for whole-scene evaluation
+    # whole-scene evaluation: windows at this stride (below the tile, so they overlap), their
+    # logits blended with a Gaussian weight toward each window's centre (no seams; uniform = mean)
+    eval_stride: int = 32
+    eval_blend: str = "gaussian"  # gaussian | uniform (hsissl.segment.sliding)
     segmenter_depth: int = 2
     segmenter_heads: int = 12
     loader_threads: int = 4
