@@ -262,7 +262,8 @@ def test_results_caption_and_column_say_how_each_row_was_predicted(runs):
     assert rows["baseline-deeplabv3plus"]["cells"][col]["text"] == "whole scene, one pass"
     finetuned = ("finetune-mae-linear", "finetune-random-linear", STALE)
     for name in finetuned:
-        assert rows[name]["cells"][col]["text"] == "sliding window, stride 64 px, gaussian blend", name
+        text = rows[name]["cells"][col]["text"]
+        assert text == "sliding window, stride 64 px, gaussian blend", name
         m = runs["metrics"][name]  # the caption's claim holds for these runs
         assert m["tile"]["matrix"] == m["scene"]["matrix"], name
     caption = unescape(section_of(runs["page"], "results"))

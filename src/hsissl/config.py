@@ -215,7 +215,10 @@ class RealEvalConfig:
 
     name: str = "real-eval"
     source: str = "../shared/data"  # folder of the known .mat scenes
-    scenes: list[str] = field(default_factory=lambda: ["houston_dataset", "Indian_subset"])
+    # Samson's labels are the argmax of its unmixing abundances (3 classes, every pixel labelled)
+    scenes: list[str] = field(
+        default_factory=lambda: ["houston_dataset", "Indian_subset", "Samson"]
+    )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     # protocol -> [block side in px, share of blocks used for training]
     protocols: dict[str, list[float]] = field(
