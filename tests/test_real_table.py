@@ -75,3 +75,33 @@ def test_replace_block_keeps_the_rest_and_refuses_missing_markers():
     assert replace_block(doc, "new\n") == f"intro\n{BEGIN}\nnew\n{END}\noutro\n"
     with pytest.raises(ValueError, match="docs/x.md: expected one"):
         replace_block("no markers", "new", "docs/x.md")
+
+
+def test_report_renders_the_real_eval_tables_with_a_bar_plot(tmp_path):
+    """A store with an evaluate-real result gets a "Real scenes" section: the table's numbers
+    and one bar plot per scene (the other sections say "Not run", as for any missing input)."""
+    from hsissl.config import load_config
+    from hsissl.stages import report
+    from hsissl.stages.common import storage_of
+
+    cfg = load_config(None, [f"run_dir={tmp_path}", "tracking.uri="])
+    metrics = {"kind": "real-eval", "name": "real-eval", "rows": ROWS,
+               "tables": scene_tables(ROWS)}  # fmt: skip
+    storage_of(cfg).put_bytes("results/real-eval/metrics.json", json.dumps(metrics).encode())
+    result = report.run(cfg)
+    assert result["sections"]["real"] == "ok"
+    page = storage_of(cfg).get_bytes("reports/report/report.html").decode()
+    real = page[page.index('<section id="real">') :]
+    real = real[: real.index("</section>")]
+    assert "9. Real scenes (evaluate-real)" in real
+    assert real.count("<img") == 1  # one scene: one figure
+    assert "MAE + probe" in real and "+6.3 ± 2.9" in real and "+11.3 ± 3.9" in real
+    assert "Δ vs floor (pixel-lr), pp" in real
+
+
+def test_report_has_no_real_section_without_evaluate_real(tmp_path):
+    from hsissl.config import load_config
+    from hsissl.stages import report
+
+    cfg = load_config(None, [f"run_dir={tmp_path}", "tracking.uri="])
+    assert "real" not in report.run(cfg)["sections"]

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+REAL_KIND = "real-eval"  # the ``kind`` of evaluate-real's metrics.json
 FLOORS = ("pixel-lr", "pixel-rf")
 BASELINE = "deeplabv3plus"
 CONTROL = "random-init"

@@ -350,7 +350,7 @@ def run(cfg: Config) -> dict[str, Any]:
         summary, markdown = summarise(rows)
         tables = real_table.scene_tables(rows)
         tables_md = real_table.markdown(tables)
-        result = {"kind": "real-eval", "name": cfg.real.name, "dataset": data_uri,
+        result = {"kind": real_table.REAL_KIND, "name": cfg.real.name, "dataset": data_uri,
                   "normalizer": normalizer.fingerprint, "rows": rows, "summary": summary,
                   "tables": tables, "seconds": time.perf_counter() - start}  # fmt: skip
         store, prefix = storage_of(cfg), f"results/{cfg.real.name}"
