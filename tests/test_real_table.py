@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +108,47 @@ def test_report_has_no_real_section_without_evaluate_real(tmp_path):
 
     cfg = load_config(None, [f"run_dir={tmp_path}", "tracking.uri="])
     assert "real" not in report.run(cfg)["sections"]
+
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "real_table.py"
+
+
+def _script(*args: object, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)  # fmt: skip
+
+
+def test_script_regenerates_the_docs_table_from_metrics_files(tmp_path):
+    # two processes, one scene each (as docs/real-data.md's runs): the rows are merged
+    for scene in ("s", "t"):
+        rows = [dict(r, scene=scene) for r in ROWS]
+        (tmp_path / f"{scene}.json").write_text(json.dumps({"kind": "real-eval", "rows": rows}))
+    doc = tmp_path / "real-data.md"
+    doc.write_text(f"# Results\n\nhand-written text\n{BEGIN}\nstale table\n{END}\nmore text\n")
+    done = _script(tmp_path / "s.json", tmp_path / "t.json", "--write", doc, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    text = doc.read_text()
+    assert "stale table" not in text and text.startswith("# Results\n\nhand-written text\n")
+    assert text.endswith(f"{END}\nmore text\n")
+    assert "### s" in text and "### t" in text
+    assert "| MAE + probe | 56.3 ± 7.4 | +6.3 ± 2.9 | +11.3 ± 3.9 |" in text
+    printed = _script(tmp_path / "s.json", cwd=tmp_path)  # no --write: the table on stdout
+    assert printed.returncode == 0 and printed.stdout.startswith("### s")
+
+
+def test_script_refuses_bad_inputs_and_leaves_the_file_alone(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"{BEGIN}\nkeep\n{END}\n")
+    (tmp_path / "other.json").write_text(json.dumps({"kind": "finetune"}))
+    (tmp_path / "a.json").write_text(json.dumps({"kind": "real-eval", "rows": ROWS}))
+    for args, problem in (
+        (["other.json"], "other.json: kind is not 'real-eval'"),
+        (["missing.json"], "missing.json: not a readable JSON file"),
+        (["a.json", "a.json"], "seed 0 is also in"),
+    ):
+        done = _script(*args, "--write", doc, cwd=tmp_path)
+        assert done.returncode == 2 and problem in done.stderr, done.stderr
+    assert doc.read_text() == f"{BEGIN}\nkeep\n{END}\n"
+    (tmp_path / "plain.md").write_text("no markers\n")
+    done = _script("a.json", "--write", "plain.md", cwd=tmp_path)
+    assert done.returncode == 2 and "plain.md: expected one" in done.stderr
