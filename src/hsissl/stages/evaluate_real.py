@@ -343,7 +343,7 @@ def run(cfg: Config) -> dict[str, Any]:
     with stage_run(cfg, "evaluate-real") as tracker:
         total = len(cfg.real.scenes) * work_units(cfg.real, len(encoders))
         # one bar for all scenes (what runs, and the time left); log lines print above it
-        with logging_redirect_tqdm(), tqdm(total=total, desc="evaluate-real", unit="fit",
+        with logging_redirect_tqdm(), tqdm(total=total, desc="evaluate-real", unit="step",
                                            dynamic_ncols=True) as bar:  # fmt: skip
             rows = [r for name in cfg.real.scenes
                     for r in evaluate_scene(cfg, name, root, encoders, normalizer, bar)]  # fmt: skip
