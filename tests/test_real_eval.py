@@ -268,3 +268,36 @@ def test_evaluate_real_on_a_converted_scene(tmp_path, capfd):
     assert "### mine" in result["tables"] and "MAE + probe" in result["tables"]
     # The per-pixel floor separates the three class spectra: the scene and labels arrived intact.
     assert "| pixel-lr | 100.0 ± 0.0 |" in result["table"]
+
+
+# -- the preset ---------------------------------------------------------------------------------
+def test_real_preset_runs_every_labelled_shared_scene_with_one_setting(tmp_path):
+    from pathlib import Path
+
+    from hsissl.data import realdata
+    from hsissl.stages.evaluate_real import check_config
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "configs" / "real.yaml")
+    labelled = {n for n, spec in realdata.SCENES.items() if realdata.is_labelled(spec)}
+    assert set(cfg.real.scenes) == labelled == {"houston_dataset", "Indian_subset", "Samson"}
+    assert len(cfg.real.seeds) == 5  # the protocol: mean over 5 seeds
+    assert set(cfg.real.methods) == {"mae", "dinov2", "ssvit"}
+    # the dataclass default is the same scene list (a bare `hsissl evaluate-real` runs Samson)
+    assert load_config(None).real.scenes == cfg.real.scenes
+    for stem in ("houston_dataset", "Indian_subset"):  # a source without Samson
+        (tmp_path / f"{stem}.mat").touch()
+    with pytest.raises(FileNotFoundError, match=r"'Samson' \(Samson/Samson.mat\) is not below"):
+        check_config(cfg.real, tmp_path)  # checked before any work
+
+
+@pytest.mark.realdata
+def test_real_preset_passes_the_checks_on_the_shared_scenes(shared_data):
+    from pathlib import Path
+
+    from hsissl.stages.evaluate_real import check_config, load_eval_scene
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "real.yaml")
+    check_config(cfg.real, shared_data)
+    image, label = load_eval_scene(shared_data, "Samson")
+    assert image.shape == (32, 95, 95) and set(np.unique(label)) == {1, 2, 3}
