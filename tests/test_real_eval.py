@@ -266,6 +266,7 @@ def test_evaluate_real_on_a_converted_scene(tmp_path, capfd):
     assert entries["mae+probe"]["vs_control"] is not None
     assert store.get_bytes("results/real-eval/tables.md").decode() == result["tables"]
     assert "### mine" in result["tables"] and "MAE + probe" in result["tables"]
+    assert (tmp_path / "run" / "real-eval-tables.md").read_text() == result["tables"]
     # The per-pixel floor separates the three class spectra: the scene and labels arrived intact.
     assert "| pixel-lr | 100.0 ± 0.0 |" in result["table"]
 

@@ -20,6 +20,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,8 @@ def pixel_features(
 ) -> torch.Tensor:
     """Frozen-encoder features at every pixel: (C, H, W) normalised -> (n_blocks * D, H, W).
 
-    Patch maps of the last blocks are upsampled to each 64-px window and averaged where
-    sliding windows overlap.
+    Patch maps of the last blocks are upsampled to each 64-px window and blended where
+    sliding windows overlap (weighted toward window centres, :mod:`hsissl.segment.sliding`).
     """
     probe = encoder.get_intermediate_layers(image[None, :, :64, :64], n=n_blocks)
     dim = sum(p.shape[1] for p in probe)
@@ -113,10 +114,13 @@ def floor_scores(
 
 
 def work_units(rc: RealEvalConfig, n_encoders: int) -> int:
-    """Progress-bar steps of one scene: feature passes, then every fit of every split."""
-    features = n_encoders * (1 + ("probe" in rc.heads))
-    fits = 2 + n_encoders * len(rc.heads) + 1  # floors, encoder x head, DeepLabV3+
-    return features + len(rc.protocols) * len(rc.seeds) * fits
+    """Progress-bar steps of one scene: one per feature pass and per closed-form fit (floors,
+    probes), one per optimiser step of the trained heads and DeepLabV3+ (most of the time)."""
+    probe = "probe" in rc.heads
+    features = n_encoders * (1 + probe)
+    trained = (n_encoders * (len(rc.heads) - probe) + 1) * rc.head_steps  # heads, DeepLabV3+
+    per_split = 2 + n_encoders * probe + trained  # floors, probes, trained models
+    return features + len(rc.protocols) * len(rc.seeds) * per_split
 
 
 def pixel_classifier(
@@ -148,6 +152,7 @@ def train_dense(
     steps: int,
     lr: float,
     seed: int,
+    on_step: Callable[[], object] | None = None,
 ) -> np.ndarray:
     """Fit a dense (1, K, H, W) predictor on the training pixels of one scene; return its class map.
 
@@ -165,6 +170,8 @@ def train_dense(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if on_step is not None:
+            on_step()
     model.eval()
     with torch.no_grad():
         logits = model(inputs)[0]
@@ -249,19 +256,19 @@ def evaluate_scene(cfg: Config, name: str, root: Path, encoders: dict[str, nn.Mo
                     bar.set_postfix_str(f"{enc}+{head}")
                     if head == "probe":
                         pred = pixel_classifier("lr", probes[enc].numpy(), label, train, seed)
+                        bar.update()
                     else:
                         pred = train_scene_head(encoder, head, x, np.where(train, label, 0),
                                                 feats=cached[enc], windows=windows,
                                                 steps=rc.head_steps, lr=rc.head_lr[head],
-                                                batch_size=rc.head_batch, seed=seed)  # fmt: skip
+                                                batch_size=rc.head_batch, seed=seed,
+                                                on_step=bar.update)  # fmt: skip
                     scores[f"{enc}+{head}"] = miou(pred, label, test)
-                    bar.update()
             bar.set_postfix_str("deeplabv3plus")
             torch.manual_seed(seed)
             deeplab = DeepLabV3PlusAux(encoder=rc.baseline_encoder, in_channels=32)
-            scores["deeplabv3plus"] = miou(train_dense(deeplab, x[None], label, train, rc.head_steps, 1e-3, seed),
-                                           label, test)  # fmt: skip
-            bar.update()
+            scores["deeplabv3plus"] = miou(train_dense(deeplab, x[None], label, train, rc.head_steps, 1e-3, seed,
+                                                       on_step=bar.update), label, test)  # fmt: skip
             rows.append({"scene": name, "protocol": protocol, "seed": seed, "train_pixels": int(train.sum()),
                          "test_pixels": int(test.sum()), "miou": scores})  # fmt: skip
             log.info("%s %s seed %d: %s", name, protocol, seed, json.dumps(scores))
@@ -358,8 +365,10 @@ def run(cfg: Config) -> dict[str, Any]:
         store.put_bytes(f"{prefix}/tables.json", json.dumps(tables, indent=1).encode())
         store.put_bytes(f"{prefix}/tables.md", tables_md.encode())
         (run_dir_of(cfg) / f"{cfg.real.name}.md").write_text(markdown + "\n")
-        (run_dir_of(cfg) / f"{cfg.real.name}-tables.md").write_text(tables_md)
+        local_tables = run_dir_of(cfg) / f"{cfg.real.name}-tables.md"
+        local_tables.write_text(tables_md)
         tracker.log_dict(result, "metrics.json")
+        tracker.log_artifact(local_tables)
         tracker.log_metrics({re.sub(r"[^\w\-./]", "_", f"{k}/{m}"): v["mean"] for k, ms in summary.items()
                              for m, v in ms.items()})  # fmt: skip
     print(tables_md)
