@@ -209,6 +209,11 @@ def test_foreign_normalizer_is_refused(run_dir, tmp_path):
     assert storage_of(cfg).list("results") == []  # nothing written
 
 
+def test_whole_scenes_are_predicted_by_overlapping_blended_windows_by_default():
+    ft = load_config(REPO / "configs" / "tiny.yaml").finetune
+    assert ft.eval_stride < 64 and ft.eval_blend == "gaussian"  # tile 64 in every preset
+
+
 def test_config_errors_name_the_key(run_dir):
     with pytest.raises(ConfigError, match="finetune.encoder is empty"):
         finetune.run(cfg_for(run_dir))
@@ -225,11 +230,13 @@ def test_linear_head_learns_and_swapped_normalisation_collapses(run_dir, encoder
     """The tiny MAE (40 steps) and its random-init control both learn far above chance; the
     same trained head fed ImageNet-normalised tiles (the original study's bug) collapses."""
     uri = "checkpoints/mae/encoder.pt" if encoder == "mae" else encoder  # a key in the store
-    result = finetune.run(cfg_for(run_dir, **{"finetune.encoder": uri}))
+    # stride = tile (the default is 32, overlapping): windows are the stored tiles, see below
+    result = finetune.run(cfg_for(run_dir, **{"finetune.encoder": uri, "finetune.eval_stride": 64}))
     name = "finetune-mae-linear" if encoder == "mae" else "finetune-random-linear"
     assert result["name"] == name
     metrics, _ = results(run_dir, name)
     assert metrics["encoder"]["uri"] == (mae_uri(run_dir) if encoder == "mae" else encoder)
+    assert metrics["config"]["eval_blend"] == "gaussian"  # recorded for the report's label
     dataset = ShardDataset(dataset_uri(cfg_for(run_dir)))
     assert metrics["tile"]["miou"] > MIN_MIOU and metrics["scene"]["miou"] > MIN_MIOU
     # stride = tile: the sliding window sees exactly the stored tiles, every labelled pixel once

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from hsissl.config import load_config
-from hsissl.segment.blocks import block_split
-from hsissl.stages.evaluate_real import dihedral, miou, summarise
+from hsissl.segment.blocks import block_split, protocol_split
+from hsissl.stages.evaluate_real import dihedral, floor_scores, miou, summarise
 
 
 def test_block_split_keeps_whole_blocks_on_one_side():
@@ -24,6 +26,59 @@ def test_block_split_is_seeded():
     assert np.array_equal(a, b) and not np.array_equal(a, block_split((64, 64), 16, 0.5, 1))
     with pytest.raises(ValueError, match="train_fraction"):
         block_split((64, 64), 16, 1.0, 0)
+
+
+@pytest.mark.parametrize(("shape", "block", "fraction"), [((70, 70), 8, 0.1), ((45, 61), 16, 0.5)])
+def test_protocol_split_is_spatially_disjoint(shape, block, fraction):
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 4, shape).astype(np.uint8)  # 0 = unlabelled, in neither side
+    for seed in range(5):
+        train, test = protocol_split(label, block, fraction, seed)
+        assert train.any() and test.any() and not (train & test).any()
+        assert not ((train | test) & (label == 0)).any()
+        assert ((train | test) == (label > 0)).all()  # every labelled pixel is scored or fit
+        # no test pixel lies within a block that holds a training pixel (edge blocks included)
+        for y in range(0, shape[0], block):
+            for x in range(0, shape[1], block):
+                cell = (slice(y, y + block), slice(x, x + block))
+                assert not (train[cell].any() and test[cell].any()), (seed, y, x)
+        # and none touches a training pixel except across a block edge
+        for dy, dx in ((0, 1), (1, 0)):
+            a, b = train[: shape[0] - dy, : shape[1] - dx], test[dy:, dx:]
+            ys, xs = np.nonzero(a & b)
+            assert all((y + dy) % block == 0 if dy else (x + dx) % block == 0
+                       for y, x in zip(ys, xs, strict=True))  # fmt: skip
+
+
+def test_floors_are_recomputed_on_a_tiny_scene():
+    """The floors of evaluate-real equal logistic regression and a random forest fit here by
+    hand on the standardised spectra of the training pixels, scored by mIoU over test pixels."""
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(1)
+    label = np.repeat(np.repeat(rng.integers(1, 4, (6, 6)), 4, 0), 4, 1).astype(np.uint8)
+    label[:2] = 0  # some unlabelled pixels
+    spectra = rng.normal(size=(3, 5))  # one 5-band spectrum per class
+    x = (
+        spectra[np.maximum(label, 1) - 1].transpose(2, 0, 1) + 1.5 * rng.normal(size=(5, 24, 24))
+    ).astype(np.float32)
+    train, test = protocol_split(label, 4, 0.4, seed=2)
+    got = floor_scores(x, label, train, test, seed=2)
+
+    pixels = x.reshape(5, -1).T
+    mu, sd = pixels[train.ravel()].mean(0), pixels[train.ravel()].std(0)
+    z = (pixels - mu) / sd
+    y = label.ravel()
+    models = {"pixel-lr": LogisticRegression(max_iter=500),
+              "pixel-rf": RandomForestClassifier(n_estimators=200, n_jobs=-1, random_state=2)}  # fmt: skip
+    for name, model in models.items():
+        pred = model.fit(z[train.ravel()], y[train.ravel()]).predict(z)
+        p, t = pred[test.ravel()], y[test.ravel()]
+        ious = [((p == c) & (t == c)).sum() / ((p == c) | (t == c)).sum()
+                for c in np.union1d(p, t)]  # fmt: skip
+        assert got[name] == pytest.approx(np.mean(ious), abs=1e-6), name
+    assert 0.3 < got["pixel-lr"] < 1.0  # a real, imperfect classification, not a trivial one
 
 
 def test_dihedral_views_are_the_eight_symmetries():
@@ -184,7 +239,7 @@ def test_evaluate_real_checks_a_converted_folder(tmp_path):
         check_config(load_config(None, ["real.scenes=[mine]"]).real, tmp_path / "empty")
 
 
-def test_evaluate_real_on_a_converted_scene(tmp_path):
+def test_evaluate_real_on_a_converted_scene(tmp_path, capfd):
     """The second of the two commands: evaluate-real reads hsissl convert's output."""
     from hsissl.stages import evaluate_real
 
@@ -197,5 +252,53 @@ def test_evaluate_real_on_a_converted_scene(tmp_path):
                              "pretrain.batch_size=4", "tracking.uri="])  # fmt: skip
     result = evaluate_real.run(cfg)
     assert "mine / half" in result["table"] and "mae+probe" in result["table"]
+    # the progress bar named what ran (scene, protocol, seed, model) and reached its total
+    err = capfd.readouterr().err
+    assert "mine half seed 0" in err and "mae+linear" in err and "deeplabv3plus" in err
+    total = evaluate_real.work_units(cfg.real, n_encoders=2)  # mae and its random-init control
+    assert f"{total}/{total}" in err
+    # the per-scene table, with paired differences, next to metrics.json
+    from hsissl.stages.common import storage_of
+
+    store = storage_of(cfg)
+    tables = json.loads(store.get_bytes("results/real-eval/tables.json"))
+    entries = {e["model"]: e for e in tables["mine"]["half"]["models"]}
+    assert entries["mae+probe"]["vs_control"] is not None
+    assert store.get_bytes("results/real-eval/tables.md").decode() == result["tables"]
+    assert "### mine" in result["tables"] and "MAE + probe" in result["tables"]
+    assert (tmp_path / "run" / "real-eval-tables.md").read_text() == result["tables"]
     # The per-pixel floor separates the three class spectra: the scene and labels arrived intact.
     assert "| pixel-lr | 100.0 ± 0.0 |" in result["table"]
+
+
+# -- the preset ---------------------------------------------------------------------------------
+def test_real_preset_runs_every_labelled_shared_scene_with_one_setting(tmp_path):
+    from pathlib import Path
+
+    from hsissl.data import realdata
+    from hsissl.stages.evaluate_real import check_config
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "configs" / "real.yaml")
+    labelled = {n for n, spec in realdata.SCENES.items() if realdata.is_labelled(spec)}
+    assert set(cfg.real.scenes) == labelled == {"houston_dataset", "Indian_subset", "Samson"}
+    assert len(cfg.real.seeds) == 5  # the issue's protocol: mean over 5 seeds
+    assert set(cfg.real.methods) == {"mae", "dinov2", "ssvit"}
+    # the dataclass default is the same scene list (a bare `hsissl evaluate-real` runs Samson)
+    assert load_config(None).real.scenes == cfg.real.scenes
+    for stem in ("houston_dataset", "Indian_subset"):  # a source without Samson
+        (tmp_path / f"{stem}.mat").touch()
+    with pytest.raises(FileNotFoundError, match=r"'Samson' \(Samson/Samson.mat\) is not below"):
+        check_config(cfg.real, tmp_path)  # checked before any work
+
+
+@pytest.mark.realdata
+def test_real_preset_passes_the_checks_on_the_shared_scenes(shared_data):
+    from pathlib import Path
+
+    from hsissl.stages.evaluate_real import check_config, load_eval_scene
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "real.yaml")
+    check_config(cfg.real, shared_data)
+    image, label = load_eval_scene(shared_data, "Samson")
+    assert image.shape == (32, 95, 95) and set(np.unique(label)) == {1, 2, 3}

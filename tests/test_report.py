@@ -24,7 +24,7 @@ from hsissl.pretrain.trainer import pretrain
 from hsissl.report import collect as report_collect
 from hsissl.report.captions import results_caption
 from hsissl.report.collect import cls_attention, config_from_dict, example_tiles, mae_reconstruct
-from hsissl.report.labels import unique_labels
+from hsissl.report.labels import scene_inference, unique_labels
 from hsissl.report.plots import PALETTE, attention_figure, colorize
 from hsissl.report.reference import REFERENCE_NAME, majority_reference, references_for
 from hsissl.segment.metrics import ConfusionMatrix
@@ -64,6 +64,7 @@ def overrides(run_dir: Path, **extra: object) -> list[str]:
         "finetune.max_steps": 4,
         "finetune.batch_size": 8,
         "finetune.loader_threads": 1,
+        "finetune.eval_stride": 64,  # = tile: the windows are the eval tiles (caption claim)
         "baseline.encoder": "test_resnet",
         "baseline.batch_size": 2,
         "baseline.max_steps": 2,
@@ -261,7 +262,8 @@ def test_results_caption_and_column_say_how_each_row_was_predicted(runs):
     assert rows["baseline-deeplabv3plus"]["cells"][col]["text"] == "whole scene, one pass"
     finetuned = ("finetune-mae-linear", "finetune-random-linear", STALE)
     for name in finetuned:
-        assert rows[name]["cells"][col]["text"] == "sliding window, stride 64 px", name
+        text = rows[name]["cells"][col]["text"]
+        assert text == "sliding window, stride 64 px, gaussian blend", name
         m = runs["metrics"][name]  # the caption's claim holds for these runs
         assert m["tile"]["matrix"] == m["scene"]["matrix"], name
     caption = unescape(section_of(runs["page"], "results"))
@@ -275,6 +277,7 @@ def test_results_caption_and_column_say_how_each_row_was_predicted(runs):
 def test_results_caption_claims_nothing_the_rows_do_not_support():
     run = {"name": "a", "kind": "finetune", "encoder": {"method": "mae", "factory": "m"}}
     sliding = run | {"config": {"eval_stride": 32}, "tile": {"matrix": [1]}, "scene": {}}
+    assert scene_inference(sliding) == "sliding window, stride 32 px, uniform blend"  # older run
     caption = unescape(results_caption([sliding], [], 64))
     assert "coincide" not in caption and "one pass" not in caption and "Δ" not in caption
     control = run | {"name": "c", "encoder": {"method": "random", "factory": "vit_s"}}

@@ -66,6 +66,13 @@ DETAILS: dict[str, str] = {
     "(Gaussian SRFs when FWHM is known, else linear); writes <dst>/<split>/{image,label}/<name>.tif "
     "with the georeference and meta/<name>.json of what was assumed. Then: hsissl ingest "
     "data.source=<dst> (it prints the exact command).",
+    "evaluate-real": "Does pretraining help? Preset: --config configs/real.yaml (one setting for "
+    "every scene). Pretrains real.methods on every scene of real.source, then per scene in "
+    "real.scenes and per block-split protocol and seed: per-pixel floors, DeepLabV3+, the "
+    "random-init control and each method x head; a progress bar names what runs. Writes "
+    "results/<real.name>/metrics.json and tables.{json,md} (mean ± std over seeds, paired "
+    "differences to the better floor and the control); scripts/real_table.py puts the tables "
+    "into docs/real-data.md.",
 }
 
 # Stage-specific flags: shorthands for config keys (the flag wins over a KEY=VALUE override).

@@ -168,7 +168,10 @@ class FinetuneConfig:
     max_steps: int = 0  # > 0 overrides epochs
     eval_split: str = "ts"
     eval_scenes: int = 0  # whole scenes evaluated by sliding window; 0 = all in eval_split
-    eval_stride: int = 64  # sliding-window stride for whole-scene evaluation
+    # whole-scene evaluation: windows at this stride (below the tile, so they overlap), their
+    # logits blended with a Gaussian weight toward each window's centre (no seams; uniform = mean)
+    eval_stride: int = 32
+    eval_blend: str = "gaussian"  # gaussian | uniform (hsissl.segment.sliding)
     segmenter_depth: int = 2
     segmenter_heads: int = 12
     loader_threads: int = 4
@@ -221,7 +224,10 @@ class RealEvalConfig:
 
     name: str = "real-eval"
     source: str = "../shared/data"  # folder of the known .mat scenes
-    scenes: list[str] = field(default_factory=lambda: ["houston_dataset", "Indian_subset"])
+    # Samson's labels are the argmax of its unmixing abundances (3 classes, every pixel labelled)
+    scenes: list[str] = field(
+        default_factory=lambda: ["houston_dataset", "Indian_subset", "Samson"]
+    )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     # protocol -> [block side in px, share of blocks used for training]
     protocols: dict[str, list[float]] = field(

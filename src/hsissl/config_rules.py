@@ -125,6 +125,7 @@ RULES: dict[str, Check] = {
     "finetune.max_steps": _NON_NEGATIVE,
     "finetune.eval_scenes": _NON_NEGATIVE,
     "finetune.eval_stride": _POSITIVE,
+    "finetune.eval_blend": _one_of("gaussian", "uniform"),  # hsissl.segment.sliding.BLENDS
     "finetune.segmenter_depth": _NON_NEGATIVE,
     "finetune.segmenter_heads": _POSITIVE,
     "finetune.loader_threads": _NON_NEGATIVE,

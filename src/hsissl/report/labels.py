@@ -49,7 +49,9 @@ def scene_inference(metrics: dict[str, Any]) -> str:
         return "whole scene, one pass"
     stride = sliding_stride(metrics)
     if stride is not None:
-        return f"sliding window, stride {stride} px"
+        # runs from before finetune.eval_blend existed averaged overlaps uniformly
+        blend = metrics["config"].get("eval_blend", "uniform")
+        return f"sliding window, stride {stride} px, {blend} blend"
     return str(mode) if mode else "?"
 
 

@@ -386,3 +386,39 @@ def band_statistics(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, frameon=False, loc="upper left")
     return to_png(fig)
+
+
+# -- real scenes (evaluate-real) ----------------------------------------------------------------
+ROLE_COLOURS = {"floor": "#7f7f7f", "baseline": "#1f77b4", "control": "#ff7f0e",
+                "pretrained": "#2ca02c"}  # fmt: skip
+
+
+def real_eval_bars(panels: Mapping[str, Sequence[Mapping[str, object]]], title: str) -> bytes:
+    """One horizontal bar panel per (scene, protocol): mean mIoU (%) of each model with its
+    std over seeds as an error bar, coloured by role (floor, baseline, control, pretrained),
+    and a dashed line at the better floor. ``panels``: {panel title: [entry of
+    :func:`hsissl.report.real_table.scene_tables`, in row order]}."""
+    n = max(1, len(panels))
+    ncols = min(2, n)
+    nrows = math.ceil(n / ncols)
+    rows = max((len(v) for v in panels.values()), default=1)
+    fig = Figure(figsize=(6.4 * ncols, (0.8 + 0.24 * rows) * nrows + 0.5), layout="constrained")
+    fig.suptitle(title, fontsize=11)
+    for i, (name, entries) in enumerate(panels.items()):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        y = np.arange(len(entries))[::-1]
+        means = [100 * float(e["miou"]["mean"]) for e in entries]  # type: ignore[index]
+        stds = [100 * float(e["miou"]["std"]) for e in entries]  # type: ignore[index]
+        colours = [ROLE_COLOURS.get(str(e["role"]), "#bbbbbb") for e in entries]
+        ax.barh(y, means, xerr=stds, color=colours, error_kw={"lw": 1, "capsize": 2})
+        floors = [m for m, e in zip(means, entries, strict=True) if e["role"] == "floor"]
+        if floors:
+            ax.axvline(max(floors), color="#444444", ls="--", lw=1)
+        ax.set_yticks(y, [str(e["label"]) for e in entries], fontsize=7)
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("mIoU (%)")
+        ax.set_title(name, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    handles = [Patch(color=c, label=r) for r, c in ROLE_COLOURS.items()]
+    fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=8, frameon=False)
+    return to_png(fig)

@@ -24,3 +24,13 @@ def block_split(shape: tuple[int, int], block: int, train_fraction: float, seed:
     grid[chosen] = True
     full = np.repeat(np.repeat(grid.reshape(by, bx), block, axis=0), block, axis=1)
     return full[:h, :w]
+
+
+def protocol_split(
+    label: np.ndarray, block: int, train_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) pixel masks of a labelled (H, W) scene (0 = unlabelled, in neither):
+    the labelled pixels of the :func:`block_split` blocks train, those of the others test."""
+    split = block_split(label.shape, block, train_fraction, seed)
+    labelled = label > 0
+    return split & labelled, ~split & labelled

@@ -326,12 +326,14 @@ def evaluate_scenes(
     rt: Runtime,
     *,
     stride: int,
+    blend: str = "gaussian",
     batch_size: int = 64,
     amp: bool = True,
     limit: int = 0,
     keep: int = SHOWN_SCENES,
 ) -> tuple[ConfusionMatrix, dict[str, np.ndarray]]:
-    """Whole scenes of ``split`` predicted by sliding window (overlaps averaged), scored together.
+    """Whole scenes of ``split`` predicted by sliding window (overlaps blended as ``blend``
+    says, see :func:`hsissl.segment.sliding.predict_scene`), scored together.
 
     Returns the confusion matrix and, for the first ``keep`` scenes, the arrays of
     predictions.npz: ``scenes`` (S,), ``pred`` / ``label`` (S, H, W) uint8, ``rgb`` (S, H, W, 3)
@@ -348,7 +350,7 @@ def evaluate_scenes(
     shown: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
     for scene in iter_scenes(dataset, split, limit):
         image = normalizer(torch.from_numpy(scene.image).to(rt.device))  # (C, H, W) float32
-        logits = predict_scene(model_fn, image, tile, stride, DEFAULT_CLASSES, batch_size)
+        logits = predict_scene(model_fn, image, tile, stride, DEFAULT_CLASSES, batch_size, blend)
         pred = predict(logits)[0]  # (H, W)
         matrix.update(pred, torch.from_numpy(scene.label).to(rt.device))
         if len(shown) < keep:

@@ -9,6 +9,7 @@ over the scene as it is.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -70,13 +71,15 @@ def train_scene_head(
     batch_size: int = 16,
     seed: int = 0,
     ft: FinetuneConfig | None = None,
+    on_step: Callable[[], object] | None = None,
 ) -> np.ndarray:
     """Train head ``head_name`` on the labelled pixels of one scene; return its (H, W) class map.
 
     ``image`` is the normalised scene (C, H, W); ``target`` (H, W) holds the training labels
     (0 elsewhere: ignored). ``feats`` are the cached :func:`window_features` of
     ``windows.cut(image)`` (computed here when None; pass them to reuse across splits).
-    Class 0 ("unlabelled") is never predicted.
+    Class 0 ("unlabelled") is never predicted. ``on_step`` is called after every optimiser
+    step (progress bars).
     """
     ft = replace(ft or FinetuneConfig(), head=head_name)
     encoder = encoder.eval()
@@ -105,6 +108,8 @@ def train_scene_head(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if on_step is not None:
+            on_step()
     head.eval()
 
     @torch.no_grad()

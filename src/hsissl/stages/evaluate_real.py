@@ -6,7 +6,12 @@ Pretrains every method on overlapping 64-px tiles of all shared scenes (resample
 frozen encoders (pretrained and random-init) with a logistic-regression probe on per-pixel
 features and with the finetune stage's heads (multiscale linear, conv decoder, Segmenter)
 trained on the scene's windows, and DeepLabV3+ from scratch. Everything is normalised by the one
-Normalizer of the ingested real dataset (carried by the encoders).
+Normalizer of the ingested real dataset (carried by the encoders). Whole-scene predictions
+blend overlapping windows toward their centres (``hsissl.segment.sliding``). A progress bar
+names the scene, protocol, seed and model that runs. Output: ``results/<real.name>/``
+``metrics.json`` (every seed's scores), ``tables.json`` / ``tables.md`` (one table per scene
+with the paired differences to the better floor and to the random-init control,
+``hsissl.report.real_table``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +32,8 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from torch import nn
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from hsissl.config import Config, ConfigError, RealEvalConfig
 from hsissl.data import realdata
@@ -35,8 +43,9 @@ from hsissl.data.shards import ShardDataset
 from hsissl.models.heads import HEADS
 from hsissl.pretrain.checkpoint import build_encoder, load_encoder
 from hsissl.pretrain.trainer import pretrain
+from hsissl.report import real_table
 from hsissl.segment.baseline import DeepLabV3PlusAux
-from hsissl.segment.blocks import block_split
+from hsissl.segment.blocks import protocol_split
 from hsissl.segment.metrics import ConfusionMatrix
 from hsissl.segment.scene_heads import (
     SceneWindows,
@@ -71,8 +80,8 @@ def pixel_features(
 ) -> torch.Tensor:
     """Frozen-encoder features at every pixel: (C, H, W) normalised -> (n_blocks * D, H, W).
 
-    Patch maps of the last blocks are upsampled to each 64-px window and averaged where
-    sliding windows overlap.
+    Patch maps of the last blocks are upsampled to each 64-px window and blended where
+    sliding windows overlap (weighted toward window centres, :mod:`hsissl.segment.sliding`).
     """
     probe = encoder.get_intermediate_layers(image[None, :, :64, :64], n=n_blocks)
     dim = sum(p.shape[1] for p in probe)
@@ -93,6 +102,25 @@ def miou(pred: np.ndarray, label: np.ndarray, test: np.ndarray) -> float:
         torch.from_numpy(np.where(test, label, 0).astype(np.int64)),
     )
     return float(cm.compute()["miou"])
+
+
+def floor_scores(
+    x: np.ndarray, label: np.ndarray, train: np.ndarray, test: np.ndarray, seed: int
+) -> dict[str, float]:
+    """The per-pixel spectral floors every encoder must beat: test mIoU of logistic regression
+    and random forest on the (C, H, W) normalised spectra, fit on the training pixels."""
+    return {f"pixel-{k}": miou(pixel_classifier(k, x, label, train, seed), label, test)
+            for k in ("lr", "rf")}  # fmt: skip
+
+
+def work_units(rc: RealEvalConfig, n_encoders: int) -> int:
+    """Progress-bar steps of one scene: one per feature pass and per closed-form fit (floors,
+    probes), one per optimiser step of the trained heads and DeepLabV3+ (most of the time)."""
+    probe = "probe" in rc.heads
+    features = n_encoders * (1 + probe)
+    trained = (n_encoders * (len(rc.heads) - probe) + 1) * rc.head_steps  # heads, DeepLabV3+
+    per_split = 2 + n_encoders * probe + trained  # floors, probes, trained models
+    return features + len(rc.protocols) * len(rc.seeds) * per_split
 
 
 def pixel_classifier(
@@ -124,6 +152,7 @@ def train_dense(
     steps: int,
     lr: float,
     seed: int,
+    on_step: Callable[[], object] | None = None,
 ) -> np.ndarray:
     """Fit a dense (1, K, H, W) predictor on the training pixels of one scene; return its class map.
 
@@ -141,6 +170,8 @@ def train_dense(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if on_step is not None:
+            on_step()
     model.eval()
     with torch.no_grad():
         logits = model(inputs)[0]
@@ -194,36 +225,50 @@ def pretrain_encoders(cfg: Config, root: Path) -> tuple[dict[str, nn.Module], No
 
 
 def evaluate_scene(cfg: Config, name: str, root: Path, encoders: dict[str, nn.Module],
-                   normalizer: Normalizer) -> list[dict[str, Any]]:  # fmt: skip
+                   normalizer: Normalizer, bar: tqdm | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Every model on every split of one scene; ``bar`` advances after each feature pass and fit."""
     rc = cfg.real
     image, label = load_eval_scene(root, name)
     x = normalizer(torch.from_numpy(image))  # (32, H, W)
     windows = SceneWindows(tile=64, stride=rc.window_stride)
     cut = windows.cut(x)  # (N, 32, 64, 64): the windows of every dihedral view
-    cached = {k: window_features(e, cut, n_blocks=4) for k, e in encoders.items()}
-    probes = ({k: pixel_features(e, x, rc.window_stride) for k, e in encoders.items()}
-              if "probe" in rc.heads else {})  # fmt: skip
+    bar = bar if bar is not None else tqdm(disable=True)  # a no-op bar
+    bar.set_description(f"{name} features")
+    cached, probes = {}, {}
+    for k, e in encoders.items():
+        bar.set_postfix_str(f"{k} window features")
+        cached[k] = window_features(e, cut, n_blocks=4)
+        bar.update()
+        if "probe" in rc.heads:
+            bar.set_postfix_str(f"{k} pixel features")
+            probes[k] = pixel_features(e, x, rc.window_stride)
+            bar.update()
     rows = []
     for protocol, (block, fraction) in rc.protocols.items():
         for seed in rc.seeds:
-            split = block_split(label.shape, int(block), float(fraction), seed)
-            train, test = split & (label > 0), ~split & (label > 0)
-            scores = {f"pixel-{k}": miou(pixel_classifier(k, x.numpy(), label, train, seed), label, test)
-                      for k in ("lr", "rf")}  # fmt: skip
+            train, test = protocol_split(label, int(block), float(fraction), seed)
+            bar.set_description(f"{name} {protocol} seed {seed}")
+            bar.set_postfix_str("per-pixel floors")
+            scores = floor_scores(x.numpy(), label, train, test, seed)
+            bar.update(2)
             for enc, encoder in encoders.items():
                 for head in rc.heads:
+                    bar.set_postfix_str(f"{enc}+{head}")
                     if head == "probe":
                         pred = pixel_classifier("lr", probes[enc].numpy(), label, train, seed)
+                        bar.update()
                     else:
                         pred = train_scene_head(encoder, head, x, np.where(train, label, 0),
                                                 feats=cached[enc], windows=windows,
                                                 steps=rc.head_steps, lr=rc.head_lr[head],
-                                                batch_size=rc.head_batch, seed=seed)  # fmt: skip
+                                                batch_size=rc.head_batch, seed=seed,
+                                                on_step=bar.update)  # fmt: skip
                     scores[f"{enc}+{head}"] = miou(pred, label, test)
+            bar.set_postfix_str("deeplabv3plus")
             torch.manual_seed(seed)
             deeplab = DeepLabV3PlusAux(encoder=rc.baseline_encoder, in_channels=32)
-            scores["deeplabv3plus"] = miou(train_dense(deeplab, x[None], label, train, rc.head_steps, 1e-3, seed),
-                                           label, test)  # fmt: skip
+            scores["deeplabv3plus"] = miou(train_dense(deeplab, x[None], label, train, rc.head_steps, 1e-3, seed,
+                                                       on_step=bar.update), label, test)  # fmt: skip
             rows.append({"scene": name, "protocol": protocol, "seed": seed, "train_pixels": int(train.sum()),
                          "test_pixels": int(test.sum()), "miou": scores})  # fmt: skip
             log.info("%s %s seed %d: %s", name, protocol, seed, json.dumps(scores))
@@ -303,21 +348,29 @@ def run(cfg: Config) -> dict[str, Any]:
     start = time.perf_counter()
     encoders, normalizer, data_uri = pretrain_encoders(cfg, root)
     with stage_run(cfg, "evaluate-real") as tracker:
-        rows = [
-            r
-            for name in cfg.real.scenes
-            for r in evaluate_scene(cfg, name, root, encoders, normalizer)
-        ]
+        total = len(cfg.real.scenes) * work_units(cfg.real, len(encoders))
+        # one bar for all scenes (what runs, and the time left); log lines print above it
+        with logging_redirect_tqdm(), tqdm(total=total, desc="evaluate-real", unit="step",
+                                           dynamic_ncols=True) as bar:  # fmt: skip
+            rows = [r for name in cfg.real.scenes
+                    for r in evaluate_scene(cfg, name, root, encoders, normalizer, bar)]  # fmt: skip
         summary, markdown = summarise(rows)
-        result = {"kind": "real-eval", "name": cfg.real.name, "dataset": data_uri,
+        tables = real_table.scene_tables(rows)
+        tables_md = real_table.markdown(tables)
+        result = {"kind": real_table.REAL_KIND, "name": cfg.real.name, "dataset": data_uri,
                   "normalizer": normalizer.fingerprint, "rows": rows, "summary": summary,
-                  "seconds": time.perf_counter() - start}  # fmt: skip
-        storage_of(cfg).put_bytes(
-            f"results/{cfg.real.name}/metrics.json", json.dumps(result, indent=1).encode()
-        )
+                  "tables": tables, "seconds": time.perf_counter() - start}  # fmt: skip
+        store, prefix = storage_of(cfg), f"results/{cfg.real.name}"
+        store.put_bytes(f"{prefix}/metrics.json", json.dumps(result, indent=1).encode())
+        store.put_bytes(f"{prefix}/tables.json", json.dumps(tables, indent=1).encode())
+        store.put_bytes(f"{prefix}/tables.md", tables_md.encode())
         (run_dir_of(cfg) / f"{cfg.real.name}.md").write_text(markdown + "\n")
+        local_tables = run_dir_of(cfg) / f"{cfg.real.name}-tables.md"
+        local_tables.write_text(tables_md)
         tracker.log_dict(result, "metrics.json")
+        tracker.log_artifact(local_tables)
         tracker.log_metrics({re.sub(r"[^\w\-./]", "_", f"{k}/{m}"): v["mean"] for k, ms in summary.items()
                              for m, v in ms.items()})  # fmt: skip
-    print(markdown)
-    return {"results": storage_of(cfg).join(f"results/{cfg.real.name}"), "table": markdown}
+    print(tables_md)
+    return {"results": storage_of(cfg).join(f"results/{cfg.real.name}"), "table": markdown,
+            "tables": tables_md}  # fmt: skip

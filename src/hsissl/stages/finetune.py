@@ -121,6 +121,7 @@ def run(cfg: Config) -> dict[str, Any]:
             ft.eval_split,
             rt,
             stride=ft.eval_stride,
+            blend=ft.eval_blend,
             batch_size=ft.batch_size,
             amp=amp,
             limit=ft.eval_scenes,
@@ -135,7 +136,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "normalizer": normalizer.fingerprint,
             "tile": tile_result,
             "scene": scene_result,
-            "scene_inference": "sliding",  # windows of the tile size at finetune.eval_stride
+            "scene_inference": "sliding",  # tile-size windows at eval_stride, eval_blend
             "history": history,
             "config": asdict(ft),
             "seconds": time.perf_counter() - start,

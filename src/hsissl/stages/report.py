@@ -19,7 +19,7 @@ import numpy as np
 
 from hsissl.config import Config, ConfigError
 from hsissl.data.ohs import BAND_CENTRES_NM, CLASS_NAMES, REFLECTANCE_SCALE
-from hsissl.report import html, plots
+from hsissl.report import html, plots, real_section
 from hsissl.report.captions import results_caption
 from hsissl.report.collect import (
     SEGMENTATION_KINDS,
@@ -31,6 +31,7 @@ from hsissl.report.collect import (
     mae_reconstruct,
 )
 from hsissl.report.labels import method_label, unique_labels
+from hsissl.report.real_table import REAL_KIND
 from hsissl.segment.scenes import rgb_composite
 from hsissl.stages.common import run_dir_of, stage_run, storage_of
 
@@ -115,6 +116,8 @@ def build_sections(inputs: ReportInputs, cfg: Config) -> list[html.Section]:
         ("pca", "7. PCA explained variance", section_pca),
         ("data", "8. Dataset and normalisation", section_data),
     ]
+    if any(r.kind == REAL_KIND for r in inputs.results):  # only when evaluate-real ran
+        builders.append(("real", "9. Real scenes (evaluate-real)", section_real))
     sections = []
     for sid, title, build in builders:
         try:
@@ -126,6 +129,12 @@ def build_sections(inputs: ReportInputs, cfg: Config) -> list[html.Section]:
             body = f'<p class="failed">Failed: {html.esc(type(exc).__name__)}: {html.esc(exc)}</p>'
             sections.append(html.Section(sid, title, body, "failed"))
     return sections
+
+
+def section_real(inputs: ReportInputs, cfg: Config) -> str:
+    """Per-scene tables of every evaluate-real result, with bar plots."""
+    runs = [r for r in inputs.results if r.kind == REAL_KIND]
+    return "".join(real_section.render(r.name, r.metrics) for r in runs)
 
 
 def section_results(inputs: ReportInputs, cfg: Config) -> str:
