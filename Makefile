@@ -43,6 +43,9 @@ test: $(STAMP)  ## run the test suite (CPU, tiny presets)
 	$(VENV)/bin/pytest -q
 
 test-images: $(STAMP)  ## build both images here (buildah, LOCAL=1) and run ingest + report inside as uid 10001
+	@command -v buildah >/dev/null && command -v mmdebstrap >/dev/null || { \
+	  echo "test-images: installing buildah and mmdebstrap (Debian packages)"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q buildah mmdebstrap; }
 	$(VENV)/bin/pytest -q -m images tests/test_images.py
 
 lint: $(STAMP)  ## ruff lint + format check
