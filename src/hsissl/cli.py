@@ -71,9 +71,11 @@ then KEY=VALUE overrides with dotted keys, e.g.:
   hsissl ingest --config configs/tiny.yaml data.tile_size=32 data.source=/data/WHU-OHS
 Each run saves its fully resolved config beside its outputs and in MLflow.
 Exit codes: 0 ok, 1 unexpected error, 2 invalid input data or config (report: inputs missing,
-the page is still written), 130 interrupted (Ctrl-C or SIGTERM)."""
+the page is still written), 75 another writer of the same dataset/checkpoint is running
+(try again later), 130 interrupted (Ctrl-C or SIGTERM)."""
 
 EXIT_INTERRUPTED = 128 + 2  # the shell's code for a command stopped by SIGINT
+EXIT_BUSY = 75  # sysexits.h EX_TEMPFAIL: another writer holds the lease; nothing is wrong here
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from hsissl.data.normalize import NormalizerMismatch
     from hsissl.data.scenes import DataContractError
     from hsissl.pretrain.checkpoint import CheckpointError
-    from hsissl.storage import StorageError
+    from hsissl.storage import LeaseHeld, StorageError
     from hsissl.tracking import TrackingError
 
     try:
@@ -131,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         how = f" ({exc})" if str(exc) else ""  # the trainer says at which step it stopped
         print(f"hsissl {args.stage}: interrupted{how}{_resume_hint(args.stage)}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except LeaseHeld as exc:
+        print(f"hsissl {args.stage}: {exc}", file=sys.stderr)
+        return EXIT_BUSY
     # FileNotFoundError: a dataset, scene or checkpoint the user named is missing;
     # Tracking/StorageError: the MLflow server or object store the config names is unusable
     except (ConfigError, DataContractError, NormalizerMismatch, CheckpointError,

@@ -2,7 +2,8 @@
 
 Reads every scene once. Header checks run on all files before anything is written;
 content checks run as pixels are read, and any violation aborts the storage
-transaction, so a failed ingest leaves nothing behind. Re-running with the same input
+transaction, so a failed ingest leaves nothing behind and the dataset committed before stays
+current (hsissl.storage.commit); a second ingest of the same name fails at once. Re-running with the same input
 files and data config reuses the committed dataset.
 """
 
@@ -39,6 +40,7 @@ from hsissl.data.shards import FORMAT, MANIFEST, ShardWriter
 from hsissl.data.stats import BandStats, band_sums
 from hsissl.data.tiling import cut_tiles, tile_positions
 from hsissl.stages.common import dataset_uri, prepare_source, stage_run, storage_of
+from hsissl.storage import Lease
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +71,10 @@ def run(cfg: Config, report: bool = False) -> dict[str, Any]:
         )
         return {"dataset_uri": storage.join(prefix), "manifest": existing, "reused": True}
 
-    with stage_run(cfg, "ingest") as tracker:
+    # The lease first: a second ingest of this name fails before it opens an MLflow run.
+    with Lease(storage, prefix) as lease, stage_run(cfg, "ingest") as tracker:
         start = time.perf_counter()
-        with storage.transaction(prefix) as tx:
+        with storage.transaction(prefix, lease=lease) as tx:
             manifest = _write_shards(tx, headers, data_cfg, fingerprint, root)
             manifest["config"] = asdict(data_cfg)
             tx.commit(
