@@ -269,8 +269,13 @@ def test_commit_keeps_the_last_versions_and_readers_keep_theirs(
     """Versions live under ds/_v/<id>/; the pointer names the current one; HSISSL_KEEP_VERSIONS
     (default 2) versions stay, so a reader that resolved the previous pointer still reads it."""
     committed = _commit_v1(storage)
-    reader = open_storage(storage.uri) if not isinstance(storage, S3Storage) else S3Storage(
-        storage.bucket, storage.prefix, client=storage.client, endpoint=storage.endpoint)
+    reader = (
+        open_storage(storage.uri)
+        if not isinstance(storage, S3Storage)
+        else S3Storage(
+            storage.bucket, storage.prefix, client=storage.client, endpoint=storage.endpoint
+        )
+    )
     assert reader.get_bytes("ds/manifest.json") == b"v1"  # resolves (and keeps) the pointer
     for n in (2, 3):
         with storage.transaction("ds") as tx:

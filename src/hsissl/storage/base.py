@@ -203,6 +203,7 @@ class Storage(ABC):
 
     def _prepare_write(self) -> None:
         """Make the store writable before a commit (S3: create a missing bucket)."""
+        return None  # a folder is created as it is written
 
     def _staging_path(self, key: str) -> Path | None:
         """Where a transaction may write stored ``key`` in place (local folders), else None."""

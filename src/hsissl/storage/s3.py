@@ -382,7 +382,9 @@ class S3Storage(Storage):
             try:
                 result = self.client._put_object(self.bucket, self._name(key), data, headers)
             except self._s3_error as err:
-                if err.code in _CONDITION_FAILED or (err.code == "NoSuchKey" and "If-Match" in condition):
+                if err.code in _CONDITION_FAILED or (
+                    err.code == "NoSuchKey" and "If-Match" in condition
+                ):
                     return None
                 if err.code != "NotImplemented":
                     raise
@@ -425,4 +427,3 @@ class S3Storage(Storage):
             tmp.write_text(got)
             os.replace(tmp, tag)
         return local
-
