@@ -101,7 +101,33 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "ingest":
             p.add_argument("--report", action="store_true",
                            help="check every file and list all violations; write nothing")  # fmt: skip
+    tracking = sub.add_parser(
+        "tracking", help="MLflow housekeeping: send what an outage kept on disk",
+        description="MLflow housekeeping.",
+    )  # fmt: skip
+    actions = tracking.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sync = actions.add_parser(
+        "sync", help="send the metrics and final states an MLflow outage kept in <run_dir>",
+        description="Send what runs of RUN_DIR could not send during an MLflow outage (kept in "
+        "RUN_DIR/mlflow-outbox/), then mark those runs FINISHED/FAILED as their process ended "
+        "them. Each stage does this by itself when it starts and reaches MLflow.",
+    )  # fmt: skip
+    sync.add_argument("run_dir", type=Path, help="the run folder (run_dir), e.g. runs/tiny")
+    sync.add_argument("--uri", help="send to this tracking URI instead of the one recorded")
     return parser
+
+
+def _tracking_sync(run_dir: Path, uri: str | None) -> int:
+    from hsissl import tracking_outbox
+
+    sent, failed = tracking_outbox.sync(run_dir, send_to=uri)
+    for line in sent:
+        print(f"sent: {line}")
+    for line in failed:
+        print(f"hsissl tracking sync: not sent yet: {line}", file=sys.stderr)
+    if not sent and not failed:
+        print(f"nothing to send in {run_dir / tracking_outbox.OUTBOX}")
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [*getattr(args, "overrides", []), *extra]
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    if args.stage == "tracking":
+        return _tracking_sync(args.run_dir, args.uri)
     from hsissl.data.normalize import NormalizerMismatch
     from hsissl.data.scenes import DataContractError
     from hsissl.pretrain.checkpoint import CheckpointError
