@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [*getattr(args, "overrides", []), *extra]
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    if not args.debug:  # rasterio logs each GDAL error at INFO; the error message carries it
+        logging.getLogger("rasterio").setLevel(logging.WARNING)
     if args.stage == "tracking":
         return _tracking_sync(args.run_dir, args.uri)
     from hsissl.data.normalize import NormalizerMismatch

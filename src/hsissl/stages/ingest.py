@@ -182,48 +182,56 @@ def _prepare_scene(header: SceneHeader, tile: int, stride: int, drop: bool) -> _
     return _PreparedScene(img_tiles, lbl_tiles, positions, counts, sums, size, [])
 
 
+def _write_split(tx: Any, split: str, headers: list[SceneHeader], data_cfg: Any, stats: BandStats,
+                 bar: tqdm, readers: ThreadPoolExecutor,
+                 writer_pool: ThreadPoolExecutor) -> dict[str, Any]:  # fmt: skip
+    tile, n_readers = data_cfg.tile_size, max(1, data_cfg.readers)
+    writer = ShardWriter(tx, split, data_cfg.shard_tiles, ohs.NUM_BANDS, tile, writer_pool)
+    class_pixels = np.zeros(ohs.NUM_CLASSES + 1, dtype=np.int64)
+    tiles = 0
+    # Ordered, bounded read-ahead; reading, tiling and statistics run on `readers` threads.
+    prepare = partial(
+        _prepare_scene, tile=tile, stride=data_cfg.stride, drop=data_cfg.drop_unlabelled
+    )
+    for i, scene in enumerate(_bounded_map(readers, prepare, headers, ahead=2 * n_readers)):
+        if scene.violations:
+            raise DataContractError(scene.violations)
+        sources = np.array([(i, y, x) for y, x in scene.positions], dtype=np.int32).reshape(-1, 3)
+        writer.add(scene.images, scene.labels, sources)
+        class_pixels += scene.class_pixels
+        if split == "tr" and scene.sums is not None:
+            stats.merge(*scene.sums)
+        tiles += len(scene.images)
+        bar.update(scene.source_bytes)
+    return {
+        "tiles": tiles,
+        "scenes": [h.pair.name for h in headers],
+        "class_pixels": class_pixels.tolist(),
+        "shards": writer.close(),
+    }
+
+
 def _write_shards(tx: Any, headers: dict[str, list[SceneHeader]], data_cfg: Any, fingerprint: str,
                   root: Path) -> dict[str, Any]:  # fmt: skip
     tile, stride = data_cfg.tile_size, data_cfg.stride
     stats = BandStats(ohs.NUM_BANDS)
     splits: dict[str, Any] = {}
     total_bytes = sum(h.pair.image.stat().st_size for hs in headers.values() for h in hs)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="ingest")
-    n_readers = max(1, data_cfg.readers)
+    # The bar is closed (its line ended) before any error prints; a failure cancels the queued
+    # reads and uploads instead of running them against a store that just failed.
     with (
-        ThreadPoolExecutor(n_readers) as readers,
+        tqdm(total=total_bytes, unit="B", unit_scale=True, desc="ingest") as bar,
+        ThreadPoolExecutor(max(1, data_cfg.readers)) as readers,
         ThreadPoolExecutor(1) as writer_pool,
     ):
-        for split in data_cfg.splits:
-            writer = ShardWriter(tx, split, data_cfg.shard_tiles, ohs.NUM_BANDS, tile, writer_pool)
-            class_pixels = np.zeros(ohs.NUM_CLASSES + 1, dtype=np.int64)
-            scenes = [h.pair.name for h in headers[split]]
-            tiles = 0
-            # Ordered, bounded read-ahead; reading, tiling and statistics run on `readers` threads.
-            prepare = partial(
-                _prepare_scene, tile=tile, stride=stride, drop=data_cfg.drop_unlabelled
-            )
-            for i, scene in enumerate(
-                _bounded_map(readers, prepare, headers[split], ahead=2 * n_readers)
-            ):
-                if scene.violations:
-                    raise DataContractError(scene.violations)
-                sources = np.array([(i, y, x) for y, x in scene.positions], dtype=np.int32).reshape(
-                    -1, 3
-                )
-                writer.add(scene.images, scene.labels, sources)
-                class_pixels += scene.class_pixels
-                if split == "tr" and scene.sums is not None:
-                    stats.merge(*scene.sums)
-                tiles += len(scene.images)
-                bar.update(scene.source_bytes)
-            splits[split] = {
-                "tiles": tiles,
-                "scenes": scenes,
-                "class_pixels": class_pixels.tolist(),
-                "shards": writer.close(),
-            }
-    bar.close()
+        try:
+            for split in data_cfg.splits:
+                splits[split] = _write_split(tx, split, headers[split], data_cfg, stats, bar,
+                                             readers, writer_pool)  # fmt: skip
+        except BaseException:
+            for pool in (writer_pool, readers):
+                pool.shutdown(wait=False, cancel_futures=True)
+            raise
     if stats.count == 0:
         raise DataContractError([Violation(str(root / "tr"), "training tiles", "none kept",
                                            "at least one tile for band statistics")])  # fmt: skip

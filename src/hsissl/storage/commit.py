@@ -139,8 +139,8 @@ class Lease:
     def __enter__(self) -> Lease:
         return self.acquire()
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.release(remote=not isinstance(exc, StorageError))  # a dead store: do not wait again
 
     def acquire(self) -> Lease:
         """Take the lease, or raise LeaseHeld naming its live owner."""
@@ -273,6 +273,7 @@ class Commit:
         self._state = "new"  # new -> open -> committed | aborted
         self._pending: dict[str, Path] = {}  # keys handed out by path() and not yet done()
         self._written: list[str] = []
+        self._broken: Exception | None = None  # the first failed upload: the rest fail at once
         self.tmpdir: Path | None = None
 
     def __enter__(self) -> Commit:
@@ -332,7 +333,14 @@ class Commit:
                 f"{self.storage.join(self.prefix + '/' + key)}: done() called but {local} "
                 "was not written"
             )
-        self.storage._upload(local, f"{self.base}/{key}")
+        if self._broken is not None:  # do not queue more work on a store that just failed
+            raise StorageError(f"{self.storage.join(self.prefix)}: not uploading {key}: an "
+                               f"earlier upload of this version failed ({_short(self._broken)})")  # fmt: skip
+        try:
+            self.storage._upload(local, f"{self.base}/{key}")
+        except StorageError as exc:
+            self._broken = exc
+            raise
         if self.tmpdir is not None:
             local.unlink()
         self._pending.pop(key, None)
