@@ -47,7 +47,9 @@ def test_an_error_found_while_reading_pixels_prints_on_its_own_line(tiny_cfg, wh
     errors = [line for line in proc.stderr.split("\n") if "expected a readable GeoTIFF" in line]
     assert errors and all(line.startswith("hsissl ingest: error: ") for line in errors), errors
     assert "ingest:" in proc.stderr  # there was a progress bar, and its line was ended first
-    assert "GDAL signalled an error" not in proc.stderr  # rasterio's INFO noise: not without --debug
+    assert (
+        "GDAL signalled an error" not in proc.stderr
+    )  # rasterio's INFO noise: not without --debug
 
 
 def test_run_local_ends_with_a_plain_line_saying_where_the_report_is(tmp_path, capsys) -> None:
