@@ -8,7 +8,7 @@ DATA   ?=
 # A real WHU-OHS copy: make run DATA=/data/WHU-OHS CONFIG=configs/base.yaml
 RUN_ARGS := $(if $(DATA),data.source=$(abspath $(DATA)))
 
-.PHONY: help install run test lint bench bench-ingest bench-train bench-gpu bench-loader images tools pipeline submit clean
+.PHONY: help install run test test-slow lint bench bench-ingest bench-train bench-gpu bench-loader images tools pipeline submit clean
 KFP_HOST   ?=
 EXPERIMENT ?= hsissl
 IMAGE_TAG  ?= $(shell git rev-parse HEAD 2>/dev/null || echo dev)
@@ -39,6 +39,9 @@ submit: $(STAMP)  ## submit to Kubeflow: make submit KFP_HOST=http://<kfp api> [
 test: $(STAMP)  ## run the test suite (CPU, tiny presets)
 	$(VENV)/bin/ruff check src tests components pipelines scripts
 	$(VENV)/bin/pytest -q
+
+test-slow: $(STAMP)  ## the slow tests: S3 killed at counted operations of a re-ingest and a pretraining, 10 concurrent-ingest trials (~10 min)
+	$(VENV)/bin/pytest -q -s -m slow
 
 lint: $(STAMP)  ## ruff lint + format check
 	$(VENV)/bin/ruff check src tests components pipelines scripts

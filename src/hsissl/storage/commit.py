@@ -234,8 +234,8 @@ class Lease:
         is unreachable; the lease expires by itself)."""
         self._stop.set()
         _LIVE_TOKENS.discard(self.token)
-        if self._thread is not None:
-            self._thread.join()
+        if self._thread is not None:  # not waiting out a renewal stuck on a dead store
+            self._thread.join(timeout=1.0)
             self._thread = None
         if not remote or self._tag is None:
             return
