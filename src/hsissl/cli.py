@@ -140,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [*getattr(args, "overrides", []), *extra]
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
-    if not args.debug:  # rasterio logs each GDAL error at INFO; the error message carries it
+    if not args.debug:  # each GDAL error / HTTP retry is logged; the one error line says it all
         logging.getLogger("rasterio").setLevel(logging.WARNING)
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     if args.stage == "tracking":
         return _tracking_sync(args.run_dir, args.uri)
     from hsissl.data.normalize import NormalizerMismatch
