@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
+
+NO_POINTER_TTL_S = 1.0
 
 
 class StorageError(RuntimeError):
@@ -44,7 +47,7 @@ class Storage(ABC):
 
     # -- committed-folder view (the pointer format belongs to hsissl.storage.commit)
 
-    def _pointers(self) -> dict[str, dict | None]:
+    def _pointers(self) -> dict[str, tuple[dict | None, float]]:
         cache = self.__dict__.get("_pointer_cache")
         if cache is None:
             cache = self.__dict__["_pointer_cache"] = {}
@@ -55,15 +58,22 @@ class Storage(ABC):
         from hsissl.storage.commit import POINTER, parse_pointer
 
         cache = self._pointers()
-        if root not in cache:
+        hit = cache.get(root)
+        # A pointer read stays (one reader, one version); "no pointer" is asked again after
+        # NO_POINTER_TTL_S, so a poller sees a folder's first commit.
+        if hit is None or (hit[0] is None and time.monotonic() - hit[1] > NO_POINTER_TTL_S):
             key = f"{root}/{POINTER}" if root else POINTER
             data = self._read_optional(key)
-            cache[root] = None if data is None else parse_pointer(data, self.join(key))
-        return cache[root]
+            hit = (None if data is None else parse_pointer(data, self.join(key)), time.monotonic())
+            cache[root] = hit
+        return hit[0]
 
     def forget_pointer(self, root: str) -> None:
-        """Drop the cached pointer of ``root`` (after this process moved it)."""
-        self._pointers().pop(root, None)
+        """Drop the cached pointers of ``root`` and the folders in it (after this process moved
+        or deleted them)."""
+        cache = self._pointers()
+        for cached in [r for r in cache if _under(r, root)]:
+            del cache[cached]
 
     def _committed_root(self, key: str) -> tuple[str, dict] | None:
         """(root, pointer) of the committed folder holding ``key`` (``key`` itself included)."""

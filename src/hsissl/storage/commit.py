@@ -15,7 +15,7 @@ the old version or the new one current, never neither; a crashed writer's unfini
 removed by the next commit, which only the next lease holder makes.
 
 The lease is created with ``If-None-Match: *`` on S3 (AWS S3 since 2024-08, MinIO since
-2024-08, SeaweedFS 4.48: checked by tests/test_commit.py) and with ``link()`` in a folder. It
+2024-08, SeaweedFS 4.48: checked by tests/test_storage.py) and with ``link()`` in a folder. It
 expires ``HSISSL_LEASE_TTL`` seconds after its last renewal (a thread renews it), or at once
 when its process is gone from this host; a stale lease is taken over with ``If-Match`` on its
 ETag, so two writers never both take it. Servers without conditional PUTs: see
@@ -145,6 +145,14 @@ class Lease:
     def acquire(self) -> Lease:
         """Take the lease, or raise LeaseHeld naming its live owner."""
         self.storage._prepare_write()
+        _LIVE_TOKENS.add(self.token)  # before the create: a thread of ours never sees it stale
+        try:
+            return self._acquire()
+        except BaseException:
+            _LIVE_TOKENS.discard(self.token)
+            raise
+
+    def _acquire(self) -> Lease:
         for _ in range(5):  # each round: someone released or took over meanwhile
             tag = self.storage.put_if_absent(self.key, self._record())
             if tag is not None:
@@ -167,7 +175,6 @@ class Lease:
 
     def _held(self, tag: str) -> Lease:
         self._tag = tag
-        _LIVE_TOKENS.add(self.token)
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.name}",
                                         daemon=True)  # fmt: skip
         self._thread.start()

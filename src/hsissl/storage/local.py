@@ -91,6 +91,7 @@ class LocalStorage(Storage):
 
     def delete_prefix(self, prefix: str) -> None:
         path = self._path(prefix)  # an empty prefix (the whole store) is refused here
+        self.forget_pointer(_clean(prefix))
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():

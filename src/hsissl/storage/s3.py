@@ -313,6 +313,7 @@ class S3Storage(Storage):
         return [k for k in self._list_starting(rel) if _under(k, rel)]
 
     def delete_prefix(self, prefix: str) -> None:
+        self.forget_pointer(_clean(prefix))
         self._delete_keys(self._list(_clean(prefix)))
 
     def _delete_keys(self, keys: list[str]) -> None:
