@@ -276,9 +276,8 @@ def run(cfg: Config) -> dict[str, Any]:
         result = {"kind": "real-eval", "name": cfg.real.name, "dataset": data_uri,
                   "normalizer": normalizer.fingerprint, "rows": rows, "summary": summary,
                   "seconds": time.perf_counter() - start}  # fmt: skip
-        storage_of(cfg).put_bytes(
-            f"results/{cfg.real.name}/metrics.json", json.dumps(result, indent=1).encode()
-        )
+        with storage_of(cfg).transaction(f"results/{cfg.real.name}") as tx:  # like every result
+            tx.commit({"metrics.json": json.dumps(result, indent=1).encode()})
         (run_dir_of(cfg) / f"{cfg.real.name}.md").write_text(markdown + "\n")
         tracker.log_dict(result, "metrics.json")
         tracker.log_metrics({re.sub(r"[^\w\-./]", "_", f"{k}/{m}"): v["mean"] for k, ms in summary.items()
