@@ -8,7 +8,7 @@ DATA   ?=
 # A real WHU-OHS copy: make run DATA=/data/WHU-OHS CONFIG=configs/base.yaml
 RUN_ARGS := $(if $(DATA),data.source=$(abspath $(DATA)))
 
-.PHONY: help install run test test-images lint bench bench-ingest bench-train bench-gpu bench-loader images images-local push-images tools pipeline submit clean
+.PHONY: help install run test test-slow test-images lint bench bench-ingest bench-train bench-gpu bench-loader images images-local push-images tools pipeline submit clean
 KFP_HOST   ?=
 EXPERIMENT ?= hsissl
 # IMAGE_REGISTRY and IMAGE_TAG: the one setting compile and CI read (make images IMAGE_TAG=dev ...)
@@ -47,6 +47,9 @@ test-images: $(STAMP)  ## build both images here (buildah, LOCAL=1) and run inge
 	  echo "test-images: installing buildah and mmdebstrap (Debian packages)"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q buildah mmdebstrap; }
 	$(VENV)/bin/pytest -q -m images tests/test_images.py
+
+test-slow: $(STAMP)  ## the slow tests: S3 killed at counted operations of a re-ingest and a pretraining, 10 concurrent-ingest trials (~10 min)
+	$(VENV)/bin/pytest -q -s -m slow
 
 lint: $(STAMP)  ## ruff lint + format check
 	$(VENV)/bin/ruff check src tests components pipelines scripts

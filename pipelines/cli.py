@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -262,6 +263,15 @@ def _print_local(run) -> int:
                "mlflow_parent_run": run.parent_run_id, "error": run.error or None,
                "outputs": {task: uris for task, uris in outputs.items() if uris}}  # fmt: skip
     print(json.dumps(summary, indent=1))
+    # A plain last line for people: where to look now.
+    report = Path(run.record_dir).parent.parent / "report" / "report.html"  # <run_dir>/report
+    shown = os.path.relpath(report) if report.is_relative_to(Path.cwd()) else str(report)
+    if run.status == "SUCCEEDED" and report.is_file():
+        print(f"\nDone. The report is {shown}: open it in a browser.")
+    elif run.status == "SUCCEEDED":
+        print(f"\nDone. Outputs are listed above; the run record is {run.record_dir}.")
+    else:
+        print(f"\nThe run failed ({run.error or 'see above'}); its record is {run.record_dir}.")
     return 0 if run.status == "SUCCEEDED" else 1
 
 

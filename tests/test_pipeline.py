@@ -367,9 +367,9 @@ def test_local_run_puts_artifacts_in_s3_and_nests_stage_runs_under_one_parent(pi
     encoder = run.store_uri("pretrain-mae", "encoder")
     assert dataset == f"{storage}/datasets/whu-ohs"
     assert encoder == f"{storage}/checkpoints/mae-{run.run_id}/encoder.pt"
-    keys = _objects(pipeline_run["s3"], storage)
-    assert "store/datasets/whu-ohs/manifest.json" in keys
-    assert f"store/checkpoints/mae-{run.run_id}/encoder.pt" in keys
+    keys = open_storage(storage).list()  # committed files, as readers see them
+    assert "datasets/whu-ohs/manifest.json" in keys
+    assert f"checkpoints/mae-{run.run_id}/encoder.pt" in keys
     assert run.output("pretrain-mae", "metrics")["metadata"]["steps"] == MAE_STEPS
     runs = _runs_of(pipeline_run["mlflow"], run.run_id)
     parents = [r for r in runs if r.data.tags.get("hsissl_role") == "pipeline"]
@@ -392,10 +392,10 @@ def test_full_dag_runs_every_stage_and_ends_with_the_report(pipeline_run) -> Non
     assert set(STAGES) <= {_base(path) for path in run.tasks}
     heads = [t for path, t in run.tasks.items() if _base(path) == "finetune-heads"]
     assert len(heads) == 4  # mae, dinov2, ssvit and the random-init control, one head each
-    keys = _objects(pipeline_run["s3"], storage)
+    keys = open_storage(storage).list()  # committed files, as readers see them
     for method in ("mae", "dinov2", "ssvit"):
-        assert f"store/checkpoints/{method}-{run.run_id}/encoder.pt" in keys
-    results = {k.split("/")[2] for k in keys if k.startswith("store/results/")}
+        assert f"checkpoints/{method}-{run.run_id}/encoder.pt" in keys
+    results = {k.split("/")[1] for k in keys if k.startswith("results/")}
     assert {"baseline-deeplabv3plus", "pca-poc"} <= results
     assert sum(r.startswith("finetune-") for r in results) == 4
     for task in heads:
@@ -429,10 +429,12 @@ def test_rerun_of_one_stage_resumes_after_a_kill_and_recomputes_nothing_upstream
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 180
-    while not store.exists(train_state) and proc.poll() is None and time.monotonic() < deadline:
+    while (not open_storage(storage).exists(train_state) and proc.poll() is None
+           and time.monotonic() < deadline):  # fmt: skip
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the CLI, kfp.local and the component process
     proc.wait()
+    store = open_storage(storage)  # a fresh reader: the committed checkpoint of now
     assert store.exists(train_state), "the killed rerun never wrote a checkpoint"
     killed_at = checkpoint.load(store, train_state)["step"]
     assert killed_at < MAE_STEPS, "the rerun finished before it could be killed"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import sqlite3
@@ -94,18 +96,19 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(synthetic_run):
     )
     args = ["pretrain-mae", "--config", str(REPO / "configs" / "tiny.yaml"),
             *mae_overrides(synthetic_run, **{"pretrain.name": "killed"})]  # fmt: skip
-    train_state = storage_of(cfg_for(synthetic_run)).local_path("checkpoints/killed/train.pt")
+    key = "checkpoints/killed/train.pt"
     proc = subprocess.Popen([sys.executable, "-m", "hsissl.cli", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 120
-    while not train_state.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while (not storage_of(cfg_for(synthetic_run)).exists(key) and proc.poll() is None
+           and time.monotonic() < deadline):  # fmt: skip
         time.sleep(0.05)
-    os.killpg(
-        proc.pid, signal.SIGKILL
-    )  # wherever it is: any committed checkpoint must resume exactly
+    with contextlib.suppress(ProcessLookupError):  # it may have finished already
+        os.killpg(proc.pid, signal.SIGKILL)  # wherever it is: a committed checkpoint resumes
     proc.wait()
-    assert train_state.exists(), "the killed run never wrote a checkpoint"
-    killed_at = torch.load(train_state, weights_only=False)["step"]
+    store = storage_of(cfg_for(synthetic_run))
+    assert store.exists(key), "the killed run never wrote a checkpoint"
+    killed_at = torch.load(io.BytesIO(store.get_bytes(key)), weights_only=False)["step"]
     resumed = pretrain(
         cfg_for(synthetic_run, **{"pretrain.name": "killed"}), MAERecipe, "pretrain-mae"
     )

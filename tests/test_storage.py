@@ -263,16 +263,85 @@ def test_failed_rewrite_keeps_committed_version(storage: Storage) -> None:
     assert _snapshot(storage) == committed
 
 
-def test_local_transaction_removes_stale_partial_dirs(tmp_path: Path) -> None:
-    store = LocalStorage(tmp_path / "store")
-    stale = store.root / "ds.partial-deadbeef"  # what a killed run leaves behind
-    (stale / "sub").mkdir(parents=True)
-    (stale / "sub" / "x.bin").write_bytes(b"stale")
-    with store.transaction("ds") as tx:
-        tx.put_bytes("y.bin", b"fresh")
-        tx.commit({"manifest.json": b"{}"})
-    assert not stale.exists()
-    assert store.list() == ["ds/manifest.json", "ds/y.bin"]
+def test_commit_keeps_the_last_versions_and_readers_keep_theirs(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Versions live under ds/_v/<id>/; the pointer names the current one; HSISSL_KEEP_VERSIONS
+    (default 2) versions stay, so a reader that resolved the previous pointer still reads it."""
+    committed = _commit_v1(storage)
+    reader = (
+        open_storage(storage.uri)
+        if not isinstance(storage, S3Storage)
+        else S3Storage(
+            storage.bucket, storage.prefix, client=storage.client, endpoint=storage.endpoint
+        )
+    )
+    assert reader.get_bytes("ds/manifest.json") == b"v1"  # resolves (and keeps) the pointer
+    for n in (2, 3):
+        with storage.transaction("ds") as tx:
+            tx.put_bytes("tr/images-0.npy", f"v{n}".encode())
+            tx.commit({"manifest.json": f"v{n}".encode()})
+        assert storage.get_bytes("ds/manifest.json") == f"v{n}".encode()
+        assert storage.list("ds") == ["ds/manifest.json", "ds/tr/images-0.npy"]
+        versions = {k.split("/")[2] for k in storage._list("ds") if k.startswith("ds/_v/")}
+        assert len(versions) == 2, versions  # the new one and the one before
+        if n == 2:  # the reader's version is the previous one: still there, still whole
+            assert _snapshot(reader, "ds") == committed
+    monkeypatch.setenv("HSISSL_KEEP_VERSIONS", "1")
+    with storage.transaction("ds") as tx:
+        tx.commit({"manifest.json": b"v4"})
+    assert {k.split("/")[2] for k in storage._list("ds") if k.startswith("ds/_v/")} == {
+        storage.pointer("ds")["version"]
+    }
+    assert sorted(storage._list("ds")) == sorted(
+        ["ds/_current.json", f"ds/_v/{storage.pointer('ds')['version']}/manifest.json"]
+    )  # no lease left behind
+
+
+def test_crash_at_the_commit_point_keeps_the_old_version(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Everything of the new version is written, the pointer write fails: v1 stays current."""
+    committed = _commit_v1(storage)
+    real_put = type(storage).put_bytes
+
+    def failing_put(self, key, data):
+        if key.endswith("_current.json"):
+            raise StorageError("simulated crash at the pointer write")
+        return real_put(self, key, data)
+
+    monkeypatch.setattr(type(storage), "put_bytes", failing_put)
+    with pytest.raises(StorageError, match="simulated"), storage.transaction("ds") as tx:
+        _write_dataset(tx, {"tr/images-0.npy": b"new0", "tr/images-7.npy": b"new7"})
+        tx.commit({"manifest.json": b"v2"})
+    monkeypatch.setattr(type(storage), "put_bytes", real_put)
+    assert _snapshot(open_storage(storage.uri) if isinstance(storage, LocalStorage)
+                     else storage, "ds") == committed  # fmt: skip
+    with storage.transaction("ds") as tx:  # the lease went with the failed writer
+        tx.commit({"manifest.json": b"v2"})
+    assert storage.list("ds") == ["ds/manifest.json"]
+
+
+def test_carry_keeps_files_not_rewritten(storage: Storage) -> None:
+    with storage.transaction("ckpt") as tx:
+        tx.put_bytes("encoder.pt", b"enc1")
+        tx.commit({"train.pt": b"t1"})
+    with storage.transaction("ckpt", carry=True) as tx:
+        tx.commit({"train.pt": b"t2"})
+    assert _snapshot(storage, "ckpt") == {"ckpt/encoder.pt": b"enc1", "ckpt/train.pt": b"t2"}
+    with storage.transaction("ckpt") as tx:  # without carry: only what this version wrote
+        tx.commit({"train.pt": b"t3"})
+    assert _snapshot(storage, "ckpt") == {"ckpt/train.pt": b"t3"}
+
+
+def test_plain_folder_of_the_old_layout_is_read_then_replaced(storage: Storage) -> None:
+    storage.put_bytes("ds/manifest.json", b"old-layout")
+    storage.put_bytes("ds/tr/images-0.npy", b"old0")
+    assert storage.get_bytes("ds/manifest.json") == b"old-layout"
+    with storage.transaction("ds") as tx:
+        tx.commit({"manifest.json": b"v2"})
+    assert _snapshot(storage) == {"ds/manifest.json": b"v2"}
+    assert not any(k.startswith("ds/tr/") for k in storage._list("ds"))  # removed after commit
 
 
 KILLED_WRITER = textwrap.dedent(
@@ -304,63 +373,23 @@ def test_killed_writer_keeps_committed_version(storage: Storage, tmp_path: Path)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert "written" in proc.stdout
     assert _snapshot(storage, "ds") == committed  # the committed version is untouched
-    stale = [k for k in storage.list() if k not in committed]
-    assert stale and all(k.startswith("ds.partial-") for k in stale), stale  # staging left over
+    assert _snapshot(storage) == committed  # its unfinished version and lease are not listed
+    current = storage.pointer("ds")["version"]
+    orphans = {k.split("/")[2] for k in storage._list("ds/_v")} - {current}
+    assert len(orphans) == 1, orphans  # what the killed writer staged
+    assert storage._exists("ds/_lease.json")  # its lease too (its pid is gone: stale)
 
-    with storage.transaction("ds") as tx:  # the next writer removes the stale staging
+    with storage.transaction("ds") as tx:  # the next writer takes over and cleans up
         tx.put_bytes("fresh.bin", b"new")
         tx.commit({"manifest.json": b"v2"})
     assert storage.list() == ["ds/fresh.bin", "ds/manifest.json"]
     assert storage.get_bytes("ds/manifest.json") == b"v2"
+    versions = {k.split("/")[2] for k in storage._list("ds/_v")}
+    assert versions == {current, storage.pointer("ds")["version"]}  # the orphan is gone
+    assert not storage._exists("ds/_lease.json")
 
 
 # ----------------------------------------------------------------------------- S3 specifics
-
-
-class RecordingClient:
-    """Passes every call to the real minio client; records copies and deletions in order."""
-
-    def __init__(self, client) -> None:
-        self._client, self.calls = client, []
-
-    def copy_object(self, bucket, name, source, **kwargs):
-        self.calls.append(("copy", name))
-        return self._client.copy_object(bucket, name, source, **kwargs)
-
-    def remove_objects(self, bucket, objects, **kwargs):
-        objects = list(objects)
-        self.calls.append(("delete", sorted(o.name for o in objects)))
-        return self._client.remove_objects(bucket, objects, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._client, name)
-
-
-def test_s3_publish_removes_the_old_marker_first_and_writes_the_new_one_last(
-    s3_storage: S3Storage,
-) -> None:
-    _commit_v1(s3_storage)
-    recorder = RecordingClient(s3_storage.client)
-    store = S3Storage(s3_storage.bucket, "root", client=recorder, endpoint=s3_storage.endpoint)
-    with store.transaction("ds") as tx:
-        _write_dataset(tx, {"tr/images-0.npy": b"new0", "tr/images-2.npy": b"new2"})
-        tx.put_bytes("stats.json", b"v2")
-        recorder.calls.clear()
-        tx.commit({"manifest.json": b"v2"})
-    calls = recorder.calls
-    assert calls[0] == ("delete", ["root/ds/manifest.json", "root/ds/stats.json"])
-    copies = [name for op, name in calls if op == "copy"]
-    assert sorted(copies[:-1]) == ["root/ds/stats.json", "root/ds/tr/images-0.npy",
-                                   "root/ds/tr/images-2.npy"]  # fmt: skip
-    assert calls[-2] == ("copy", "root/ds/manifest.json")  # the marker last ...
-    assert calls.index(("delete", ["root/ds/tr/images-1.npy"])) < len(calls) - 2  # ... after this
-    assert calls[-1][0] == "delete" and all(".partial-" in n for n in calls[-1][1])
-    assert _snapshot(s3_storage) == {
-        "ds/manifest.json": b"v2",
-        "ds/stats.json": b"v2",
-        "ds/tr/images-0.npy": b"new0",
-        "ds/tr/images-2.npy": b"new2",
-    }
 
 
 def test_s3_bucket_is_created_only_by_a_transaction(
@@ -494,3 +523,57 @@ def test_s3_multipart_file_round_trip(s3_storage: S3Storage, tmp_path: Path) -> 
     assert s3_storage.get_file("ckpt/weights.pt", tmp_path / "back.bin").read_bytes() == (
         big.read_bytes()
     )
+
+
+# ----------------------------------------------------------------------------- leases
+
+
+@pytest.mark.parametrize("conditional", ["1", "0"])
+def test_conditional_create_and_replace(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch, conditional: str
+) -> None:
+    """What leases rely on. SeaweedFS 4.48 answers a PUT with ``If-None-Match: *`` on an
+    existing key, and one with a stale ``If-Match`` ETag, with 412 PreconditionFailed (as AWS S3
+    and MinIO do); ``HSISSL_S3_CONDITIONAL_WRITES=0`` is the write-pause-verify fallback."""
+    monkeypatch.setenv("HSISSL_S3_CONDITIONAL_WRITES", conditional)
+    if isinstance(storage, S3Storage):
+        storage = S3Storage(storage.bucket, storage.prefix, client=storage.client,
+                            endpoint=storage.endpoint)  # fmt: skip
+    elif conditional == "0":
+        pytest.skip("a folder has no fallback: link() and flock() are always there")
+    tag = storage.put_if_absent("x/lease", b"one")
+    assert tag is not None
+    assert storage.put_if_absent("x/lease", b"two") is None
+    assert storage.get_tagged("x/lease") == (b"one", tag)
+    new = storage.put_if_tag("x/lease", b"three", tag)
+    assert new is not None and new != tag
+    assert storage.put_if_tag("x/lease", b"four", tag) is None  # the old tag no longer matches
+    assert storage.get_bytes("x/lease") == b"three"
+
+
+def test_racing_lease_takers_get_exactly_one(storage: Storage) -> None:
+    """8 threads take the lease of one folder at once: one holds it, 7 hear who does."""
+    import threading
+
+    from hsissl.storage import Lease, LeaseHeld
+
+    barrier, won, refused = threading.Barrier(8), [], []
+
+    def take() -> None:
+        lease = Lease(storage, "datasets/ds")
+        barrier.wait()
+        try:
+            lease.acquire()
+            won.append(lease)
+        except LeaseHeld as exc:
+            refused.append(str(exc))
+
+    threads = [threading.Thread(target=take) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and len(refused) == 7, (won, refused)
+    assert all("another ingest of 'ds' is running (owner " in r for r in refused)
+    won[0].release()
+    assert not storage._exists("datasets/ds/_lease.json")

@@ -101,9 +101,11 @@ then KEY=VALUE overrides with dotted keys, e.g.:
   hsissl ingest --config configs/base.yaml data.source=s3://hsissl/WHU-OHS   # read in place
 Each run saves its fully resolved config beside its outputs and in MLflow.
 Exit codes: 0 ok, 1 unexpected error, 2 invalid input data or config (report: inputs missing,
-the page is still written), 130 interrupted (Ctrl-C or SIGTERM)."""
+the page is still written), 75 another writer of the same dataset/checkpoint is running
+(try again later), 130 interrupted (Ctrl-C or SIGTERM)."""
 
 EXIT_INTERRUPTED = 128 + 2  # the shell's code for a command stopped by SIGINT
+EXIT_BUSY = 75  # sysexits.h EX_TEMPFAIL: another writer holds the lease; nothing is wrong here
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +134,33 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "ingest":
             p.add_argument("--report", action="store_true",
                            help="check every file and list all violations; write nothing")  # fmt: skip
+    tracking = sub.add_parser(
+        "tracking", help="MLflow housekeeping: send what an outage kept on disk",
+        description="MLflow housekeeping.",
+    )  # fmt: skip
+    actions = tracking.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sync = actions.add_parser(
+        "sync", help="send the metrics and final states an MLflow outage kept in <run_dir>",
+        description="Send what runs of RUN_DIR could not send during an MLflow outage (kept in "
+        "RUN_DIR/mlflow-outbox/), then mark those runs FINISHED/FAILED as their process ended "
+        "them. Each stage does this by itself when it starts and reaches MLflow.",
+    )  # fmt: skip
+    sync.add_argument("run_dir", type=Path, help="the run folder (run_dir), e.g. runs/tiny")
+    sync.add_argument("--uri", help="send to this tracking URI instead of the one recorded")
     return parser
+
+
+def _tracking_sync(run_dir: Path, uri: str | None) -> int:
+    from hsissl import tracking_outbox
+
+    sent, failed = tracking_outbox.sync(run_dir, send_to=uri)
+    for line in sent:
+        print(f"sent: {line}")
+    for line in failed:
+        print(f"hsissl tracking sync: not sent yet: {line}", file=sys.stderr)
+    if not sent and not failed:
+        print(f"nothing to send in {run_dir / tracking_outbox.OUTBOX}")
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,11 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [*getattr(args, "overrides", []), *extra]
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    if not args.debug:  # each GDAL error / HTTP retry is logged; the one error line says it all
+        logging.getLogger("rasterio").setLevel(logging.WARNING)
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+    if args.stage == "tracking":
+        return _tracking_sync(args.run_dir, args.uri)
     from hsissl.data.normalize import NormalizerMismatch
     from hsissl.data.resample import ConvertError
     from hsissl.data.scenes import DataContractError
     from hsissl.pretrain.checkpoint import CheckpointError
-    from hsissl.storage import StorageError
+    from hsissl.storage import LeaseHeld, StorageError
     from hsissl.tracking import TrackingError
 
     try:
@@ -165,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         how = f" ({exc})" if str(exc) else ""  # the trainer says at which step it stopped
         print(f"hsissl {args.stage}: interrupted{how}{_resume_hint(args.stage)}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except LeaseHeld as exc:
+        print(f"hsissl {args.stage}: {exc}", file=sys.stderr)
+        return EXIT_BUSY
     # FileNotFoundError: a dataset, scene or checkpoint the user named is missing;
     # Tracking/StorageError: the MLflow server or object store the config names is unusable
     except (ConfigError, DataContractError, NormalizerMismatch, CheckpointError, ConvertError,

@@ -8,11 +8,13 @@ after what it made (a result name or URI, or ``…/checkpoints/<name>/encoder.pt
 
 Tracking must never cost training: MLflow's HTTP retries are bounded (``HTTP_LIMITS``), an
 unreachable server fails a stage at its start (``TrackingError``, before any work), and once a
-run has started every logging call is best-effort (see :class:`Tracker`).
+run has started every logging call is best-effort (see :class:`Tracker`); what an outage keeps
+from MLflow waits on disk (``tracking_outbox``) and is sent by the next command that reaches it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import subprocess
@@ -24,6 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
+from hsissl import tracking_outbox
 from hsissl.config import flatten, to_yaml
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before mlflow is imported
@@ -112,8 +115,10 @@ class Tracker:
     with a warning.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, stage: str = "", uri: str = "") -> None:
+    def __init__(self, client: MlflowClient, run_id: str, stage: str = "", uri: str = "",
+                 outbox: Path | None = None) -> None:  # fmt: skip
         self.client = client
+        self.outbox = outbox  # where what waits is kept on disk during an outage (tracking_outbox)
         self.run_id = run_id
         self.stage = stage
         self.uri = uri
@@ -174,14 +179,44 @@ class Tracker:
         ended = self._flush() and self._attempt(
             f"status {status}", self.client.set_terminated, self.run_id, status
         )
-        if not ended:
+        if ended:
+            self._clear_outbox()
+        elif self.outbox is not None:
+            self._save_outbox(status)
+            log.warning("MLflow run %s at %s could not be marked %s yet; what it misses is kept "
+                        "in %s and sent by the next command of this run folder that reaches "
+                        "MLflow, or by `hsissl tracking sync %s`", self.run_id, self.uri, status,
+                        self.outbox, self.outbox.parent.parent)  # fmt: skip
+        else:
             log.warning("MLflow run %s at %s stays RUNNING there: it could not be marked %s",
                         self.run_id, self.uri, status)  # fmt: skip
+
+    def _save_outbox(self, status: str | None = None) -> None:
+        if self.outbox is None:
+            return
+        state = {
+            "uri": self.uri, "run_id": self.run_id, "params": self._pending_params,
+            "metrics": [[m.key, m.value, m.timestamp, m.step] for m in self._metrics],
+            "tags": self._tags, "name": self._name, "status": status,
+            "end_time": int(time.time() * 1000) if status else None,
+        }  # fmt: skip
+        try:
+            tracking_outbox.save(self.outbox, state)
+        except OSError as exc:
+            log.warning("could not keep the unsent MLflow data in %s: %s", self.outbox, exc)
+
+    def _clear_outbox(self) -> None:
+        if self.outbox is not None:
+            self.outbox.unlink(missing_ok=True)
 
     # -- best-effort machinery --------------------------------------------------------
     def _flush(self) -> bool:
         """Send the waiting metrics, params, tags and name; True once nothing waits."""
-        return self._attempt("metrics, params and tags", self._send_pending)
+        was_down = not self.reachable
+        sent = self._attempt("metrics, params and tags", self._send_pending)
+        if sent and was_down:
+            self._clear_outbox()  # all of it arrived: a replay would send it twice
+        return sent
 
     def _send_pending(self) -> None:
         ml = _mlflow()
@@ -237,6 +272,7 @@ class Tracker:
                           _short(exc))  # fmt: skip
                 self._pause = min(2 * self._pause, MAX_RETRY_AFTER_S)
             self._retry_at = time.monotonic() + self._pause
+            self._save_outbox()
             return False
         if not self.reachable:
             log.warning("MLflow at %s reachable again at step %d (down since step %d)",
@@ -262,7 +298,6 @@ def start_run(
     ml = _mlflow()
     apply_http_limits()  # before the first request
     uri = resolve_uri(cfg.tracking.uri, run_dir)
-    client = ml.MlflowClient(tracking_uri=uri)
 
     run_tags = {"stage": stage}
     sha = git_sha()
@@ -276,11 +311,14 @@ def start_run(
     run_tags.update(tags or {})
 
     try:  # the first requests double as the up-front check: fail now, not hours into training
-        exp_id = experiment_id(client, cfg.tracking.experiment, uri)
+        with _schema_lock(uri):
+            client = ml.MlflowClient(tracking_uri=uri)
+            exp_id = experiment_id(client, cfg.tracking.experiment, uri)
         run_id = client.create_run(exp_id, run_name=stage, tags=run_tags).info.run_id
     except Exception as exc:
         raise TrackingError(_unusable_message(cfg, uri, exc)) from exc
-    tracker = Tracker(client, run_id, stage, uri)
+    _replay_outbox(run_dir, uri)
+    tracker = Tracker(client, run_id, stage, uri, tracking_outbox.path_for(run_dir, run_id))
     tracker.log_params(flatten(cfg))
     tracker.log_text(to_yaml(cfg), "config.yaml")
     status = "FINISHED"
@@ -294,6 +332,30 @@ def start_run(
         raise
     finally:
         tracker.end(status)
+
+
+@contextmanager
+def _schema_lock(uri: str) -> Iterator[None]:
+    """Serialise the first use of a sqlite store across processes: MLflow creates its tables
+    then, and two stages started together in a fresh run folder would both try (MLflow 3.17:
+    ``OperationalError: table experiments already exists``)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def _replay_outbox(run_dir: Path, uri: str) -> None:
+    """Send what earlier runs of this folder kept during an MLflow outage (tracking_outbox)."""
+    sent, failed = tracking_outbox.sync(run_dir, only_uri=uri)
+    for line in sent:
+        log.info("sent to MLflow what it missed during an outage: %s", line)
+    for line in failed:
+        log.warning("could not yet send to MLflow what it missed: %s", line)
 
 
 def _unusable_message(cfg: Config, uri: str, exc: Exception) -> str:

@@ -159,7 +159,9 @@ def check_header(
             header = SceneHeader(pair, img.height, img.width, dtype, img.nodata)
     except RasterioError as exc:
         return None, [
-            Violation(_which(pair, exc), "file", f"unreadable ({exc})", "a readable GeoTIFF")
+            Violation(
+                _which(pair, exc), "file", f"unreadable ({_reason(exc)})", "a readable GeoTIFF"
+            )
         ]
     return (header if not out else None), out
 
@@ -176,7 +178,11 @@ def read_scene(header: SceneHeader) -> tuple[np.ndarray | None, np.ndarray | Non
         return (
             None,
             None,
-            [Violation(_which(pair, exc), "file", f"unreadable ({exc})", "a readable GeoTIFF")],
+            [
+                Violation(
+                    _which(pair, exc), "file", f"unreadable ({_reason(exc)})", "a readable GeoTIFF"
+                )
+            ],
         )
     out = check_label(pair.label, label)
     image, image_violations = to_int16(pair.image, raw, header.nodata)
@@ -222,7 +228,17 @@ def to_int16(
     return raw.astype(np.int16), out
 
 
+def _reason(exc: Exception) -> str:
+    """rasterio's text, or GDAL's own error it chains ("Read failed. See previous exception":
+    the cause names the band and block, e.g. ``band 16: IReadBlock failed at X offset 0``)."""
+    cause = exc.__cause__
+    if cause is not None and "previous exception" in str(exc):
+        return f"{exc} {cause}".replace(" See previous exception for details.", "")
+    return str(exc)
+
+
 def _which(pair: ScenePair, exc: Exception) -> str:
-    text = str(exc)  # GDAL names the path it opened (/vsis3/… for an object in S3)
+    # GDAL names the path it opened (/vsis3/… for an object in S3), maybe only in the cause
+    text = f"{exc} {exc.__cause__ or ''}"
     label = (str(pair.label), os.fspath(pair.label))
     return str(pair.label) if any(name in text for name in label) else str(pair.image)

@@ -37,6 +37,7 @@ from hsissl.pretrain import checkpoint, knn
 from hsissl.pretrain.recipe import Recipe, set_checkpoint_blocks
 from hsissl.pretrain.runtime import Runtime, autocast, rng_state, set_rng_state, setup
 from hsissl.stages.common import dataset_uri, stage_run, storage_of
+from hsissl.storage import Lease
 
 log = logging.getLogger(__name__)
 # (section, key) a resumed run must share with its checkpoint besides the method's own section.
@@ -114,6 +115,7 @@ class Trainer:
         self.loader_state: dict[str, Any] | None = None  # the loader as of the last batch used
         self.history: list[dict[str, float]] = []  # logged metrics of this process (for reports)
         self.stop = StopSignals()
+        self.lease: Lease | None = None
 
     # -- checkpoints ------------------------------------------------------------------
     def save_train_state(self) -> None:
@@ -130,8 +132,16 @@ class Trainer:
             "normalizer": self.normalizer.to_dict(),
             "config": asdict(self.cfg),
         }
-        checkpoint.save(self.store, f"{self.prefix}/train.pt", state)
-        self._save_history()
+        self._commit("train.pt", state)
+
+    def _commit(self, name: str, payload: dict[str, Any]) -> str:
+        """One checkpoint commit: ``name`` and the loss history, the other files carried over
+        from the previous version (hsissl.storage.commit: a crash never loses the last one)."""
+        with self.store.transaction(self.prefix, carry=True, lease=self.lease) as tx:
+            torch.save(payload, tx.path(name))
+            tx.done(name)
+            tx.commit({"history.json": self._history_bytes()})
+        return self.store.join(f"{self.prefix}/{name}")
 
     def maybe_resume(self) -> bool:
         key = f"{self.prefix}/train.pt"
@@ -179,15 +189,15 @@ class Trainer:
             {"uri": self.dataset.uri, "fingerprint": self.normalizer.fingerprint},
             asdict(self.cfg), self.step,
         )  # fmt: skip
-        return checkpoint.save(self.store, f"{self.prefix}/encoder.pt", record)
+        return self._commit("encoder.pt", record)
 
-    def _save_history(self) -> None:
+    def _history_bytes(self) -> bytes:
         """Loss curves for reports, merged with those of earlier (resumed) processes."""
         key = f"{self.prefix}/history.json"
         earlier = json.loads(self.store.get_bytes(key)) if self.store.exists(key) else []
         mine = {int(h["step"]) for h in self.history}
         merged = [h for h in earlier if int(h["step"]) not in mine] + self.history
-        self.store.put_bytes(key, json.dumps(sorted(merged, key=lambda h: h["step"])).encode())
+        return json.dumps(sorted(merged, key=lambda h: h["step"])).encode()
 
     # -- probe ------------------------------------------------------------------------
     def knn_probe(self) -> float | None:
@@ -209,7 +219,11 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``self.total`` steps (resuming a saved state); a stop signal ends it early
         with a checkpoint and KeyboardInterrupt (module doc)."""
-        with self.stop.installed():
+        # The main rank owns checkpoints/<name> for the whole run: a second run of the same
+        # name fails at once instead of interleaving checkpoints with this one.
+        lease = Lease(self.store, self.prefix) if self.rt.is_main else contextlib.nullcontext()
+        with self.stop.installed(), lease as held:
+            self.lease = held
             return self._fit()
 
     def _fit(self) -> dict[str, Any]:
@@ -228,8 +242,6 @@ class Trainer:
                                   "normalizer": self.normalizer.fingerprint})  # fmt: skip
             metrics = self._loop(model, tracker)
             encoder_uri = self.save_encoder() if self.rt.is_main else ""
-            if self.rt.is_main:
-                self._save_history()
             if tracker is not None:
                 tracker.set_tags({"encoder_uri": encoder_uri})
                 tracker.log_params({"encoder_uri": encoder_uri})

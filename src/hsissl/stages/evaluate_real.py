@@ -360,10 +360,10 @@ def run(cfg: Config) -> dict[str, Any]:
         result = {"kind": real_table.REAL_KIND, "name": cfg.real.name, "dataset": data_uri,
                   "normalizer": normalizer.fingerprint, "rows": rows, "summary": summary,
                   "tables": tables, "seconds": time.perf_counter() - start}  # fmt: skip
-        store, prefix = storage_of(cfg), f"results/{cfg.real.name}"
-        store.put_bytes(f"{prefix}/metrics.json", json.dumps(result, indent=1).encode())
-        store.put_bytes(f"{prefix}/tables.json", json.dumps(tables, indent=1).encode())
-        store.put_bytes(f"{prefix}/tables.md", tables_md.encode())
+        with storage_of(cfg).transaction(f"results/{cfg.real.name}") as tx:  # like every result
+            tx.commit({"metrics.json": json.dumps(result, indent=1).encode(),
+                       "tables.json": json.dumps(tables, indent=1).encode(),
+                       "tables.md": tables_md.encode()})  # fmt: skip
         (run_dir_of(cfg) / f"{cfg.real.name}.md").write_text(markdown + "\n")
         local_tables = run_dir_of(cfg) / f"{cfg.real.name}-tables.md"
         local_tables.write_text(tables_md)

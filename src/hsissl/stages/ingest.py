@@ -2,7 +2,8 @@
 
 Reads every scene once. Header checks run on all files before anything is written;
 content checks run as pixels are read, and any violation aborts the storage
-transaction, so a failed ingest leaves nothing behind. Re-running with the same input
+transaction, so a failed ingest leaves nothing behind and the dataset committed before stays
+current (hsissl.storage.commit); a second ingest of the same name fails at once. Re-running with the same input
 files and data config reuses the committed dataset.
 """
 
@@ -43,6 +44,7 @@ from hsissl.data.shards import FORMAT, MANIFEST, ShardWriter
 from hsissl.data.stats import BandStats, band_sums
 from hsissl.data.tiling import cut_tiles, tile_positions
 from hsissl.stages.common import dataset_uri, prepare_source, stage_run, storage_of
+from hsissl.storage import Lease
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +88,10 @@ def _ingest(cfg: Config, root: Path | ObjectRoot, data_cfg: Any, report: bool) -
         )
         return {"dataset_uri": storage.join(prefix), "manifest": existing, "reused": True}
 
-    with stage_run(cfg, "ingest") as tracker:
+    # The lease first: a second ingest of this name fails before it opens an MLflow run.
+    with Lease(storage, prefix) as lease, stage_run(cfg, "ingest") as tracker:
         start = time.perf_counter()
-        with storage.transaction(prefix) as tx:
+        with storage.transaction(prefix, lease=lease) as tx:
             manifest = _write_shards(tx, headers, data_cfg, fingerprint, root, leaks)
             manifest["config"] = asdict(data_cfg)
             tx.commit(
@@ -204,6 +207,36 @@ def _prepare_scene(header: SceneHeader, tile: int, stride: int, drop: bool) -> _
     return _PreparedScene(img_tiles, lbl_tiles, positions, counts, sums, digests, size, [])
 
 
+def _write_split(tx: Any, split: str, headers: list[SceneHeader], data_cfg: Any, stats: BandStats,
+                 bar: tqdm, readers: ThreadPoolExecutor, writer_pool: ThreadPoolExecutor,
+                 tiles_seen: leakage.TileIndex) -> dict[str, Any]:  # fmt: skip
+    tile, n_readers = data_cfg.tile_size, max(1, data_cfg.readers)
+    writer = ShardWriter(tx, split, data_cfg.shard_tiles, ohs.NUM_BANDS, tile, writer_pool)
+    class_pixels = np.zeros(ohs.NUM_CLASSES + 1, dtype=np.int64)
+    tiles = 0
+    # Ordered, bounded read-ahead; reading, tiling and statistics run on `readers` threads.
+    prepare = partial(
+        _prepare_scene, tile=tile, stride=data_cfg.stride, drop=data_cfg.drop_unlabelled
+    )
+    for i, scene in enumerate(_bounded_map(readers, prepare, headers, ahead=2 * n_readers)):
+        if scene.violations:
+            raise DataContractError(scene.violations)
+        sources = np.array([(i, y, x) for y, x in scene.positions], dtype=np.int32).reshape(-1, 3)
+        writer.add(scene.images, scene.labels, sources)
+        tiles_seen.add(split, str(headers[i].pair.image), scene.positions, scene.digests)
+        class_pixels += scene.class_pixels
+        if split == "tr" and scene.sums is not None:
+            stats.merge(*scene.sums)
+        tiles += len(scene.images)
+        bar.update(scene.source_bytes)
+    return {
+        "tiles": tiles,
+        "scenes": [h.pair.name for h in headers],
+        "class_pixels": class_pixels.tolist(),
+        "shards": writer.close(),
+    }
+
+
 def _write_shards(tx: Any, headers: dict[str, list[SceneHeader]], data_cfg: Any, fingerprint: str,
                   root: Path | ObjectRoot, leaks: list[leakage.Overlap]) -> dict[str, Any]:  # fmt: skip
     tile, stride = data_cfg.tile_size, data_cfg.stride
@@ -211,45 +244,21 @@ def _write_shards(tx: Any, headers: dict[str, list[SceneHeader]], data_cfg: Any,
     splits: dict[str, Any] = {}
     tiles_seen = leakage.TileIndex()
     total_bytes = sum(file_size(h.pair.image) for hs in headers.values() for h in hs)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="ingest")
-    n_readers = max(1, data_cfg.readers)
+    # The bar is closed (its line ended) before any error prints; a failure cancels the queued
+    # reads and uploads instead of running them against a store that just failed.
     with (
-        ThreadPoolExecutor(n_readers) as readers,
+        tqdm(total=total_bytes, unit="B", unit_scale=True, desc="ingest") as bar,
+        ThreadPoolExecutor(max(1, data_cfg.readers)) as readers,
         ThreadPoolExecutor(1) as writer_pool,
     ):
-        for split in data_cfg.splits:
-            writer = ShardWriter(tx, split, data_cfg.shard_tiles, ohs.NUM_BANDS, tile, writer_pool)
-            class_pixels = np.zeros(ohs.NUM_CLASSES + 1, dtype=np.int64)
-            scenes = [h.pair.name for h in headers[split]]
-            tiles = 0
-            # Ordered, bounded read-ahead; reading, tiling and statistics run on `readers` threads.
-            prepare = partial(
-                _prepare_scene, tile=tile, stride=stride, drop=data_cfg.drop_unlabelled
-            )
-            for i, scene in enumerate(
-                _bounded_map(readers, prepare, headers[split], ahead=2 * n_readers)
-            ):
-                if scene.violations:
-                    raise DataContractError(scene.violations)
-                sources = np.array([(i, y, x) for y, x in scene.positions], dtype=np.int32).reshape(
-                    -1, 3
-                )
-                writer.add(scene.images, scene.labels, sources)
-                tiles_seen.add(
-                    split, str(headers[split][i].pair.image), scene.positions, scene.digests
-                )
-                class_pixels += scene.class_pixels
-                if split == "tr" and scene.sums is not None:
-                    stats.merge(*scene.sums)
-                tiles += len(scene.images)
-                bar.update(scene.source_bytes)
-            splits[split] = {
-                "tiles": tiles,
-                "scenes": scenes,
-                "class_pixels": class_pixels.tolist(),
-                "shards": writer.close(),
-            }
-    bar.close()
+        try:
+            for split in data_cfg.splits:
+                splits[split] = _write_split(tx, split, headers[split], data_cfg, stats, bar,
+                                             readers, writer_pool, tiles_seen)  # fmt: skip
+        except BaseException:
+            for pool in (writer_pool, readers):
+                pool.shutdown(wait=False, cancel_futures=True)
+            raise
     leaks = leaks + tiles_seen.overlaps()
     if leaks and not data_cfg.allow_split_overlap:  # the transaction is aborted: nothing written
         raise DataContractError([o.violation() for o in leaks])

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,7 +58,10 @@ def run(cfg: Config) -> dict[str, Any]:
         inputs = collect(cfg)
         sections = build_sections(inputs, cfg)
         fingerprints = fingerprint_rows(inputs)
-        title = f"hsissl report: {rc.name}"
+        # The default name says nothing ("hsissl report: report"); the run folder does.
+        title = f"hsissl report: {Path(cfg.run_dir).name}" + (
+            f" ({rc.name})" if rc.name != "report" else ""
+        )
         meta = [
             ("generated", datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")),
             ("artifact store", store.join("")),

@@ -3,13 +3,10 @@
 Keys are '/'-separated strings relative to the store root. ``list``/``delete_prefix`` treat a
 prefix as a folder: ``"ds"`` covers ``"ds"`` and ``"ds/..."`` but not ``"ds2/..."``.
 
-A :class:`Transaction` writes a whole folder (dataset, checkpoint) all-or-nothing: it stages
-into ``<prefix>.partial-<id>`` and touches ``<prefix>`` only in commit, so a failed or killed
-writer leaves the committed version as it was. A folder is complete exactly when its commit
-marker (e.g. ``manifest.json``, written last by :meth:`Transaction.commit`) exists; commit
-markers belong at the top level of the transaction's prefix. Locally the commit is a rename
-(readers see the old folder or the new one); on S3 it is a sequence of copies during which the
-marker is absent (see :class:`S3Transaction`). One writer per prefix at a time.
+A transaction (:class:`Commit`, from ``storage.transaction(prefix)``) writes a whole folder
+(dataset, checkpoint, result) all-or-nothing as a new immutable version and publishes it with
+one atomic pointer write; one writer per folder at a time, enforced by a lease. The protocol
+lives in :mod:`hsissl.storage.commit`; readers see committed folders through the pointer.
 
 S3 failures (endpoint, credentials, bucket, network) raise :class:`StorageError`; a missing key
 raises FileNotFoundError on both backends.
@@ -21,11 +18,14 @@ from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from hsissl.storage.base import Storage, StorageError, Transaction
-from hsissl.storage.local import LocalStorage, LocalTransaction
-from hsissl.storage.s3 import S3Storage, S3Transaction, s3_client_from_env, s3_endpoint_from_env
+from hsissl.storage.base import Storage, StorageError
+from hsissl.storage.commit import Commit, Lease, LeaseHeld, LeaseLost
+from hsissl.storage.local import LocalStorage
+from hsissl.storage.s3 import S3Storage, s3_client_from_env, s3_endpoint_from_env
 
-__all__ = ["LocalStorage", "LocalTransaction", "S3Storage", "S3Transaction", "Storage",
+Transaction = Commit  # the name the stages use for the writer of a folder
+
+__all__ = ["Commit", "Lease", "LeaseHeld", "LeaseLost", "LocalStorage", "S3Storage", "Storage",
            "StorageError", "Transaction", "open_storage", "s3_client_from_env",
            "s3_endpoint_from_env"]  # fmt: skip
 

@@ -1,12 +1,12 @@
-"""The storage interface (:class:`Storage`, :class:`Transaction`) and its key rules."""
+"""The storage interface (:class:`Storage`) and its key rules."""
 
 from __future__ import annotations
 
-import logging
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+NO_POINTER_TTL_S = 1.0
 
 
 class StorageError(RuntimeError):
@@ -29,7 +29,14 @@ def _under(key: str, prefix: str) -> bool:
 
 
 class Storage(ABC):
-    """Root of a key/value file store; see the module docstring for key and prefix rules."""
+    """Root of a key/value file store; see the module docstring for key and prefix rules.
+
+    Reads (``get_bytes``, ``exists``, ``list``, ``open_local``, ...) see committed folders
+    through their pointer (:mod:`hsissl.storage.commit`): ``ds/manifest.json`` is read from the
+    version ``ds/_current.json`` names. A store instance remembers the pointers it has read, so
+    one reader sees one version throughout; a commit through the same instance refreshes it.
+    Writes (``put_bytes``, ``put_file``) go to the key as given.
+    """
 
     uri: str
 
@@ -38,147 +45,180 @@ class Storage(ABC):
         key = _clean(key, allow_empty=True)
         return f"{self.uri}/{key}" if key else self.uri
 
+    # -- committed-folder view (the pointer format belongs to hsissl.storage.commit)
+
+    def _pointers(self) -> dict[str, tuple[dict | None, float]]:
+        cache = self.__dict__.get("_pointer_cache")
+        if cache is None:
+            cache = self.__dict__["_pointer_cache"] = {}
+        return cache
+
+    def pointer(self, root: str) -> dict | None:
+        """The commit pointer of folder ``root`` ('' = the store root), or None (cached)."""
+        from hsissl.storage.commit import POINTER, parse_pointer
+
+        cache = self._pointers()
+        hit = cache.get(root)
+        # A pointer read stays (one reader, one version); "no pointer" is asked again after
+        # NO_POINTER_TTL_S, so a poller sees a folder's first commit.
+        if hit is None or (hit[0] is None and time.monotonic() - hit[1] > NO_POINTER_TTL_S):
+            key = f"{root}/{POINTER}" if root else POINTER
+            data = self._read_optional(key)
+            hit = (None if data is None else parse_pointer(data, self.join(key)), time.monotonic())
+            cache[root] = hit
+        return hit[0]
+
+    def forget_pointer(self, root: str) -> None:
+        """Drop the cached pointers of ``root`` and the folders in it (after this process moved
+        or deleted them)."""
+        cache = self._pointers()
+        for cached in [r for r in cache if _under(r, root)]:
+            del cache[cached]
+
+    def _committed_root(self, key: str) -> tuple[str, dict] | None:
+        """(root, pointer) of the committed folder holding ``key`` (``key`` itself included)."""
+        parts = key.split("/") if key else []
+        for depth in range(len(parts) + 1):
+            root = "/".join(parts[:depth])
+            pointer = self.pointer(root)
+            if pointer is not None:
+                return root, pointer
+        return None
+
+    def resolve(self, key: str) -> str | None:
+        """The stored key that holds logical ``key``: itself outside committed folders, the
+        version's copy inside one, None when the committed version has no such file."""
+        key = _clean(key)
+        parts = key.split("/")
+        for depth in range(len(parts)):
+            root = "/".join(parts[:depth])
+            pointer = self.pointer(root)
+            if pointer is not None:
+                target = pointer["files"].get("/".join(parts[depth:]))
+                if target is None:
+                    return None
+                return f"{root}/{target}" if root else target
+        return key
+
+    def _resolved(self, key: str) -> str:
+        stored = self.resolve(key)
+        if stored is None:
+            raise FileNotFoundError(f"{self.join(key)}: no such file in the committed version")
+        return stored
+
+    # -- reads (logical keys)
+
+    def get_bytes(self, key: str) -> bytes:
+        """Read ``key``; FileNotFoundError naming the URI when it is missing."""
+        return self._get_bytes(self._resolved(key))
+
+    def get_file(self, key: str, local: Path) -> Path:
+        """Download/copy ``key`` to ``local`` (atomically on the local side); returns ``local``."""
+        return self._get_file(self._resolved(key), local)
+
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` is an object/file (folders are not keys)."""
+        stored = self.resolve(key)
+        return stored is not None and self._exists(stored)
+
+    def list(self, prefix: str = "") -> list[str]:
+        """All keys under ``prefix`` (recursive), sorted, relative to the root; committed
+        folders list their current version's files, never versions, pointers or leases."""
+        from hsissl.storage.commit import POINTER, is_internal
+
+        prefix = _clean(prefix, allow_empty=True)
+        found = self._committed_root(prefix)
+        if found is not None:
+            root, pointer = found
+            keys = [f"{root}/{rel}" if root else rel for rel in pointer["files"]]
+            return sorted(k for k in keys if _under(k, prefix))
+        raw = self._list(prefix)
+        roots = [k[: -len(POINTER) - 1] for k in raw if k.endswith("/" + POINTER)]
+        out = [k for k in raw if not is_internal(k) and not any(_under(k, r) for r in roots)]
+        for root in roots:
+            pointer = self.pointer(root)
+            if pointer is not None:
+                out += [f"{root}/{rel}" for rel in pointer["files"]]
+        return sorted(k for k in out if _under(k, prefix))
+
+    def local_path(self, key: str) -> Path | None:
+        """The real local path of ``key`` (callers may memmap it), or None for remote stores."""
+        return self._local_path(self.resolve(key) or _clean(key))
+
+    def open_local(self, key: str, cache_dir: Path | None = None) -> Path:
+        """A readable local file with the content of ``key`` (downloaded to a cache if remote)."""
+        return self._open_local(self._resolved(key), cache_dir)
+
+    def transaction(self, prefix: str, *, carry: bool = False, lease=None):
+        """An all-or-nothing writer for the folder ``prefix`` (:class:`~hsissl.storage.commit.
+        Commit`); use it as a context manager. ``carry``: files not rewritten stay as they
+        were in the previous version (checkpoints); ``lease``: one the caller already holds."""
+        from hsissl.storage.commit import Commit
+
+        return Commit(self, prefix, carry=carry, lease=lease)
+
+    # -- writes (stored keys)
+
     @abstractmethod
     def put_bytes(self, key: str, data: bytes) -> None:
         """Write ``data`` to ``key`` atomically."""
-
-    @abstractmethod
-    def get_bytes(self, key: str) -> bytes:
-        """Read ``key``; FileNotFoundError naming the URI when it is missing."""
 
     @abstractmethod
     def put_file(self, local: Path, key: str) -> None:
         """Upload/copy the local file to ``key`` atomically."""
 
     @abstractmethod
-    def get_file(self, key: str, local: Path) -> Path:
-        """Download/copy ``key`` to ``local`` (atomically on the local side); returns ``local``."""
-
-    @abstractmethod
-    def exists(self, key: str) -> bool:
-        """Whether ``key`` is an object/file (folders are not keys)."""
-
-    @abstractmethod
-    def list(self, prefix: str = "") -> list[str]:
-        """All keys under ``prefix`` (recursive), sorted, relative to the root."""
-
-    @abstractmethod
     def delete_prefix(self, prefix: str) -> None:
-        """Delete every key under ``prefix`` and ``prefix`` itself as a key."""
+        """Delete every stored key under ``prefix`` and ``prefix`` itself as a key."""
 
     @abstractmethod
-    def local_path(self, key: str) -> Path | None:
-        """The real local path of ``key`` (callers may memmap it), or None for remote stores."""
+    def put_if_absent(self, key: str, data: bytes) -> str | None:
+        """Create ``key`` only if it does not exist: its tag, or None if it existed."""
 
     @abstractmethod
-    def open_local(self, key: str, cache_dir: Path | None = None) -> Path:
-        """A readable local file with the content of ``key`` (downloaded to a cache if remote)."""
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        """(content, tag) of ``key``; the tag changes whenever the content is replaced."""
 
     @abstractmethod
-    def transaction(self, prefix: str) -> Transaction:
-        """An all-or-nothing writer for the folder ``prefix``; use it as a context manager."""
+    def put_if_tag(self, key: str, data: bytes, tag: str) -> str | None:
+        """Replace ``key`` only if its tag is still ``tag``: the new tag, or None."""
 
-
-class Transaction(ABC):
-    """Context manager that publishes a folder only on :meth:`commit`; aborts on anything else.
-
-    ``path(key)`` gives a local file to write, ``done(key)`` says it is complete. Leaving the
-    ``with`` block by an exception, or without ``commit()``, deletes everything written; the
-    exception always propagates.
-    """
-
-    def __init__(self, storage: Storage, prefix: str) -> None:
-        self.storage = storage
-        self.prefix = _clean(prefix)
-        self._state = "new"  # new -> open -> committed | aborted
-        self._pending: dict[str, Path] = {}  # keys handed out by path() and not yet done()
-
-    def __enter__(self) -> Transaction:
-        if self._state != "new":
-            raise RuntimeError(f"transaction on {self.storage.join(self.prefix)} already used")
-        self._begin()
-        self._state = "open"
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if self._state == "open":
-            self._state = "aborted"
-            try:
-                self._abort()
-            except Exception:
-                if exc is None:
-                    raise
-                # The caller's error says what went wrong; leftovers are removed by the next
-                # transaction on this prefix.
-                log.warning("could not clean up the aborted transaction on %s",
-                            self.storage.join(self.prefix), exc_info=True)  # fmt: skip
-        return False  # never swallow the exception
-
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise RuntimeError(
-                f"transaction on {self.storage.join(self.prefix)} is {self._state}; "
-                "use it inside a `with` block and before commit()"
-            )
-
-    def path(self, key: str) -> Path:
-        """Local path where the caller writes the content of ``key`` (parent folders made)."""
-        self._check_open()
-        key = _clean(key)
-        local = self._local(key)
-        local.parent.mkdir(parents=True, exist_ok=True)
-        self._pending[key] = local
-        return local
-
-    def done(self, key: str) -> None:
-        """Declare the file at ``path(key)`` complete (S3 uploads it now)."""
-        self._check_open()
-        key = _clean(key)
-        local = self._local(key)
-        if not local.is_file():
-            raise FileNotFoundError(
-                f"{self.storage.join(self.prefix + '/' + key)}: done() called but {local} "
-                "was not written"
-            )
-        self._done(key, local)
-        self._pending.pop(key, None)
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        """Write a small object into the transaction."""
-        self._check_open()
-        local = self.path(key)
-        local.write_bytes(data)
-        self.done(key)
-
-    def commit(self, final: dict[str, bytes]) -> None:
-        """Write ``final`` (the commit marker(s), e.g. manifest.json) last, then publish."""
-        self._check_open()
-        forgotten = sorted(k for k, p in self._pending.items() if p.exists())
-        if forgotten:
-            raise RuntimeError(
-                f"transaction on {self.storage.join(self.prefix)}: files written via path() but "
-                f"never marked done(): {forgotten}"
-            )
-        for key, data in final.items():
-            self.put_bytes(key, data)
-        self._publish([_clean(key) for key in final])
-        self._state = "committed"
+    # -- backend primitives on stored keys
 
     @abstractmethod
-    def _local(self, key: str) -> Path: ...
+    def _get_bytes(self, key: str) -> bytes: ...
 
     @abstractmethod
-    def _begin(self) -> None: ...
+    def _read_optional(self, key: str) -> bytes | None:
+        """Content of ``key``, None if it (or the bucket) does not exist."""
 
     @abstractmethod
-    def _done(self, key: str, local: Path) -> None: ...
+    def _get_file(self, key: str, local: Path) -> Path: ...
 
     @abstractmethod
-    def _publish(self, final: list[str]) -> None:
-        """Make the staged folder the committed one; ``final`` (the markers) become visible last."""
+    def _exists(self, key: str) -> bool: ...
 
     @abstractmethod
-    def _abort(self) -> None: ...
+    def _list(self, prefix: str) -> list[str]:
+        """Every stored key under ``prefix`` (folder semantics), sorted."""
 
+    @abstractmethod
+    def _delete_keys(self, keys: list[str]) -> None: ...
 
-# ----------------------------------------------------------------------------- local directory
+    @abstractmethod
+    def _local_path(self, key: str) -> Path | None: ...
+
+    @abstractmethod
+    def _open_local(self, key: str, cache_dir: Path | None) -> Path: ...
+
+    def _prepare_write(self) -> None:
+        """Make the store writable before a commit (S3: create a missing bucket)."""
+        return None  # a folder is created as it is written
+
+    def _staging_path(self, key: str) -> Path | None:
+        """Where a transaction may write stored ``key`` in place (local folders), else None."""
+        return None
+
+    def _upload(self, local: Path, key: str) -> None:
+        """Store the finished local file of a transaction at stored ``key``."""
+        self.put_file(local, key)

@@ -1,13 +1,15 @@
-"""A local directory as a store: transactions stage a folder and rename it in."""
+"""A local directory as a store: ``os.replace`` makes single-file writes atomic."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import shutil
 import uuid
 from pathlib import Path
 
-from hsissl.storage.base import Storage, Transaction, _clean
+from hsissl.storage.base import Storage, _clean
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
@@ -19,6 +21,10 @@ def _atomic_copy(src: Path, dst: Path) -> None:
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _tag(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 class LocalStorage(Storage):
@@ -35,102 +41,118 @@ class LocalStorage(Storage):
     def join(self, key: str) -> str:
         return self._path(key, allow_empty=True).as_uri()  # percent-encoded like self.uri
 
+    def _tmp_beside(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
     def put_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp = self._tmp_beside(path)
         try:
             tmp.write_bytes(data)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
 
-    def get_bytes(self, key: str) -> bytes:
-        return self._existing(key).read_bytes()
-
     def put_file(self, local: Path, key: str) -> None:
         _atomic_copy(Path(local), self._path(key))
 
-    def get_file(self, key: str, local: Path) -> Path:
-        local = Path(local)
-        _atomic_copy(self._existing(key), local)
-        return local
+    def put_if_absent(self, key: str, data: bytes) -> str | None:
+        path = self._path(key)
+        tmp = self._tmp_beside(path)
+        try:
+            tmp.write_bytes(data)
+            os.link(tmp, path)  # atomic, and fails if the name exists: never half-written
+        except FileExistsError:
+            return None
+        finally:
+            tmp.unlink(missing_ok=True)
+        return _tag(data)
 
-    def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        data = self._get_bytes(key)
+        return data, _tag(data)
 
-    def list(self, prefix: str = "") -> list[str]:
-        base = self._path(prefix, allow_empty=True)
-        if base.is_file():
-            return [_clean(prefix)]
-        if not base.is_dir():
-            return []
-        keys = [p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file()]
-        return sorted(keys)
+    def put_if_tag(self, key: str, data: bytes, tag: str) -> str | None:
+        path = self._path(key)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # compare-and-replace under the folder's lock
+            try:
+                current = path.read_bytes()
+            except FileNotFoundError:
+                return None
+            if _tag(current) != tag:
+                return None
+            self.put_bytes(key, data)
+            return _tag(data)
+        finally:
+            os.close(fd)  # releases the lock
 
     def delete_prefix(self, prefix: str) -> None:
         path = self._path(prefix)  # an empty prefix (the whole store) is refused here
+        self.forget_pointer(_clean(prefix))
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
 
-    def local_path(self, key: str) -> Path:
+    # -- primitives on stored keys
+
+    def _get_bytes(self, key: str) -> bytes:
+        return self._existing(key).read_bytes()
+
+    def _read_optional(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
+    def _get_file(self, key: str, local: Path) -> Path:
+        local = Path(local)
+        _atomic_copy(self._existing(key), local)
+        return local
+
+    def _exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def _list(self, prefix: str) -> list[str]:
+        base = self._path(prefix, allow_empty=True)
+        if base.is_file():
+            return [_clean(prefix)]
+        if not base.is_dir():
+            return []
+        keys = [p.relative_to(self.root).as_posix() for p in base.rglob("*")
+                if p.is_file() and not p.name.endswith(".tmp")]  # fmt: skip
+        return sorted(keys)
+
+    def _delete_keys(self, keys: list[str]) -> None:
+        for key in keys:
+            path = self._path(key)
+            path.unlink(missing_ok=True)
+            for parent in path.parents:  # empty folders left behind go too
+                if parent == self.root or not parent.is_relative_to(self.root):
+                    break
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+
+    def _local_path(self, key: str) -> Path:
         return self._path(key)
 
-    def open_local(self, key: str, cache_dir: Path | None = None) -> Path:
+    def _open_local(self, key: str, cache_dir: Path | None) -> Path:
         return self._existing(key)
 
-    def transaction(self, prefix: str) -> Transaction:
-        return LocalTransaction(self, prefix)
+    def _staging_path(self, key: str) -> Path:
+        return self._path(key)
+
+    def _upload(self, local: Path, key: str) -> None:
+        if local != self._path(key):  # staged in place already
+            self.put_file(local, key)
 
     def _existing(self, key: str) -> Path:
         path = self._path(key)
         if not path.is_file():
             raise FileNotFoundError(f"{self.join(key)}: no such file")
         return path
-
-
-class LocalTransaction(Transaction):
-    """Stages into ``<root>/<prefix>.partial-<uuid>/``, then renames it to ``<root>/<prefix>``."""
-
-    storage: LocalStorage
-
-    def __init__(self, storage: LocalStorage, prefix: str) -> None:
-        super().__init__(storage, prefix)
-        self.target = storage.root / self.prefix
-        self.staging = self.target.with_name(f"{self.target.name}.partial-{uuid.uuid4().hex}")
-
-    def _local(self, key: str) -> Path:
-        return self.staging / key
-
-    def _begin(self) -> None:
-        # A killed earlier run leaves its staging dir behind; nobody can finish it.
-        for stale in self.target.parent.glob(f"{self.target.name}.partial-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        self.staging.mkdir(parents=True)
-
-    def _done(self, key: str, local: Path) -> None:
-        pass  # the file is already in the staging dir
-
-    def _publish(self, final: list[str]) -> None:
-        old = None
-        if self.target.exists():
-            old = self.target.with_name(f"{self.target.name}.old-{uuid.uuid4().hex}")
-            os.rename(self.target, old)
-        try:
-            os.rename(self.staging, self.target)
-        except BaseException:
-            if old is not None:
-                os.rename(old, self.target)  # put the previous version back
-            raise
-        if old is not None and old.is_dir():
-            shutil.rmtree(old)
-        elif old is not None:
-            old.unlink()
-
-    def _abort(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------- S3 (minio SDK)

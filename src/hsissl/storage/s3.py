@@ -6,18 +6,16 @@ import io
 import logging
 import math
 import os
-import shutil
-import tempfile
+import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from hsissl.storage.base import Storage, StorageError, Transaction, _clean, _under
+from hsissl.storage.base import Storage, StorageError, _clean, _under
 
 if TYPE_CHECKING:
     import urllib3
@@ -32,6 +30,10 @@ CONNECT_TIMEOUT = ("HSISSL_S3_CONNECT_TIMEOUT", 10.0)  # seconds to open a conne
 READ_TIMEOUT = ("HSISSL_S3_TIMEOUT", 120.0)  # seconds one socket read/write may stall
 RETRIES = ("HSISSL_S3_RETRIES", 3)  # retries per request (connect, read, HTTP 500/502/503/504)
 _MISSING_CODES = {"NoSuchKey", "NoSuchObject", "NotFound", "NoSuchBucket"}
+_CONDITION_FAILED = {"PreconditionFailed", "ConditionalRequestConflict"}
+# Servers without conditional PUTs: set to 0 and leases use write, pause SETTLE_S, verify.
+CONDITIONAL_WRITES = ("HSISSL_S3_CONDITIONAL_WRITES", 1)
+SETTLE_S = 1.0
 _CREDENTIAL_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 
 
@@ -137,8 +139,7 @@ class S3Storage(Storage):
     """``s3://bucket/optional/prefix``; objects are named ``<prefix>/<key>``.
 
     Opening one makes no request (unless ``create_bucket``). The bucket must exist, except
-    that :meth:`transaction`
-    creates it (the first write of a pipeline, e.g. ingest on a fresh MinIO); ``exists()`` in a
+    that a transaction creates it (the first write of a pipeline, e.g. ingest on a fresh MinIO); ``exists()`` in a
     missing bucket is False, every other operation raises StorageError naming the bucket.
     """
 
@@ -165,6 +166,7 @@ class S3Storage(Storage):
         self.endpoint = endpoint or "the client's S3 endpoint"  # for error messages
         self.client = client
         self._bucket_checked = False
+        self._conditional = bool(_env_number(*CONDITIONAL_WRITES, integer=True))
         if create_bucket:
             self._ensure_bucket()
 
@@ -229,6 +231,9 @@ class S3Storage(Storage):
                         raise
         self._bucket_checked = True
 
+    def _prepare_write(self) -> None:
+        self._ensure_bucket()
+
     def _name(self, key: str, *, allow_empty: bool = False) -> str:
         key = _clean(key, allow_empty=allow_empty)
         return "/".join(p for p in (self.prefix, key) if p)
@@ -254,7 +259,7 @@ class S3Storage(Storage):
         with self._errors(key):
             self.client.put_object(self.bucket, self._name(key), io.BytesIO(data), len(data))
 
-    def get_bytes(self, key: str) -> bytes:
+    def _get_bytes(self, key: str) -> bytes:
         with self._errors(key):
             response = self.client.get_object(self.bucket, self._name(key))
             try:
@@ -268,7 +273,7 @@ class S3Storage(Storage):
         with self._errors(key):
             self.client.fput_object(self.bucket, self._name(key), str(local))  # multipart if big
 
-    def get_file(self, key: str, local: Path) -> Path:
+    def _get_file(self, key: str, local: Path) -> Path:
         local = Path(local)
         self._download(key, local)
         return local
@@ -293,7 +298,7 @@ class S3Storage(Storage):
             tmp.unlink(missing_ok=True)
         return etag
 
-    def exists(self, key: str) -> bool:
+    def _exists(self, key: str) -> bool:
         with self._errors(key):
             try:
                 stat = self.client.stat_object(self.bucket, self._name(key))
@@ -303,7 +308,7 @@ class S3Storage(Storage):
                 raise
         return not stat.is_dir
 
-    def list(self, prefix: str = "") -> list[str]:
+    def _list(self, prefix: str) -> list[str]:
         rel = _clean(prefix, allow_empty=True)
         return [k for k in self._list_starting(rel) if _under(k, rel)]
 
@@ -323,9 +328,10 @@ class S3Storage(Storage):
         return dict(sorted(out.items()))
 
     def delete_prefix(self, prefix: str) -> None:
-        self._delete(self.list(_clean(prefix)))
+        self.forget_pointer(_clean(prefix))
+        self._delete_keys(self._list(_clean(prefix)))
 
-    def _delete(self, keys: list[str]) -> None:
+    def _delete_keys(self, keys: list[str]) -> None:
         if not keys:
             return
         objects = [_minio().deleteobjects.DeleteObject(self._name(k)) for k in keys]
@@ -337,16 +343,88 @@ class S3Storage(Storage):
                 f"{errors[:3]}"
             )
 
-    def _copy(self, src: str, dst: str) -> None:
-        """Server-side copy of key ``src`` to key ``dst`` (no bytes through this process)."""
-        source = _minio().commonconfig.CopySource(self.bucket, self._name(src))
-        with self._errors(src):
-            self.client.copy_object(self.bucket, self._name(dst), source)
+    def _read_optional(self, key: str) -> bytes | None:
+        with self._errors(key):
+            try:
+                response = self.client.get_object(self.bucket, self._name(key))
+            except self._s3_error as err:
+                if err.code in _MISSING_CODES:  # a missing bucket holds no keys either
+                    return None
+                raise
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
 
-    def local_path(self, key: str) -> None:
+    # -- conditional writes (leases)
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        with self._errors(key):
+            response = self.client.get_object(self.bucket, self._name(key))
+            try:
+                return response.read(), response.headers.get("ETag", "").strip('"')
+            finally:
+                response.close()
+                response.release_conn()
+
+    def put_if_absent(self, key: str, data: bytes) -> str | None:
+        if self._conditional:
+            return self._put_conditional(key, data, {"If-None-Match": "*"})
+        if self._exists(key):
+            return None
+        self.put_bytes(key, data)
+        return self._settled(key, data)
+
+    def put_if_tag(self, key: str, data: bytes, tag: str) -> str | None:
+        if self._conditional:
+            return self._put_conditional(key, data, {"If-Match": f'"{tag}"'})
+        try:
+            if self.get_tagged(key)[1] != tag:
+                return None
+        except FileNotFoundError:
+            return None
+        self.put_bytes(key, data)
+        return self._settled(key, data)
+
+    def _put_conditional(self, key: str, data: bytes, condition: dict[str, str]) -> str | None:
+        """PUT with an HTTP precondition (AWS S3 since 2024-08, MinIO, SeaweedFS 4.48 answer
+        412 PreconditionFailed); None when the precondition fails. minio-py 7.2 has no public
+        parameter for it (``put_object`` turns unknown headers into x-amz-meta-*), hence its
+        ``_put_object``."""
+        self._ensure_bucket(create=False)
+        headers = {"Content-Type": "application/json", **condition}
+        with self._errors(key):
+            try:
+                result = self.client._put_object(self.bucket, self._name(key), data, headers)
+            except self._s3_error as err:
+                if err.code in _CONDITION_FAILED or (
+                    err.code == "NoSuchKey" and "If-Match" in condition
+                ):
+                    return None
+                if err.code != "NotImplemented":
+                    raise
+                log.warning("%s does not support conditional writes; leases fall back to "
+                            "write-and-verify (%s)", self.endpoint, CONDITIONAL_WRITES[0])  # fmt: skip
+                self._conditional = False
+                return self.put_if_absent(key, data) if "If-None-Match" in condition else \
+                    self.put_if_tag(key, data, condition["If-Match"].strip('"'))  # fmt: skip
+        return result.etag
+
+    def _settled(self, key: str, data: bytes) -> str | None:
+        """Fallback without conditional writes: after a pause, the write counts only if the
+        object still holds our bytes (racing writers within the pause: the last one wins)."""
+        time.sleep(SETTLE_S)
+        try:
+            current, tag = self.get_tagged(key)
+        except FileNotFoundError:
+            return None
+        return tag if current == data else None
+
+    def _local_path(self, key: str) -> None:
         return None
 
-    def open_local(self, key: str, cache_dir: Path | None = None) -> Path:
+    def _open_local(self, key: str, cache_dir: Path | None = None) -> Path:
         """The cached copy under ``cache_dir`` (default $HSISSL_CACHE or ~/.cache/hsissl),
         downloaded again unless its recorded ETag and size match the object's."""
         name = self._name(key)
@@ -365,74 +443,3 @@ class S3Storage(Storage):
             tmp.write_text(got)
             os.replace(tmp, tag)
         return local
-
-    def transaction(self, prefix: str) -> Transaction:
-        return S3Transaction(self, prefix)
-
-
-class S3Transaction(Transaction):
-    """Uploads to ``<prefix>.partial-<uuid>/``; commit copies that over ``<prefix>/``.
-
-    Nothing under ``<prefix>/`` changes before commit(): a failed writer deletes its staging
-    objects, a killed one leaves them for the next transaction on the same prefix to delete,
-    and readers see the committed version meanwhile. S3 has no rename, so the publish is a
-    sequence: delete the old top-level objects (the commit markers) first, server-side copy the
-    staged objects, delete old objects the new version lacks, copy the markers last, delete the
-    staging objects. While it runs readers see no marker, i.e. "not committed"; a reader that
-    loaded the old manifest earlier may meet new shard bytes (the manifest's sha256 tells). A
-    crash mid-publish leaves ``<prefix>`` unmarked (not committed): run the writer again.
-    """
-
-    storage: S3Storage
-    COPY_THREADS = 8  # server-side copies are latency-bound
-
-    def __init__(self, storage: S3Storage, prefix: str) -> None:
-        super().__init__(storage, prefix)
-        self.staging = f"{self.prefix}.partial-{uuid.uuid4().hex}"
-        self.tmpdir: Path | None = None
-
-    def _local(self, key: str) -> Path:
-        assert self.tmpdir is not None
-        return self.tmpdir / key
-
-    def _begin(self) -> None:
-        self.storage._ensure_bucket()
-        # A killed earlier writer leaves its staging objects behind; nobody can finish them.
-        self.storage._delete(self.storage._list_starting(f"{self.prefix}.partial-"))
-        self.tmpdir = Path(tempfile.mkdtemp(prefix="hsissl-tx-"))
-
-    def _done(self, key: str, local: Path) -> None:
-        self.storage.put_file(local, f"{self.staging}/{key}")
-        local.unlink()
-
-    def _publish(self, final: list[str]) -> None:
-        store = self.storage
-        staged = [k[len(self.staging) + 1 :] for k in store.list(self.staging)]
-        old = {k: k[len(self.prefix) + 1 :] for k in store.list(self.prefix)}  # key -> relative
-        store._delete([k for k, rel in old.items() if "/" not in rel])  # markers first
-        markers, new = set(final), set(staged)
-        self._copy([k for k in staged if k not in markers])
-        store._delete([k for k, rel in old.items() if "/" in rel and rel not in new])
-        for key in (k for k in staged if k in markers):  # markers last, in commit() order
-            store._copy(f"{self.staging}/{key}", f"{self.prefix}/{key}")
-        store._delete([f"{self.staging}/{k}" for k in staged])
-        self._cleanup_tmp()
-
-    def _copy(self, keys: list[str]) -> None:
-        if not keys:
-            return
-        with ThreadPoolExecutor(min(self.COPY_THREADS, len(keys))) as pool:
-            copies = [pool.submit(self.storage._copy, f"{self.staging}/{k}", f"{self.prefix}/{k}")
-                      for k in keys]  # fmt: skip
-            for copy in copies:
-                copy.result()  # re-raises the first failure
-
-    def _abort(self) -> None:
-        try:
-            self.storage._delete(self.storage.list(self.staging))
-        finally:
-            self._cleanup_tmp()
-
-    def _cleanup_tmp(self) -> None:
-        if self.tmpdir is not None:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
