@@ -20,6 +20,7 @@ from hsissl import cli
 from hsissl.data.convert import Options, convert_path, convert_source
 from hsissl.data.ohs import BAND_CENTRES_NM, NUM_BANDS
 from hsissl.data.resample import ConvertError
+from hsissl.storage import open_storage
 
 CENTRES = np.asarray(BAND_CENTRES_NM, dtype=np.float64)
 UTM50N_WKT = (
@@ -366,7 +367,8 @@ def test_cli_convert_then_ingest(tmp_path, capsys):
     run = ["ingest", f"run_dir={tmp_path / 'run'}", f"data.source={out}", "data.scene_size=null",
            "data.splits=[tr]", "data.tile_size=32", "data.stride=32", "tracking.uri="]  # fmt: skip
     assert cli.main(run) == 0
-    manifest = json.loads((tmp_path / "run" / "artifacts" / "datasets" / "whu-ohs" / "manifest.json").read_text())  # fmt: skip
+    store = open_storage(tmp_path / "run" / "artifacts")  # a commit: read through its pointer
+    manifest = json.loads(store.get_bytes("datasets/whu-ohs/manifest.json"))
     assert (
         manifest["splits"]["tr"]["tiles"] == 9
     )  # 70 px: 3 x 3 tiles of 32 (last ones edge-aligned)
