@@ -184,24 +184,27 @@ def test_bad_methods_heads_and_scenes_fail_before_any_work(tmp_path):
     from hsissl.config import ConfigError
     from hsissl.stages import evaluate_real
 
-    cfg = load_config(None, [f"run_dir={tmp_path}", "real.heads=[probe, unet]"])
+    # A source that holds one known scene file (empty: nothing may read it): the checks below
+    # must not depend on ../shared/data being there.
+    (tmp_path / "src" / "Samson").mkdir(parents=True)
+    (tmp_path / "src" / "Samson" / "Samson.mat").touch()
+    source = f"real.source={tmp_path / 'src'}"
+    cfg = load_config(None, [f"run_dir={tmp_path}", source, "real.heads=[probe, unet]"])
     with pytest.raises(ConfigError, match="unknown head 'unet'"):
         evaluate_real.run(cfg)
     cfg = load_config(
-        None, [f"run_dir={tmp_path}", "real.heads=[conv]", "real.head_lr={linear: 0.1}"]
+        None, [f"run_dir={tmp_path}", source, "real.heads=[conv]", "real.head_lr={linear: 0.1}"]
     )
     with pytest.raises(ConfigError, match="no learning rate for head 'conv'"):
         evaluate_real.run(cfg)
-    cfg = load_config(None, [f"run_dir={tmp_path}", "real.methods=[mae, simclr]"])
+    cfg = load_config(None, [f"run_dir={tmp_path}", source, "real.methods=[mae, simclr]"])
     with pytest.raises(ConfigError, match="unknown method 'simclr'"):
         evaluate_real.run(cfg)
     for scene, problem in (("Nope", "not a labelled scene"), ("abu-beach-4", "not a labelled")):
-        cfg = load_config(None, [f"run_dir={tmp_path}", f"real.scenes=[{scene}]"])
+        cfg = load_config(None, [f"run_dir={tmp_path}", source, f"real.scenes=[{scene}]"])
         with pytest.raises(ConfigError, match=f"real.scenes: '{scene}' is {problem}"):
             evaluate_real.run(cfg)
-    (tmp_path / "src" / "Samson").mkdir(parents=True)  # a source without the scene asked for
-    (tmp_path / "src" / "Samson" / "Samson.mat").touch()
-    cfg = load_config(None, [f"run_dir={tmp_path}", f"real.source={tmp_path / 'src'}"])
+    cfg = load_config(None, [f"run_dir={tmp_path}", source])  # a source without the scene asked for
     with pytest.raises(FileNotFoundError, match="'houston_dataset' .* is not below real.source"):
         evaluate_real.run(cfg)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing written
