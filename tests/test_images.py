@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from minio import Minio
 
+from hsissl.storage import open_storage
 from pipelines.compile import compile_pipeline
 from pipelines.images import image_ref
 from pipelines.options import PipelineOptions
@@ -164,13 +164,14 @@ def test_ingest_and_report_run_in_the_cpu_image_as_uid_10001(
         output = json.loads(box.read("/tmp/kfp_outputs/ingest.json"))
         dataset_uri = output["artifacts"]["dataset"]["artifacts"][0]["metadata"]["uri"]
         assert dataset_uri == f"{storage}/datasets/whu-ohs"
-        client = Minio(s3_server.endpoint.split("//", 1)[1], s3_server.access_key,
-                       s3_server.secret_key, secure=False)  # fmt: skip
-        manifest = json.loads(client.get_object(bucket, "store/datasets/whu-ohs/manifest.json")
-                              .read())  # fmt: skip
+        # The dataset is a commit (hsissl.storage.commit): read it through its pointer.
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in s3_server.env().items():
+                patch.setenv(name, value)
+            store = open_storage(storage)
+            manifest = json.loads(store.get_bytes("datasets/whu-ohs/manifest.json"))
+            shards = store.list("datasets/whu-ohs/tr")
         assert manifest["splits"]["tr"]["tiles"] > 0
-        shards = [o.object_name for o in client.list_objects(
-            bucket, "store/datasets/whu-ohs/tr/", recursive=True)]  # fmt: skip
         assert any(s.endswith(".npy") for s in shards)
 
         report_input = {
