@@ -117,6 +117,10 @@ def _start(weed: str, workdir: Path, access: str, secret: str,
         "-master.telemetry=false",
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
+        # Every bucket takes volumes of its own and weed allows free disk / volume size of them
+        # (37 on a disk with 37 GB free): ~50 buckets then ran out (HTTP 500 on every PUT).
+        # Small volumes suit these tiny objects and do not depend on the disk.
+        "-master.volumeSizeLimitMB=64",
         # unix sockets default to /tmp/seaweedfs-*-<port>.sock; keep them in our dir instead
         f"-filer.localSocket={workdir / 'filer.sock'}",
         f"-s3.localSocket={workdir / 's3.sock'}",
