@@ -53,6 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hsissl.config import load_config
 from hsissl.data import ohs
+from hsissl.data.loaders import endless
 from hsissl.data.normalize import Normalizer
 from hsissl.data.prefetch import DeviceBatches
 from hsissl.data.shards import FORMAT, MANIFEST, ShardWriter
@@ -164,11 +165,6 @@ def write_dataset(run_dir: Path, tiles: int, tile: int = 64, shard_tiles: int = 
                     "splits": {"tr": {"tiles": tiles, "scenes": ["random"], "shards": writer.close()}}}  # fmt: skip
         tx.commit({MANIFEST: json.dumps(manifest).encode()})
     return store.join(key)
-
-
-def endless(loader: Any) -> Iterator:
-    while True:
-        yield from loader
 
 
 # -- one method -------------------------------------------------------------------------------

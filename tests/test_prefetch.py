@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from hsissl.data.loaders import TileBatches
+from hsissl.data.loaders import TileBatches, endless
 from hsissl.data.normalize import Normalizer
 from hsissl.data.prefetch import DeviceBatches
 from test_loaders import BANDS, make_split
@@ -18,7 +18,7 @@ NORM = Normalizer((50.0,) * BANDS, (10.0,) * BANDS)
 
 def serial(loader: TileBatches, n: int) -> list[torch.Tensor]:
     """What the trainer did before: next host batch, then normalise, one at a time."""
-    stream = itertools.chain.from_iterable(iter(lambda: iter(loader), None))
+    stream = endless(loader)
     return [NORM(next(stream)[0]) for _ in range(n)]
 
 

@@ -212,6 +212,12 @@ class HostBuffers:
         return pair[0], pair[1]
 
 
+def endless(loader: TileBatches) -> Iterator[Batch]:
+    """Batches of ``loader`` epoch after epoch, without end."""
+    while True:
+        yield from loader
+
+
 def gather_into(split: SplitView, idx: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
     """Copy tiles at ascending global ``idx`` of ``split`` into ``images`` (B, C, T, T) and
     ``labels`` (B, T, T), one ``np.take`` per shard straight into the output.

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from hsissl.data.loaders import TileBatches
+from hsissl.data.loaders import TileBatches, endless
 from hsissl.data.normalize import Normalizer
 
 _END = object()  # the thread's last item: it stopped (error or shutdown)
@@ -75,7 +75,7 @@ class DeviceBatches:
         side = torch.cuda.Stream(self.device) if self.cuda else None
         if self.cuda:
             torch.cuda.set_device(self.device)  # the current device is per thread
-        batches = _endless(self.loader)
+        batches = endless(self.loader)
         try:
             while not self._stop.is_set():
                 images, _ = next(batches)
@@ -112,8 +112,3 @@ class DeviceBatches:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
-
-
-def _endless(loader: TileBatches) -> Iterator:
-    while True:
-        yield from loader
