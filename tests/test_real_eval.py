@@ -292,7 +292,9 @@ def test_real_preset_runs_every_labelled_shared_scene_with_one_setting(tmp_path)
     assert load_config(None).real.scenes == cfg.real.scenes
     for stem in ("houston_dataset", "Indian_subset"):  # a source without Samson
         (tmp_path / f"{stem}.mat").touch()
-    with pytest.raises(FileNotFoundError, match=r"'Samson'; expected its file Samson/Samson.mat below"):
+    with pytest.raises(
+        FileNotFoundError, match=r"'Samson'; expected its file Samson/Samson.mat below"
+    ):
         check_config(cfg.real, tmp_path)  # checked before any work
 
 
