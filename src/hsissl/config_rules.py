@@ -86,10 +86,8 @@ _POSITIVE, _NON_NEGATIVE = _at_least(1), _at_least(0)
 _FRACTION = _within(0.0, 1.0)
 _NOT_EMPTY: Check = (lambda v: bool(v), "a non-empty name (results go to results/<name>)")
 _FOLDER_NAME: Check = (lambda v: bool(v) and "/" not in v, "a non-empty folder name without '/'")
-# hsissl.models.heads.HEADS, hsissl.segment.finetune.LOSSES (tests/test_config.py keeps them equal)
-HEADS = ("linear", "conv", "segmenter")
-LOSSES = ("ce", "focal")
-METHODS = ("mae", "dinov2", "ssvit")  # the pretraining methods evaluate-real can run
+HEADS = ("linear", "conv", "segmenter")  # hsissl.models.heads.HEADS (a test keeps them equal)
+LOSSES = ("ce", "focal")  # hsissl.segment.finetune.make_loss
 
 
 def _optim_rules(section: str) -> dict[str, Check]:
@@ -202,9 +200,10 @@ def _together(cfg: Any) -> Iterator[tuple[str, Any, str]]:
         yield "pca.fit_pixels", pc.fit_pixels, f">= {max(2, pc.components)} (2 and pca.components)"
     if bc.max_steps == 0 and bc.epochs <= 0:
         yield "baseline.epochs", bc.epochs, "> 0 when baseline.max_steps is 0"
+    methods = _methods(cfg)
     for i, method in enumerate(rc.methods):
-        if method not in METHODS:
-            yield f"real.methods[{i}]", method, "one of " + " | ".join(METHODS)
+        if method not in methods:
+            yield f"real.methods[{i}]", method, "one of " + " | ".join(methods)
     for i, head in enumerate(rc.heads):
         if head != "probe" and head not in HEADS:
             yield f"real.heads[{i}]", head, "one of " + " | ".join(("probe", *HEADS))
@@ -220,6 +219,11 @@ REQUIRED: dict[str, dict[str, str]] = {
         "version (models:/<name>/<version> or models:/<name>@<alias>) or random:<model factory>",
     },
 }
+
+
+def _methods(cfg: Any) -> list[str]:
+    """The pretraining methods: the config's sections with an optimiser (``OptimConfig``)."""
+    return [name for name, section in vars(cfg).items() if hasattr(section, "scaled_lr")]
 
 
 def _value(cfg: Any, key: str) -> Any:
