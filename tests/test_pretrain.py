@@ -91,13 +91,16 @@ def test_the_peak_rate_counts_every_process_of_a_torchrun(synthetic_run, monkeyp
     from hsissl.pretrain import trainer
     from hsissl.pretrain.runtime import Runtime
 
-    cfg = cfg_for(synthetic_run, **{"pretrain.device": "cpu"})
+    cfg = cfg_for(synthetic_run, **{"pretrain.device": "cpu"})  # 16 per device
     one = trainer.Trainer(cfg, MAERecipe, "pretrain-mae")
     assert one.optimizer.param_groups[0]["lr"] == 2e-3  # 3.2e-2 x 16 / 256, as before the rule
+    cfg = cfg_for(synthetic_run, **{"pretrain.device": "cpu", "pretrain.batch_size": 4})
     monkeypatch.setattr(trainer, "setup", lambda *a, **k: Runtime(torch.device("cpu"), 0, 4))
-    four = trainer.Trainer(cfg, MAERecipe, "pretrain-mae")
-    assert four.global_batch == 4 * 16
-    assert four.optimizer.param_groups[0]["lr"] == 4 * 2e-3
+    four = trainer.Trainer(cfg, MAERecipe, "pretrain-mae")  # 4 ranks of 4 (16 training tiles)
+    assert four.global_batch == 16
+    assert four.optimizer.param_groups[0]["lr"] == 2e-3  # = 4 x the rate of one rank of 4
+    warmup = int(cfg.mae.warmup_fraction * 100)
+    assert cosine_lr(warmup - 1, 100, cfg.mae, four.global_batch) == pytest.approx(2e-3)  # peak
 
 
 def _weights(uri: str) -> dict[str, torch.Tensor]:

@@ -126,9 +126,9 @@ def _dino_rules(section: str) -> dict[str, Check]:
 
 RULES: dict[str, Check] = {
     "seed": _NON_NEGATIVE,  # numpy refuses negative seeds
-    "synthetic.size": _POSITIVE,
+    "synthetic.size": _at_least(16),  # pixels: room for the generator's regions
     "synthetic.noise": _NON_NEGATIVE,
-    "synthetic.unlabelled_fraction": _FRACTION,
+    "synthetic.unlabelled_fraction": (lambda v: 0.0 <= v < 1.0, "a value in [0.0, 1.0)"),
     "data.scene_size": _POSITIVE,
     "data.tile_size": _POSITIVE,
     "data.stride": _POSITIVE,
@@ -196,6 +196,14 @@ RULES: dict[str, Check] = {
 def _together(cfg: Any) -> Iterator[tuple[str, Any, str]]:
     """Keys whose allowed values depend on other keys, and list entries."""
     pc, bc, rc = cfg.pca, cfg.baseline, cfg.real
+    scenes = cfg.synthetic.scenes
+    if not scenes:
+        yield "synthetic.scenes", scenes, "split -> scene count, at least one split"
+    for split, count in scenes.items():
+        if not split or "/" in split or "\\" in split or split.startswith("."):
+            yield "synthetic.scenes", scenes, f"plain folder names as splits, not {split!r}"
+        if count < 0:
+            yield f"synthetic.scenes.{split}", count, ">= 0"
     if pc.fit_pixels < max(2, pc.components):
         yield "pca.fit_pixels", pc.fit_pixels, f">= {max(2, pc.components)} (2 and pca.components)"
     if bc.max_steps == 0 and bc.epochs <= 0:
