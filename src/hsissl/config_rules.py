@@ -56,17 +56,20 @@ _POSITIVE, _NON_NEGATIVE = _at_least(1), _at_least(0)
 _FRACTION = _within(0.0, 1.0)
 
 
+# The keys of an ``OptimConfig`` section, which every pretraining method's section extends.
+OPTIM_RULES: dict[str, Check] = {
+    "lr": _above(0.0),
+    "min_lr": _NON_NEGATIVE,
+    "warmup_fraction": _FRACTION,
+    "weight_decay": _NON_NEGATIVE,
+    "betas": _BETAS,
+    "clip_grad": _NON_NEGATIVE,
+    "drop_rate": _FRACTION,
+}
+
+
 def _optim_rules(section: str) -> dict[str, Check]:
-    rules = {
-        "lr": _above(0.0),
-        "min_lr": _NON_NEGATIVE,
-        "warmup_fraction": _FRACTION,
-        "weight_decay": _NON_NEGATIVE,
-        "betas": _BETAS,
-        "clip_grad": _NON_NEGATIVE,
-        "drop_rate": _FRACTION,
-    }
-    return {f"{section}.{k}": c for k, c in rules.items()}
+    return {f"{section}.{k}": c for k, c in OPTIM_RULES.items()}
 
 
 def _dino_rules(section: str) -> dict[str, Check]:
@@ -153,9 +156,10 @@ RULES: dict[str, Check] = {
 }
 
 
-def violations(cfg: Any) -> Iterator[tuple[str, Any, str]]:
-    """(dotted key, value, what is allowed) for every set value outside its key's rule."""
-    for key, (ok, allowed) in RULES.items():
+def violations(cfg: Any, added: dict[str, Check] | None = None) -> Iterator[tuple[str, Any, str]]:
+    """(dotted key, value, what is allowed) for every set value outside its key's rule
+    (``RULES``, then ``added``: the rules of sections that registered methods added)."""
+    for key, (ok, allowed) in {**RULES, **(added or {})}.items():
         value: Any = cfg
         for part in key.split("."):
             value = getattr(value, part)

@@ -35,6 +35,7 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from hsissl import methods
 from hsissl.config import Config, ConfigError, RealEvalConfig
 from hsissl.data import realdata
 from hsissl.data.geotiff import read_image, read_label
@@ -59,19 +60,6 @@ from hsissl.stages.common import dataset_uri, run_dir_of, stage_run, storage_of
 
 log = logging.getLogger(__name__)
 NUM_LOGITS = 25
-METHODS = ("mae", "dinov2", "ssvit")
-
-
-def _recipe(method: str):
-    if method == "mae":
-        from hsissl.pretrain.mae import MAERecipe as recipe
-    elif method == "dinov2":
-        from hsissl.pretrain.dinov2 import DINOv2Recipe as recipe
-    elif method == "ssvit":
-        from hsissl.pretrain.ssvit import SSViTRecipe as recipe
-    else:
-        raise ValueError(f"real.methods: unknown method {method!r}; expected mae, dinov2 or ssvit")
-    return recipe
 
 
 @torch.no_grad()
@@ -211,7 +199,8 @@ def pretrain_encoders(cfg: Config, root: Path) -> tuple[dict[str, nn.Module], No
     for method in rc.methods:
         mcfg = replace(pcfg, pretrain=replace(pcfg.pretrain, max_steps=rc.pretrain_steps, name=f"real-{method}",
                                               knn_tiles=0))  # fmt: skip
-        result = pretrain(mcfg, _recipe(method), stage=f"pretrain-{method}")
+        spec = methods.get(method)
+        result = pretrain(mcfg, spec.recipe_class(), stage=spec.stage)
         encoder, enc_norm, record = load_encoder(result["encoder_uri"])
         normalizer.check(enc_norm.fingerprint, f"encoder {result['encoder_uri']}")
         encoders[method] = encoder
@@ -299,8 +288,9 @@ def check_config(rc: RealEvalConfig, root: Path) -> None:
     unknown method or head, a head without a learning rate, or a scene that is unknown,
     unlabelled or not below ``root``."""
     for method in rc.methods:
-        if method not in METHODS:
-            raise ConfigError(f"real.methods: unknown method {method!r}; expected {list(METHODS)}")
+        if method not in methods.names():
+            raise ConfigError(f"real.methods: unknown method {method!r}; "
+                              f"expected {methods.names()}")  # fmt: skip
     for head in rc.heads:
         if head != "probe" and head not in HEADS:
             raise ConfigError(
