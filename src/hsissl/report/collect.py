@@ -24,7 +24,7 @@ import yaml
 from torch import nn
 
 from hsissl import methods
-from hsissl.config import Config, load_config
+from hsissl.config import Config, config_class, load_config
 from hsissl.data.normalize import Normalizer
 from hsissl.data.shards import ShardDataset
 from hsissl.pretrain import checkpoint
@@ -241,7 +241,7 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     Goes through :func:`load_config` (so types are checked as for a preset). Keys this version
     no longer knows are dropped with a warning; keys it added since take their defaults.
     """
-    known, dropped = _known_keys(tree, Config, "")
+    known, dropped = _known_keys(tree, config_class(), "")  # with registered methods' sections
     if dropped:
         log.warning("saved config: ignoring keys unknown to this version: %s", dropped)
     with tempfile.TemporaryDirectory() as tmp:
