@@ -62,19 +62,26 @@ def _check_stages(wanted: Iterable[str]) -> frozenset[str]:
     return wanted
 
 
-def _with_run_flags(pipeline: Callable) -> Callable:
-    """``pipeline`` (whose ``*run_flags`` take them) with a ``run_<method>: bool = True``
-    parameter per registered method: in its signature, which kfp reads, and its docstring."""
-    signature = inspect.signature(pipeline)
-    fixed = [p for p in signature.parameters.values() if p.kind is not p.VAR_POSITIONAL]
-    flags = [inspect.Parameter(f"run_{m.name}", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                               default=True, annotation=bool) for m in methods.registered()]  # fmt: skip
-    pipeline.__signature__ = signature.replace(parameters=[*fixed, *flags])
-    docs = "".join(f"            run_{m.name}: Pretrain {m.noun or m.label}.\n"
-                   for m in methods.registered())  # fmt: skip
-    anchor = "            heads: "
-    pipeline.__doc__ = pipeline.__doc__.replace(anchor, docs + anchor, 1)
-    return pipeline
+def _with_run_flags(registered: list[methods.Method]) -> Callable[[Callable], Callable]:
+    """Give the pipeline function (whose ``*run_flags`` take them, in this order) a parameter
+    ``run_<method>: bool = True`` per method: in its signature, which kfp reads (and calls the
+    function positionally in), and in its docstring's Args (the KFP UI's descriptions)."""
+
+    def decorate(pipeline: Callable) -> Callable:
+        signature = inspect.signature(pipeline)
+        fixed = [p for p in signature.parameters.values() if p.kind is not p.VAR_POSITIONAL]
+        flags = [inspect.Parameter(f"run_{m.name}", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                   default=True, annotation=bool) for m in registered]  # fmt: skip
+        pipeline.__signature__ = signature.replace(parameters=[*fixed, *flags])
+        anchor = "            heads: "  # the flags' descriptions go before it, as they always did
+        if anchor not in pipeline.__doc__:
+            raise ValueError(f"the pipeline's docstring has no {anchor.strip()!r} argument")
+        docs = "".join(f"            run_{m.name}: Pretrain {m.noun or m.label}.\n"
+                       for m in registered)  # fmt: skip
+        pipeline.__doc__ = pipeline.__doc__.replace(anchor, docs + anchor, 1)
+        return pipeline
+
+    return decorate
 
 
 def _exit_task(opts: PipelineOptions, with_report: bool, common: dict, storage_uri, run_id):
@@ -93,13 +100,12 @@ def build_pipeline(opts: PipelineOptions | None = None, stages: Iterable[str] | 
     registered = methods.registered()
     default_preset = opts.default_preset
     default_selector, default_tolerations = _placement_defaults(opts)
-
     labels = "/".join(m.label for m in registered)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Self-supervised pretraining on WHU-OHS "
                   f"hyperspectral tiles: ingest, {labels} pretraining, segmentation "
                   "heads on frozen encoders, DeepLabV3+ baseline, PCA proof of concept, report.")  # fmt: skip
-    @_with_run_flags
+    @_with_run_flags(registered)
     def hsissl(
         source: str = "",
         preset: str = default_preset,
