@@ -33,7 +33,6 @@ PARENT_RUN_ENV = "HSISSL_PARENT_RUN_ID"  # read by hsissl.tracking: nests stage 
 CONFIG_DIR_ENV = "HSISSL_CONFIG_DIR"
 GPUS_ENV = "HSISSL_GPUS"  # processes per pod for torchrun; default: visible CUDA devices
 PIPELINE_ROLE = {"hsissl_role": "pipeline"}  # tag of the MLflow parent run of a pipeline run
-DEFAULT_MAE_MODEL = "mae_vit_base_patch8_64"  # hsissl.pretrain.mae's default for mae.model ""
 POINTER_FILE_LIMIT = 4096  # a pointer file larger than this is not a pointer
 
 
@@ -294,10 +293,10 @@ def fetch(uri: str) -> bytes:
 # -- stages -------------------------------------------------------------------------------
 
 
-def call_stage(module: str, cfg, kfp_run_id: str = "") -> dict[str, Any]:
-    """``hsissl.stages.<module>.run(cfg)`` nested under the pipeline's MLflow parent run."""
+def call_stage(module: str, cfg, kfp_run_id: str = "", **kwargs: Any) -> dict[str, Any]:
+    """``hsissl.stages.<module>.run(cfg, **kwargs)`` nested under the pipeline's MLflow parent run."""
     join_lineage(cfg, kfp_run_id)
-    return importlib.import_module(f"hsissl.stages.{module}").run(cfg)
+    return importlib.import_module(f"hsissl.stages.{module}").run(cfg, **kwargs)
 
 
 EMPTY_SOURCE_ON_CLUSTER = (
@@ -367,7 +366,7 @@ def publish_pretrain(method: str, result: dict[str, Any], encoder: Any, metrics:
 
 def pretrain(method: str, dataset: Any, preset: str, overrides: list[str], tracking_uri: str,
              epochs: float, max_steps: int, kfp_run_id: str, encoder: Any, metrics: Any) -> dict:  # fmt: skip
-    """Pretrain ``method`` (mae | dinov2 | ssvit); with several GPUs in the pod, under torchrun."""
+    """Pretrain ``method`` (hsissl.methods); with several GPUs in the pod, under torchrun."""
     setup_logging()
     cfg, wiring = pretrain_config(method, dataset, preset, overrides, tracking_uri, epochs,
                                   max_steps, kfp_run_id)  # fmt: skip
@@ -375,14 +374,14 @@ def pretrain(method: str, dataset: Any, preset: str, overrides: list[str], track
     if procs > 1:
         result = _torchrun(f"pretrain-{method}", preset, overrides, wiring, procs, cfg, kfp_run_id)
     else:
-        result = call_stage(f"pretrain_{method}", cfg, kfp_run_id)
+        result = call_stage("pretrain", cfg, kfp_run_id, method=method)
     publish_pretrain(method, result, encoder, metrics)
     return result
 
 
 def stored_pretrain_result(cfg, resumed: bool) -> dict[str, Any]:
     """What a pretraining that ran elsewhere (a multi-node PyTorchJob) left in the store, in
-    the form ``hsissl.stages.pretrain_*.run`` returns: the encoder URI, the steps and the last
+    the form ``hsissl.stages.pretrain.run`` returns: the encoder URI, the steps and the last
     logged metrics from ``history.json`` (the final k-NN probe is only in its MLflow run)."""
     from hsissl.stages.common import storage_of
 
@@ -565,8 +564,10 @@ def encoder_ref(uri: str, preset: str, overrides: list[str], storage_uri: str, m
     run ``source_run_id``."""
     setup_logging()
     if uri == "random":  # the control: a random init of the architecture MAE pretrains
+        from hsissl import methods
+
         cfg = stage_config(preset, overrides, {"storage.uri": storage_uri})
-        uri = f"random:{cfg.mae.model or DEFAULT_MAE_MODEL}"
+        uri = f"random:{cfg.mae.model or methods.get('mae').default_model}"
     if not uri:
         from hsissl.stages.common import storage_of
 

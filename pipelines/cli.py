@@ -20,9 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hsissl import methods
 from pipelines.backend import MIN_BACKEND, version_text
 from pipelines.compile import GOLDEN, add_options, compile_pipeline, options_from
-from pipelines.dag import METHODS, PIPELINE_NAME, STAGES
+from pipelines.dag import PIPELINE_NAME, stage_names
 from pipelines.options import PipelineOptions
 
 
@@ -54,10 +55,10 @@ def pipeline_parameters(pipeline: Any, pairs: list[tuple[str, str]]) -> dict[str
 
 def _stages(text: str) -> list[str]:
     stages = [s for s in text.split(",") if s]
-    unknown = [s for s in stages if s not in STAGES]
+    unknown = [s for s in stages if s not in stage_names()]
     if unknown:
         raise argparse.ArgumentTypeError(
-            f"unknown stage(s) {unknown}; expected some of {list(STAGES)}"
+            f"unknown stage(s) {unknown}; expected some of {list(stage_names())}"
         )
     return stages
 
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile the pipeline to IR YAML (make pipeline)")
     p.add_argument("--output", "-o", type=Path, default=GOLDEN, help="default %(default)s")
-    p.add_argument("--stage", choices=STAGES, help="compile the one-stage rerun pipeline instead")
+    p.add_argument("--stage", choices=stage_names(), help="compile the one-stage rerun pipeline instead")
     add_options(p)
 
     p = sub.add_parser("run-local", help="run the DAG here under kfp.local (make run)")
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stages",
         type=_stages,
-        default=list(STAGES),
+        default=list(stage_names()),
         help="comma-separated sub-DAG (ingest always runs); default: all",
     )
     p.add_argument(
@@ -127,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _overrides(p)
 
     p = sub.add_parser("run-stage", help="run one stage here on artifacts already in the store")
-    p.add_argument("stage", choices=STAGES)
+    p.add_argument("stage", choices=stage_names())
     p.add_argument("--config", type=Path, help="config preset")
     p.add_argument("--dataset-uri", default="", help="default: <storage>/datasets/<data.name>")
     p.add_argument(
@@ -141,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     _overrides(p)
 
     p = sub.add_parser("rerun", help="rerun one stage of an earlier run on its artifacts")
-    p.add_argument("--stage", required=True, choices=STAGES)
+    p.add_argument("--stage", required=True, choices=stage_names())
     p.add_argument(
         "--from-run",
         required=True,
@@ -151,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--encoder",
         default="mae",
-        choices=[*METHODS, "random"],
+        choices=[*methods.names(), "random"],
         help="finetune-heads: whose encoder (default %(default)s)",
     )
     p.add_argument("--head", default="", help="finetune-heads: head ('' = the config's)")
@@ -197,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                           ("trainjob", "Kubeflow Trainer v2 TrainJob (--trainjob-runtime)")):  # fmt: skip
         p = sub.add_parser(command, help=f"print a multi-node {what} manifest for a pretraining")
         p.add_argument(
-            "--stage", required=True, choices=[s for s in STAGES if s.startswith("pretrain-")]
+            "--stage", required=True, choices=[m.stage for m in methods.registered()]
         )
         p.add_argument("--nodes", type=int, required=True)
         p.add_argument("--gpus-per-node", type=int, default=8)

@@ -18,6 +18,7 @@ locally under ``kfp.local``: one definition for all three. (No ``from __future__
 annotations`` here: KFP reads the pipeline parameters' types from real annotations.)
 """
 
+import inspect
 from collections.abc import Callable, Iterable
 from functools import partial
 
@@ -29,22 +30,23 @@ from components.ingest import ingest
 from components.launch_pytorchjob import launch_pytorchjob
 from components.lineage import close_lineage, open_lineage
 from components.pca_poc import pca_poc
-from components.pretrain_dinov2 import pretrain_dinov2
-from components.pretrain_mae import pretrain_mae
-from components.pretrain_ssvit import pretrain_ssvit
+from components.pretrain import pretrain_component
 from components.refs import dataset_ref, encoder_ref
 from components.report import report
+from hsissl import methods
 from pipelines.k8s import configure, mount_data
 from pipelines.options import PipelineOptions
 
 PIPELINE_NAME = "hsissl"
-METHODS = ("mae", "dinov2", "ssvit")
-PRETRAIN = {"mae": pretrain_mae, "dinov2": pretrain_dinov2, "ssvit": pretrain_ssvit}
-STAGES = ("ingest", "pca-poc", *(f"pretrain-{m}" for m in METHODS), "finetune-heads",
-          "baseline-deeplabv3plus", "report")  # fmt: skip
 HEADS = ["linear", "conv", "segmenter"]
 CONTROL_ENCODER = "random"  # a random init of the config's MAE encoder architecture
 RUN_ID = dsl.PIPELINE_JOB_ID_PLACEHOLDER  # only for uncached tasks: it differs in every run
+
+
+def stage_names() -> tuple[str, ...]:
+    """The stages a (sub-)DAG can hold: pretrain-<method> for every registered method."""
+    return ("ingest", "pca-poc", *(m.stage for m in methods.registered()), "finetune-heads",
+            "baseline-deeplabv3plus", "report")  # fmt: skip
 
 
 def _placement_defaults(opts: PipelineOptions) -> tuple[dict, list]:
@@ -52,12 +54,34 @@ def _placement_defaults(opts: PipelineOptions) -> tuple[dict, list]:
     return dict(opts.gpu_node_selector), [dict(t) for t in opts.gpu_tolerations]
 
 
-def _check_stages(stages: Iterable[str]) -> frozenset[str]:
-    stages = frozenset(stages)
-    unknown = sorted(stages - set(STAGES))
+def _check_stages(wanted: Iterable[str]) -> frozenset[str]:
+    wanted = frozenset(wanted)
+    unknown = sorted(wanted - set(stage_names()))
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; expected some of {list(STAGES)}")
-    return stages
+        raise ValueError(f"unknown stage(s) {unknown}; expected some of {list(stage_names())}")
+    return wanted
+
+
+def _with_run_flags(registered: list[methods.Method]) -> Callable[[Callable], Callable]:
+    """Give the pipeline function (whose ``*run_flags`` take them, in this order) a parameter
+    ``run_<method>: bool = True`` per method: in its signature, which kfp reads (and calls the
+    function positionally in), and in its docstring's Args (the KFP UI's descriptions)."""
+
+    def decorate(pipeline: Callable) -> Callable:
+        signature = inspect.signature(pipeline)
+        fixed = [p for p in signature.parameters.values() if p.kind is not p.VAR_POSITIONAL]
+        flags = [inspect.Parameter(f"run_{m.name}", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                   default=True, annotation=bool) for m in registered]  # fmt: skip
+        pipeline.__signature__ = signature.replace(parameters=[*fixed, *flags])
+        anchor = "            heads: "  # the flags' descriptions go before it, as they always did
+        if anchor not in pipeline.__doc__:
+            raise ValueError(f"the pipeline's docstring has no {anchor.strip()!r} argument")
+        docs = "".join(f"            run_{m.name}: Pretrain {m.noun or m.label}.\n"
+                       for m in registered)  # fmt: skip
+        pipeline.__doc__ = pipeline.__doc__.replace(anchor, docs + anchor, 1)
+        return pipeline
+
+    return decorate
 
 
 def _exit_task(opts: PipelineOptions, with_report: bool, common: dict, storage_uri, run_id):
@@ -68,25 +92,26 @@ def _exit_task(opts: PipelineOptions, with_report: bool, common: dict, storage_u
     return configure(close_lineage(kfp_run_id=run_id, **common), "light", opts, cache=False)
 
 
-def build_pipeline(opts: PipelineOptions | None = None, stages: Iterable[str] = STAGES) -> Callable:
-    """The full DAG, or a sub-DAG of ``stages`` (ingest is always in it)."""
+def build_pipeline(opts: PipelineOptions | None = None, stages: Iterable[str] | None = None
+                   ) -> Callable:  # fmt: skip
+    """The full DAG, or a sub-DAG of ``stages`` (None: all; ingest is always in it)."""
     opts = opts or PipelineOptions()
-    stages = _check_stages(stages) | {"ingest"}
+    stages = _check_stages(stage_names() if stages is None else stages) | {"ingest"}
+    registered = methods.registered()
     default_preset = opts.default_preset
     default_selector, default_tolerations = _placement_defaults(opts)
+    labels = "/".join(m.label for m in registered)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Self-supervised pretraining on WHU-OHS "
-                  "hyperspectral tiles: ingest, MAE/DINOv2/SS-ViT pretraining, segmentation "
+                  f"hyperspectral tiles: ingest, {labels} pretraining, segmentation "
                   "heads on frozen encoders, DeepLabV3+ baseline, PCA proof of concept, report.")  # fmt: skip
+    @_with_run_flags(registered)
     def hsissl(
         source: str = "",
         preset: str = default_preset,
         overrides: list = [],  # noqa: B006 - KFP reads parameter defaults from the signature
         storage_uri: str = "",
         tracking_uri: str = "",
-        run_mae: bool = True,
-        run_dinov2: bool = True,
-        run_ssvit: bool = True,
         heads: list = HEADS,
         control_encoder: str = CONTROL_ENCODER,
         pretrain_epochs: float = 0.0,
@@ -97,6 +122,7 @@ def build_pipeline(opts: PipelineOptions | None = None, stages: Iterable[str] = 
         gpu_node_selector: dict = default_selector,
         gpu_tolerations: list = default_tolerations,
         data_pvc: str = opts.data_pvc,
+        *run_flags,
     ):
         """The hsissl DAG (parameter descriptions show in the KFP UI).
 
@@ -108,9 +134,6 @@ def build_pipeline(opts: PipelineOptions | None = None, stages: Iterable[str] = 
             overrides: Dotted config overrides, e.g. ["pretrain.epochs=50"].
             storage_uri: Artifact store (s3://bucket/prefix); "" = the preset's.
             tracking_uri: MLflow tracking URI; "" = the preset's or $MLFLOW_TRACKING_URI.
-            run_mae: Pretrain an MAE.
-            run_dinov2: Pretrain DINOv2.
-            run_ssvit: Pretrain the spatial-spectral ViT.
             heads: Segmentation heads finetuned on every encoder (linear, conv, segmenter).
             control_encoder: Random-init control: "random" (the config's MAE architecture),
                 random:<factory>, or "" for none.
@@ -151,10 +174,10 @@ def build_pipeline(opts: PipelineOptions | None = None, stages: Iterable[str] = 
                     configure(ref, "light", opts, cache=True, name="random-init-encoder")
                     _finetune_all(opts, heads, dataset, ref.outputs["encoder"], "random-init",
                                   common, train)  # fmt: skip
-            flags = {"mae": run_mae, "dinov2": run_dinov2, "ssvit": run_ssvit}
+            flags = {m.name: flag for m, flag in zip(registered, run_flags, strict=True)}
             pretrain = {"dataset": dataset, "epochs": pretrain_epochs,
                         "max_steps": pretrain_max_steps, "kfp_run_id": RUN_ID, **common}  # fmt: skip
-            for method in METHODS:
+            for method in flags:
                 if f"pretrain-{method}" not in stages:
                     continue
                 finetune = None
@@ -181,7 +204,7 @@ def _pretrain(method: str, nodes, opts: PipelineOptions, pretrain: dict, train: 
         if then is not None:
             then(job.outputs["encoder"])
     with dsl.Else(name=f"{method}-single-pod"):
-        task = PRETRAIN[method](**pretrain)
+        task = pretrain_component(method)(**pretrain)
         # Not cached: a retried pod resumes from the checkpoint instead.
         configure(task, "train", opts, cache=False, retry=True, **train)
         if then is not None:

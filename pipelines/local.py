@@ -28,7 +28,6 @@ from hsissl.config import load_config
 from pipelines.dag import (
     CONTROL_ENCODER,
     PIPELINE_NAME,
-    STAGES,
     build_pipeline,
     build_stage_pipeline,
 )
@@ -221,10 +220,10 @@ def execute(pipeline_func: Callable, arguments: dict[str, Any], run_id: str | No
     return run
 
 
-def run_local(config: str | Path | None, overrides: list[str], stages: Iterable[str] = STAGES,
+def run_local(config: str | Path | None, overrides: list[str], stages: Iterable[str] | None = None,
               parameters: dict[str, Any] | None = None, opts: PipelineOptions | None = None,
               run_id: str | None = None, cache: bool = False, check: bool = True) -> LocalRun:  # fmt: skip
-    """The DAG (or the sub-DAG of ``stages``) on this machine, with the config's store/MLflow.
+    """The DAG (or the sub-DAG of ``stages``; None: all) on this machine, with the config's store/MLflow.
 
     ``parameters``: other pipeline parameters (``run_dinov2=False``, ``heads=["linear"]``, …).
     """

@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from hsissl import methods
 from hsissl.config import load_config
 from pipelines.options import (
     ENV_FROM_CONFIG_MAP,
@@ -28,7 +29,6 @@ from pipelines.options import (
 )
 
 SCHEMA = Path(__file__).with_name("pytorchjob.schema.json")
-PRETRAIN_STAGES = ("pretrain-mae", "pretrain-dinov2", "pretrain-ssvit")
 KUBERNETES_VERSION = "1.35.0"  # pod templates are validated against this API version
 GPU_RESOURCE = "nvidia.com/gpu"
 
@@ -110,14 +110,15 @@ def pretrain_pod(stage: str, overrides: list[str], *, nodes: int, gpus_per_node:
     """The pod every node of a multi-node pretraining runs (PyTorchJob replica or TrainJob
     node), after checking the stage, the sizes and the ``overrides`` against the config
     schema (over ``local_preset``, default the dataclass defaults)."""
-    if stage not in PRETRAIN_STAGES:
-        raise ValueError(f"stage {stage!r}: a multi-node job runs one of {list(PRETRAIN_STAGES)}")
+    method = methods.of_stage(stage)
+    if method is None:
+        known = [m.stage for m in methods.registered()]
+        raise ValueError(f"stage {stage!r}: a multi-node job runs one of {known}")
     if nodes < 1 or gpus_per_node < 1:
         raise ValueError(f"nodes={nodes}, gpus_per_node={gpus_per_node}: both must be >= 1")
     cfg = load_config(local_preset, overrides)  # validates keys and types
-    method = stage.removeprefix("pretrain-")
     if run_id and not cfg.pretrain.name:
-        overrides = [*overrides, f"pretrain.name={method}-{run_id}"]
+        overrides = [*overrides, f"pretrain.name={method.name}-{run_id}"]
     env = {**({"KFP_RUN_ID": run_id} if run_id else {}), **(extra_env or {})}
     return pod_template(stage, overrides, gpus_per_node, opts, service_account, env,
                         config=config, gpu_type=gpu_type)  # fmt: skip

@@ -33,7 +33,7 @@ from pipelines.backend import (
     version_text,
 )
 from pipelines.compile import compile_pipeline, main
-from pipelines.dag import STAGES
+from pipelines.dag import stage_names
 from pipelines.options import PipelineOptions
 from test_pipeline import KfpStub
 
@@ -51,7 +51,7 @@ def compiled(tmp_path_factory) -> dict[str, list[dict]]:
     out = tmp_path_factory.mktemp("compiled")
     docs = {"dag": _docs(compile_pipeline(out / "dag.yaml")),
             "dag-pvc": _docs(compile_pipeline(out / "pvc.yaml", PipelineOptions(data_pvc="whu")))}  # fmt: skip
-    for stage in STAGES:
+    for stage in stage_names():
         docs[stage] = _docs(compile_pipeline(out / f"{stage}.yaml", stage=stage))
     return docs
 

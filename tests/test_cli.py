@@ -12,7 +12,7 @@ from hsissl import cli
 
 def patch_stage(monkeypatch: pytest.MonkeyPatch, stage: str, exc: BaseException) -> None:
     """Make ``hsissl <stage>`` raise ``exc`` from inside its ``run``."""
-    module = importlib.import_module(f"hsissl.stages.{cli.STAGES[stage][0]}")
+    module = importlib.import_module(f"hsissl.stages.{cli.stages()[stage][0]}")
 
     def run(cfg, **kwargs):
         raise exc

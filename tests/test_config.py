@@ -116,7 +116,9 @@ def test_flatten_gives_dotted_keys():
 
 
 def test_cli_help_lists_every_stage_and_each_stage_explains_itself(capsys):
-    from hsissl.cli import STAGES, main
+    from hsissl.cli import main, stages
+
+    STAGES = stages()
 
     with pytest.raises(SystemExit) as info:
         main(["--help"])

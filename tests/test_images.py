@@ -236,7 +236,7 @@ def test_the_train_image_builds_and_imports_the_training_stack():
     print(f"\ntrain image {ref} ready in {seconds:.0f} s")
     box = Container(ref, {})
     try:
-        probe = ("import torch, timm, segmentation_models_pytorch, hsissl.stages.pretrain_mae, os; "
+        probe = ("import torch, timm, segmentation_models_pytorch, hsissl.stages.pretrain, os; "
                  "print(torch.__version__, os.getuid())")  # fmt: skip
         proc = box.run(["python3", "-c", probe], {})
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -27,7 +27,7 @@ from components.finetune_heads import finetune_heads
 from hsissl import registry
 from hsissl.config import ConfigError, load_config
 from hsissl.data.ohs import CLASS_NAMES
-from hsissl.stages import finetune, ingest, pretrain_mae
+from hsissl.stages import finetune, ingest, pretrain
 from hsissl.storage import open_storage
 from hsissl.tracking import Tracker
 
@@ -150,7 +150,7 @@ def test_encoders_are_registered_per_run_and_finetune_takes_models_uris(
     for run_id in ("kfp-a", "kfp-b"):  # two pipeline runs: two versions of one model
         monkeypatch.setenv("KFP_RUN_ID", run_id)
         cfg = _cfg(tmp_path, storage, mlflow_server, prefix, f"pretrain.name=mae-{run_id}")
-        encoders.append(pretrain_mae.run(cfg)["encoder_uri"])
+        encoders.append(pretrain.run(cfg, "mae")["encoder_uri"])
     monkeypatch.delenv("KFP_RUN_ID")
 
     client = MlflowClient(mlflow_server)

@@ -30,14 +30,14 @@ from hsissl.pretrain import checkpoint
 from hsissl.storage import open_storage
 from pipelines import remote
 from pipelines.compile import GOLDEN, compile_pipeline
-from pipelines.dag import STAGES
+from pipelines.dag import stage_names
 from pipelines.local import load_run, rerun_local, run_local
 from pipelines.options import PipelineOptions
 from pipelines.pytorchjob import build_pytorchjob, validate
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE_MODULES = ("ingest", "pca_poc", "pretrain_mae", "pretrain_dinov2", "pretrain_ssvit",
-                 "finetune", "baseline", "report")  # fmt: skip
+STAGES = stage_names()
+STAGE_MODULES = ("ingest", "pca_poc", "pretrain", "finetune", "baseline", "report")
 MISSING = [m for m in STAGE_MODULES if importlib.util.find_spec(f"hsissl.stages.{m}") is None]
 TRAIN_TASKS = ("pretrain-mae", "pretrain-dinov2", "pretrain-ssvit", "finetune-heads",
                "baseline-deeplabv3plus")  # fmt: skip

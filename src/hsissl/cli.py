@@ -15,10 +15,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+from hsissl import methods
 from hsissl.config import ConfigError, load_config
 
-# stage name -> (module under hsissl.stages, one-line help). Adding a stage = one line here.
-STAGES: dict[str, tuple[str, str]] = {
+# stage name -> (module under hsissl.stages, one-line help). Adding a stage = one line here;
+# the pretraining methods' stages (pretrain-<method>) come from hsissl.methods (:func:`stages`).
+BASE_STAGES: dict[str, tuple[str, str]] = {
     "convert": (
         "convert",
         "any hyperspectral cube (ENVI, GeoTIFF, .mat/.npy + sidecar) -> WHU-OHS layout, OHS bands",
@@ -28,18 +30,6 @@ STAGES: dict[str, tuple[str, str]] = {
         "write the generated WHU-OHS-layout dataset (the default input)",
     ),
     "ingest": ("ingest", "validate scenes, tile, shard into the artifact store, band statistics"),
-    "pretrain-mae": (
-        "pretrain_mae",
-        "pretrain a masked autoencoder (ViT-B/8, 75 percent of patches masked)",
-    ),
-    "pretrain-dinov2": (
-        "pretrain_dinov2",
-        "pretrain DINOv2 (ViT-B/8 + 4 registers + SwiGLU; DINO + iBOT + KoLeo)",
-    ),
-    "pretrain-ssvit": (
-        "pretrain_ssvit",
-        "pretrain the spatial-spectral ViT with the DINOv2 recipe on both streams",
-    ),
     "finetune": (
         "finetune",
         "train a segmentation head on a frozen encoder (or a random-init control)",
@@ -58,6 +48,20 @@ STAGES: dict[str, tuple[str, str]] = {
         "pretrain + evaluate on the real scenes with block splits (docs/real-data.md)",
     ),
 }
+
+PRETRAIN_AFTER = "ingest"  # where the pretraining stages go in the list
+
+
+def stages() -> dict[str, tuple[str, str]]:
+    """Every stage: :data:`BASE_STAGES` with ``pretrain-<method>`` (module ``pretrain``) for
+    each registered method after ingest."""
+    out: dict[str, tuple[str, str]] = {}
+    for name, entry in BASE_STAGES.items():
+        out[name] = entry
+        if name == PRETRAIN_AFTER:
+            out |= {m.stage: ("pretrain", m.summary) for m in methods.registered()}
+    return out
+
 
 # Longer help for stages whose use is not obvious from their config keys.
 DETAILS: dict[str, str] = {
@@ -117,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
-    for name, (_, help_text) in STAGES.items():
+    for name, (_, help_text) in stages().items():
         description = help_text + (
             f"\n\n{textwrap.fill(DETAILS[name], 92)}" if name in DETAILS else ""
         )
@@ -189,8 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         flags = [f"{key}={getattr(args, key)}" for key, _ in FLAGS.get(args.stage, {}).values()
                  if getattr(args, key, None) is not None]  # fmt: skip
         cfg = load_config(args.config, [*args.overrides, *flags])
-        module = importlib.import_module(f"hsissl.stages.{STAGES[args.stage][0]}")
+        module = importlib.import_module(f"hsissl.stages.{stages()[args.stage][0]}")
         kwargs = {"report": True} if getattr(args, "report", False) else {}
+        method = methods.of_stage(args.stage)
+        if method is not None:
+            kwargs["method"] = method.name
         result = module.run(cfg, **kwargs)
     except KeyboardInterrupt as exc:
         if args.debug:
@@ -220,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _resume_hint(stage: str) -> str:
     """Pretraining saves resumable checkpoints; the other stages start over."""
-    if stage.startswith("pretrain-"):
+    if methods.of_stage(stage) is not None:
         return "; rerun the same command to resume from the last checkpoint"
     return ""
 

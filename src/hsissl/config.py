@@ -73,7 +73,7 @@ class TrackingConfig:
 
 @dataclass
 class PretrainConfig:
-    """Trainer machinery shared by MAE, DINOv2 and SS-ViT."""
+    """Trainer machinery shared by every pretraining method (hsissl.methods)."""
 
     name: str = ""  # checkpoints go to <store>/checkpoints/<name or method>/
     batch_size: int = 128  # per device
@@ -100,7 +100,9 @@ class PretrainConfig:
 
 @dataclass
 class OptimConfig:
-    model: str = ""  # factory in hsissl.models; "" = the method's ViT-B/8
+    """What every pretraining method's section has (the trainer reads these)."""
+
+    model: str = ""  # factory in hsissl.models; "" = the method's default (hsissl.methods)
     # base learning rate: the peak after warmup is lr x global batch / LR_REFERENCE_BATCH
     # (scaled_lr); 3e-4 gives 1.5e-4 at the default 128 per device on one device
     lr: float = 3e-4
@@ -271,6 +273,9 @@ class ConvertConfig:
 
 @dataclass
 class Config:
+    """Every section; a pretraining method registered in hsissl.methods beyond the built-in
+    three adds its own (:func:`add_section`), so a loaded config may be a subclass with it."""
+
     run_dir: str = "runs/local"
     seed: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -289,6 +294,43 @@ class Config:
     convert: ConvertConfig = field(default_factory=ConvertConfig)
 
 
+# Sections added by registered methods: name -> (section dataclass, rules of its keys).
+_ADDED: dict[str, tuple[type, dict[str, config_rules.Check]]] = {}
+_SCHEMAS: dict[tuple[tuple[str, type], ...], type] = {}  # one Config subclass per set of sections
+
+
+def add_section(name: str, section: type, rules: dict[str, config_rules.Check] | None = None
+                ) -> None:  # fmt: skip
+    """Let configs have a top-level section ``name`` of dataclass ``section`` (a pretraining
+    method's settings, YAML ``name:``), its keys checked by ``rules`` (key within the section ->
+    check). The built-in methods' sections are fields of :class:`Config` already: a no-op."""
+    known = typing.get_type_hints(Config).get(name)
+    if known is not None:
+        if known is not section:
+            raise ValueError(f"config section {name!r} is {known.__name__}, not {section.__name__}")
+        return
+    if not dataclasses.is_dataclass(section):
+        raise TypeError(f"config section {name!r}: {section!r} is not a dataclass")
+    _ADDED[name] = (section, {f"{name}.{k}": c for k, c in (rules or {}).items()})
+
+
+def remove_section(name: str) -> None:
+    """Undo :func:`add_section` (a method unregistered); built-in sections stay."""
+    _ADDED.pop(name, None)
+
+
+def config_class() -> type[Config]:
+    """:class:`Config`, or the subclass with the sections :func:`add_section` added."""
+    key = tuple((name, section) for name, (section, _) in _ADDED.items())
+    if not key:
+        return Config
+    if key not in _SCHEMAS:
+        fields = [(name, section, field(default_factory=section)) for name, section in key]
+        _SCHEMAS[key] = dataclasses.make_dataclass("Config", fields, bases=(Config,),
+                                                   namespace={"__module__": __name__})  # fmt: skip
+    return _SCHEMAS[key]
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
@@ -297,7 +339,8 @@ def load_config(
     The result is type-checked and :func:`validate`-d; every :class:`ConfigError` names the
     key and where its value came from (the file or "command line").
     """
-    tree = dataclasses.asdict(Config())
+    schema = config_class()
+    tree = dataclasses.asdict(schema())
     origins: dict[str, str] = {}  # dotted key -> where its value was set (defaults: absent)
     if path is not None:
         path = Path(path)
@@ -316,14 +359,14 @@ def load_config(
             raise ConfigError(
                 f"{path}: expected a mapping at top level, found {type(loaded).__name__}"
             )
-        _merge(tree, loaded, Config, prefix="", origin=str(path), origins=origins)
+        _merge(tree, loaded, schema, prefix="", origin=str(path), origins=origins)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         value = _parse_yaml(raw, override=item) if raw.strip() else ""
-        _set_dotted(tree, key.strip(), value, origin="command line", origins=origins)
-    cfg = _build(Config, tree, prefix="", origins=origins)
+        _set_dotted(tree, key.strip(), value, schema, origin="command line", origins=origins)
+    cfg = _build(schema, tree, prefix="", origins=origins)
     validate(cfg, origins)
     return cfg
 
@@ -355,7 +398,8 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> None:
     ``origins`` (dotted key -> file path or "command line") prefixes the message with where
     the value came from; :func:`load_config` passes it.
     """
-    for key, value, allowed in config_rules.violations(cfg):  # the first one is reported
+    added = {k: c for _, rules in _ADDED.values() for k, c in rules.items()}
+    for key, value, allowed in config_rules.violations(cfg, added):  # the first is reported
         where = _where(key, origins or {})
         raise config_rules.refuse(key, value, allowed, where.removesuffix(": "))
 
@@ -428,9 +472,10 @@ def _where(name: str, origins: dict[str, str]) -> str:
     return ""
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any, origin: str, origins: dict[str, str]) -> None:
+def _set_dotted(tree: dict, dotted: str, value: Any, schema: type, origin: str,
+                origins: dict[str, str]) -> None:  # fmt: skip
     parts = dotted.split(".")
-    node, cls = tree, Config
+    node, cls = tree, schema
     for i, part in enumerate(parts):
         name = ".".join(parts[: i + 1])
         last = i == len(parts) - 1

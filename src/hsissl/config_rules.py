@@ -90,17 +90,20 @@ HEADS = ("linear", "conv", "segmenter")  # hsissl.models.heads.HEADS (a test kee
 LOSSES = ("ce", "focal")  # hsissl.segment.finetune.make_loss
 
 
+# The keys of an ``OptimConfig`` section, which every pretraining method's section extends.
+OPTIM_RULES: dict[str, Check] = {
+    "lr": _above(0.0),
+    "min_lr": _NON_NEGATIVE,
+    "warmup_fraction": _FRACTION,
+    "weight_decay": _NON_NEGATIVE,
+    "betas": _BETAS,
+    "clip_grad": _NON_NEGATIVE,
+    "drop_rate": _FRACTION,
+}
+
+
 def _optim_rules(section: str) -> dict[str, Check]:
-    rules = {
-        "lr": _above(0.0),
-        "min_lr": _NON_NEGATIVE,
-        "warmup_fraction": _FRACTION,
-        "weight_decay": _NON_NEGATIVE,
-        "betas": _BETAS,
-        "clip_grad": _NON_NEGATIVE,
-        "drop_rate": _FRACTION,
-    }
-    return {f"{section}.{k}": c for k, c in rules.items()}
+    return {f"{section}.{k}": c for k, c in OPTIM_RULES.items()}
 
 
 def _dino_rules(section: str) -> dict[str, Check]:
@@ -240,9 +243,10 @@ def _value(cfg: Any, key: str) -> Any:
     return cfg
 
 
-def violations(cfg: Any) -> Iterator[tuple[str, Any, str]]:
-    """(dotted key, value, what is allowed) for every set value outside its key's rule."""
-    for key, (ok, allowed) in RULES.items():
+def violations(cfg: Any, added: dict[str, Check] | None = None) -> Iterator[tuple[str, Any, str]]:
+    """(dotted key, value, what is allowed) for every set value outside its key's rule
+    (``RULES``, then ``added``: the rules of sections that registered methods added)."""
+    for key, (ok, allowed) in {**RULES, **(added or {})}.items():
         value = _value(cfg, key)
         if value is not None and not ok(value):  # None: an optional key left unset
             yield key, value, allowed

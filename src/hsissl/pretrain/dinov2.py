@@ -131,7 +131,6 @@ class DINOv2Recipe(Recipe):
     """
 
     method = "dinov2"
-    default_model = "dinov2_vit_base_patch8_64"
     # (stream key in the backbone's token dict, loss-weight attribute of the config or None,
     # suffix of the logged names). DINOv2 has one stream; SS-ViT adds the spectral one.
     streams: ClassVar[tuple[tuple[str, str | None, str], ...]] = (("spatial", None, ""),)
@@ -140,9 +139,10 @@ class DINOv2Recipe(Recipe):
         super().__init__(cfg)
         dc: DINOv2Config = getattr(cfg, self.method)
         self.dc = dc
-        self.factory = dc.model or self.default_model
+        default = self.default_model()
+        self.factory = dc.model or default
         if self.factory not in MODELS:
-            kind = self.default_model.split("_")[0] + "_"  # "dinov2_", "ssvit_"
+            kind = default.split("_")[0] + "_"  # "dinov2_", "ssvit_"
             known = [name for name in MODELS if name.startswith(kind)]
             raise ConfigError(f"{self.method}.model={self.factory!r} is not a model factory; "
                               f"expected one of {known}")  # fmt: skip

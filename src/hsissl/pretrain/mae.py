@@ -20,7 +20,7 @@ class MAERecipe(Recipe):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         mc = cfg.mae
-        self.factory = mc.model or "mae_vit_base_patch8_64"
+        self.factory = mc.model or self.default_model()
         known = [name for name in MODELS if name.startswith("mae_")]  # MaskedAutoencoderViTs
         if self.factory not in known:
             raise ConfigError(f"mae.model={self.factory!r} is not an MAE model factory; "

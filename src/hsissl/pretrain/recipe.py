@@ -8,6 +8,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from hsissl import methods
 from hsissl.config import Config
 from hsissl.models.dinov2 import DINOHead
 from hsissl.models.ssvit import SpatialSpectralBlock
@@ -30,12 +31,16 @@ class Recipe(nn.Module):
     torch's global generator, which the trainer checkpoints, so resumption is exact.
     """
 
-    method: str = ""
+    method: str = ""  # its name in hsissl.methods (and its config section)
     static_shapes: bool = False  # every compiled network sees one shape (CUDA graphs can replay)
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
+
+    def default_model(self) -> str:
+        """The model factory used when the method's ``model`` key is "" (hsissl.methods)."""
+        return methods.get(self.method).default_model
 
     def after_step(self, step: int, total: int) -> dict[str, float]:
         """Called after the optimiser step (EMA teacher updates); returns extra logs."""

@@ -28,7 +28,6 @@ class SSViTRecipe(DINOv2Recipe):
     """DINOv2 on ``SpatialSpectralViT`` (``cfg.ssvit``); ``embed()`` uses the spatial stream."""
 
     method = "ssvit"
-    default_model = "ssvit_base_patch8_64"
     streams: ClassVar[tuple[tuple[str, str | None, str], ...]] = (
         ("spatial", "spatial_weight", "_spatial"),
         ("spectral", "spectral_weight", "_spectral"),

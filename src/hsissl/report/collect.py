@@ -23,7 +23,8 @@ import torch
 import yaml
 from torch import nn
 
-from hsissl.config import Config, load_config
+from hsissl import methods
+from hsissl.config import Config, config_class, load_config
 from hsissl.data.normalize import Normalizer
 from hsissl.data.shards import ShardDataset
 from hsissl.pretrain import checkpoint
@@ -33,7 +34,6 @@ from hsissl.storage import Storage
 
 log = logging.getLogger(__name__)
 
-METHOD_ORDER = ("none", "random", "mae", "dinov2", "ssvit")  # baseline, control, then methods
 HEAD_ORDER = ("linear", "conv", "segmenter")
 TILE_SPLITS = ("ts", "va", "tr")  # where example tiles come from, first present wins
 UNFINISHED = (".partial-", ".old-")  # folders of an unfinished/replaced transaction
@@ -124,7 +124,7 @@ def collect(cfg: Config) -> ReportInputs:
         for name in encoder_names(store)
         if (e := _load_encoder_run(store, name, problems)) is not None
     ]
-    encoders.sort(key=lambda e: (_rank(e.method, METHOD_ORDER), e.name))
+    encoders.sort(key=lambda e: (_rank(e.method, method_order()), e.name))
     references = references_for(
         dataset.manifest if dataset is not None else None,
         [r.metrics for r in results if r.kind in SEGMENTATION_KINDS],
@@ -211,6 +211,11 @@ def _load_encoder_run(store: Storage, name: str, problems: list[str]) -> Encoder
     )
 
 
+def method_order() -> tuple[str, ...]:
+    """Baseline, control, then the registered methods (hsissl.methods)."""
+    return ("none", "random", *methods.names())
+
+
 def _rank(value: str, order: tuple[str, ...]) -> int:
     return order.index(value) if value in order else len(order)
 
@@ -223,7 +228,7 @@ def sort_runs(runs: list[ResultRun]) -> list[ResultRun]:
             r.kind != "baseline",
             _rank(r.head, HEAD_ORDER),
             r.head,
-            _rank(r.method, METHOD_ORDER),
+            _rank(r.method, method_order()),
             r.name,
         ),
     )
@@ -236,7 +241,7 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     Goes through :func:`load_config` (so types are checked as for a preset). Keys this version
     no longer knows are dropped with a warning; keys it added since take their defaults.
     """
-    known, dropped = _known_keys(tree, Config, "")
+    known, dropped = _known_keys(tree, config_class(), "")  # with registered methods' sections
     if dropped:
         log.warning("saved config: ignoring keys unknown to this version: %s", dropped)
     with tempfile.TemporaryDirectory() as tmp:

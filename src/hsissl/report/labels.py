@@ -6,19 +6,18 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-METHOD_LABELS = {
-    "mae": "MAE",
-    "dinov2": "DINOv2",
-    "ssvit": "SS-ViT",
-    "random": "random init",
-    "none": "from scratch",
-}
+from hsissl import methods
+
+# What else stands where a method does: the random-init control and from-scratch baselines.
+OTHER_LABELS = {"random": "random init", "none": "from scratch"}
 SHORT_NAME = 20  # characters kept of a long run/checkpoint name
 
 
 def method_label(method: str) -> str:
-    """``"dinov2"`` -> ``"DINOv2"``; unknown methods as they are."""
-    return METHOD_LABELS.get(method, method)
+    """``"dinov2"`` -> ``"DINOv2"`` (its label in hsissl.methods); unknown methods as they are."""
+    if method in methods.names():
+        return methods.get(method).label
+    return OTHER_LABELS.get(method, method)
 
 
 def short_name(name: str, width: int = SHORT_NAME) -> str:

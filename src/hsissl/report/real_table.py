@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from hsissl import methods
+
 REAL_KIND = "real-eval"  # the ``kind`` of evaluate-real's metrics.json
 FLOORS = ("pixel-lr", "pixel-rf")
 BASELINE = "deeplabv3plus"
@@ -30,11 +32,8 @@ LABELS = {
     "pixel-rf": "per-pixel random forest (floor)",
     BASELINE: "DeepLabV3+ from scratch",
     CONTROL: "random-init",
-    "mae": "MAE",
-    "dinov2": "DINOv2",
-    "ssvit": "SS-ViT",
 }
-ENCODER_ORDER = (CONTROL, "mae", "dinov2", "ssvit")
+
 HEAD_ORDER = ("probe", "linear", "conv", "segmenter")
 DASH = "–"
 
@@ -57,7 +56,8 @@ def role(model: str) -> str:
 
 def label(model: str) -> str:
     encoder, head = split_model(model)
-    name = LABELS.get(encoder, encoder)
+    name = LABELS.get(encoder) or (methods.get(encoder).label if encoder in methods.names()
+                                   else encoder)  # fmt: skip
     return f"{name} + {head}" if head else name
 
 
@@ -77,7 +77,8 @@ def _order(model: str) -> tuple[int, int, int, str]:
     """Floors, baseline, the control, then each pretrained encoder; heads in a fixed order."""
     encoder, head = split_model(model)
     rank = {"floor": 0, "baseline": 1}.get(role(model), 2)
-    e = ENCODER_ORDER.index(encoder) if encoder in ENCODER_ORDER else len(ENCODER_ORDER)
+    order = (CONTROL, *methods.names())
+    e = order.index(encoder) if encoder in order else len(order)
     h = HEAD_ORDER.index(head) if head in HEAD_ORDER else len(HEAD_ORDER)
     return rank, e, h, model
 

@@ -35,6 +35,7 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from hsissl import methods
 from hsissl.config import Config, ConfigError, RealEvalConfig
 from hsissl.config_rules import refuse
 from hsissl.data import realdata
@@ -59,18 +60,6 @@ from hsissl.stages.common import dataset_uri, run_dir_of, stage_run, storage_of
 
 log = logging.getLogger(__name__)
 NUM_LOGITS = 25
-
-
-def _recipe(method: str):
-    if method == "mae":
-        from hsissl.pretrain.mae import MAERecipe as recipe
-    elif method == "dinov2":
-        from hsissl.pretrain.dinov2 import DINOv2Recipe as recipe
-    elif method == "ssvit":
-        from hsissl.pretrain.ssvit import SSViTRecipe as recipe
-    else:
-        raise ValueError(f"real.methods: unknown method {method!r}; expected mae, dinov2 or ssvit")
-    return recipe
 
 
 @torch.no_grad()
@@ -210,7 +199,8 @@ def pretrain_encoders(cfg: Config, root: Path) -> tuple[dict[str, nn.Module], No
     for method in rc.methods:
         mcfg = replace(pcfg, pretrain=replace(pcfg.pretrain, max_steps=rc.pretrain_steps, name=f"real-{method}",
                                               knn_tiles=0))  # fmt: skip
-        result = pretrain(mcfg, _recipe(method), stage=f"pretrain-{method}")
+        spec = methods.get(method)
+        result = pretrain(mcfg, spec.recipe_class(), stage=spec.stage)
         encoder, enc_norm, record = load_encoder(result["encoder_uri"])
         normalizer.check(enc_norm.fingerprint, f"encoder {result['encoder_uri']}")
         encoders[method] = encoder
