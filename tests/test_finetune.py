@@ -15,6 +15,7 @@ from hsissl.config import ConfigError, load_config
 from hsissl.data.geotiff import read_image, read_label
 from hsissl.data.normalize import Normalizer, NormalizerMismatch
 from hsissl.data.shards import ShardDataset
+from hsissl.layout import dataset_uri, storage_of
 from hsissl.pretrain import checkpoint
 from hsissl.pretrain.mae import MAERecipe
 from hsissl.pretrain.runtime import setup
@@ -34,7 +35,6 @@ from hsissl.segment.finetune import (
 )
 from hsissl.segment.scenes import load_scene, rgb_composite
 from hsissl.stages import finetune, ingest
-from hsissl.stages.common import dataset_uri, storage_of
 
 REPO = Path(__file__).resolve().parents[1]
 # mmsegmentation's ImageNet RGB statistics (pixel units) repeated over the 32 bands: what the

@@ -15,8 +15,8 @@ from hsissl.data.geotiff import read_image, read_label, write_label
 from hsissl.data.scenes import DataContractError
 from hsissl.data.shards import ShardDataset, verify_file
 from hsissl.data.tiling import untile
+from hsissl.layout import storage_of
 from hsissl.stages import ingest
-from hsissl.stages.common import storage_of
 
 
 def scenes_of(root: Path, split: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:

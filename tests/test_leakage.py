@@ -11,8 +11,8 @@ from hsissl.config import load_config
 from hsissl.data import leakage
 from hsissl.data.geotiff import default_transform, write_image, write_label
 from hsissl.data.scenes import DataContractError, SceneHeader, ScenePair
+from hsissl.layout import storage_of
 from hsissl.stages import ingest
-from hsissl.stages.common import storage_of
 
 SIZE = 128
 

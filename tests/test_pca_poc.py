@@ -12,6 +12,7 @@ from sklearn.decomposition import PCA as SklearnPCA
 
 from hsissl.config import ConfigError, load_config
 from hsissl.data.shards import ShardDataset
+from hsissl.layout import storage_of
 from hsissl.pca import (
     PCA,
     BandDecoder,
@@ -24,7 +25,6 @@ from hsissl.pca import (
 from hsissl.pretrain.mae import MAERecipe
 from hsissl.pretrain.trainer import pretrain
 from hsissl.stages import ingest, pca_poc
-from hsissl.stages.common import storage_of
 from hsissl.storage import open_storage
 
 REPO = Path(__file__).resolve().parents[1]

@@ -261,7 +261,7 @@ def test_evaluate_real_on_a_converted_scene(tmp_path, capfd):
     total = evaluate_real.work_units(cfg.real, n_encoders=2)  # mae and its random-init control
     assert f"{total}/{total}" in err
     # the per-scene table, with paired differences, next to metrics.json
-    from hsissl.stages.common import storage_of
+    from hsissl.layout import storage_of
 
     store = storage_of(cfg)
     tables = json.loads(store.get_bytes("results/real-eval/tables.json"))

@@ -84,8 +84,8 @@ def test_report_renders_the_real_eval_tables_with_a_bar_plot(tmp_path):
     """A store with an evaluate-real result gets a "Real scenes" section: the table's numbers
     and one bar plot per scene (the other sections say "Not run", as for any missing input)."""
     from hsissl.config import load_config
+    from hsissl.layout import storage_of
     from hsissl.stages import report
-    from hsissl.stages.common import storage_of
 
     cfg = load_config(None, [f"run_dir={tmp_path}", "tracking.uri="])
     metrics = {"kind": "real-eval", "name": "real-eval", "rows": ROWS,

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from hsissl.config import load_config
 from hsissl.data.shards import ShardDataset
+from hsissl.layout import storage_of
 from hsissl.pretrain import checkpoint
 from hsissl.pretrain.mae import MAERecipe
 from hsissl.pretrain.trainer import pretrain
@@ -29,7 +30,6 @@ from hsissl.report.plots import PALETTE, attention_figure, colorize
 from hsissl.report.reference import REFERENCE_NAME, majority_reference, references_for
 from hsissl.segment.metrics import ConfusionMatrix
 from hsissl.stages import baseline, finetune, ingest, pca_poc, report
-from hsissl.stages.common import storage_of
 from hsissl.tracking import resolve_uri
 
 REPO = Path(__file__).resolve().parents[1]

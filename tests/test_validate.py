@@ -10,8 +10,8 @@ import rasterio
 
 from hsissl.data.geotiff import write_image, write_label
 from hsissl.data.scenes import DataContractError
+from hsissl.layout import storage_of
 from hsissl.stages import ingest
-from hsissl.stages.common import storage_of
 
 
 def scene(root: Path, split: str = "tr", name: str = "T0000.tif") -> tuple[Path, Path]:

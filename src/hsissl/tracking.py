@@ -27,7 +27,8 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from hsissl import tracking_outbox
-from hsissl.config import flatten, to_yaml
+from hsissl.config import flatten, save_resolved, to_yaml
+from hsissl.layout import run_dir_of
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before mlflow is imported
 
@@ -332,6 +333,14 @@ def start_run(
         raise
     finally:
         tracker.end(status)
+
+
+@contextmanager
+def stage_run(cfg: Config, stage: str) -> Iterator[Tracker]:
+    """A tracked run of one stage; the resolved config is saved in the run folder and MLflow."""
+    save_resolved(cfg, run_dir_of(cfg) / stage / "config.yaml")
+    with start_run(cfg, stage=stage, run_dir=run_dir_of(cfg)) as tracker:
+        yield tracker
 
 
 @contextmanager

@@ -30,11 +30,13 @@ from hsissl.data.loaders import TileBatches, bind
 from hsissl.data.normalize import Normalizer
 from hsissl.data.ohs import BAND_CENTRES_NM, NUM_BANDS
 from hsissl.data.shards import ShardDataset, SplitView
+from hsissl.layout import dataset_uri, result_key, storage_of
 from hsissl.pca import PCA, fit_pca, make_decoder, project, reconstruct, sample_pixels
 from hsissl.pretrain import checkpoint
 from hsissl.pretrain.runtime import Runtime, setup
-from hsissl.stages.common import dataset_uri, stage_run, storage_of
+from hsissl.stages.results import PCAResult
 from hsissl.storage import open_storage
+from hsissl.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ EVAL_TILES = 256  # held-out tiles every reconstruction error is measured on
 EVAL_SPLITS = ("va", "ts")  # first present is the held-out split; else tiles of "tr"
 
 
-def run(cfg: Config) -> dict[str, Any]:
+def run(cfg: Config) -> PCAResult:
     """Fit the PCA, train the decoder, run the optional MAE check; returns the metrics dict."""
     pc = cfg.pca
     rt = setup(cfg.pretrain.device, cfg.seed, cfg.pretrain.deterministic)
@@ -101,9 +103,7 @@ def run(cfg: Config) -> dict[str, Any]:
         tracker.log_dict(pca_record, "pca.json")
         tracker.set_tags({"normalizer": normalizer.fingerprint, "results": _results_uri(cfg)})
         tracker.name_after(_results_uri(cfg))
-    return {"results": _results_uri(cfg)} | {
-        k: metrics[k] for k in ("explained_variance", "mean_mse")
-    }
+    return PCAResult(_results_uri(cfg), metrics["explained_variance"], metrics["mean_mse"])
 
 
 def check_config(pc: PCAConfig) -> None:
@@ -120,7 +120,7 @@ def check_config(pc: PCAConfig) -> None:
 
 
 def _results_uri(cfg: Config) -> str:
-    return storage_of(cfg).join(f"results/{cfg.pca.name}")
+    return storage_of(cfg).join(result_key(cfg.pca.name))
 
 
 def _eval_view(dataset: ShardDataset) -> SplitView:
@@ -280,7 +280,7 @@ def _encoder_info(uri: str, mae: MAECheck | None) -> dict[str, str]:
 def _write(cfg: Config, pca_record: dict, metrics: dict, sample: dict[str, np.ndarray]) -> None:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **sample)
-    with storage_of(cfg).transaction(f"results/{cfg.pca.name}") as tx:
+    with storage_of(cfg).transaction(result_key(cfg.pca.name)) as tx:
         tx.put_bytes("pca.json", json.dumps(pca_record, indent=1).encode())
         tx.put_bytes("reconstructions.npz", buffer.getvalue())
         tx.commit({"metrics.json": json.dumps(metrics, indent=1).encode()})

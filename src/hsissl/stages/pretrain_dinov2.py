@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from hsissl.config import Config
 from hsissl.pretrain.dinov2 import DINOv2Recipe
 from hsissl.pretrain.trainer import pretrain
+from hsissl.stages.results import PretrainResult
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    return pretrain(cfg, DINOv2Recipe, stage="pretrain-dinov2")
+def run(cfg: Config) -> PretrainResult:
+    return PretrainResult(**pretrain(cfg, DINOv2Recipe, stage="pretrain-dinov2"))

@@ -3,12 +3,11 @@ encoder record."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from hsissl.config import Config
 from hsissl.pretrain.ssvit import SSViTRecipe
 from hsissl.pretrain.trainer import pretrain
+from hsissl.stages.results import PretrainResult
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    return pretrain(cfg, SSViTRecipe, stage="pretrain-ssvit")
+def run(cfg: Config) -> PretrainResult:
+    return PretrainResult(**pretrain(cfg, SSViTRecipe, stage="pretrain-ssvit"))
