@@ -78,4 +78,4 @@ def test_the_report_heading_names_the_run_not_report_twice(tiny_cfg) -> None:
     page = storage_of(tiny_cfg).get_bytes("reports/report/report.html").decode()
     heading = re.search(r"<h1>(.*?)</h1>", page).group(1)
     assert heading == f"hsissl report: {Path(tiny_cfg.run_dir).name}", heading
-    assert "hsissl report: report" not in page and result["html_uri"]
+    assert "hsissl report: report" not in page and result.html_uri

@@ -92,7 +92,7 @@ def test_report_renders_the_real_eval_tables_with_a_bar_plot(tmp_path):
                "tables": scene_tables(ROWS)}  # fmt: skip
     storage_of(cfg).put_bytes("results/real-eval/metrics.json", json.dumps(metrics).encode())
     result = report.run(cfg)
-    assert result["sections"]["real"] == "ok"
+    assert result.sections["real"] == "ok"
     page = storage_of(cfg).get_bytes("reports/report/report.html").decode()
     real = page[page.index('<section id="real">') :]
     real = real[: real.index("</section>")]
@@ -107,7 +107,7 @@ def test_report_has_no_real_section_without_evaluate_real(tmp_path):
     from hsissl.stages import report
 
     cfg = load_config(None, [f"run_dir={tmp_path}", "tracking.uri="])
-    assert "real" not in report.run(cfg)["sections"]
+    assert "real" not in report.run(cfg).sections
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "real_table.py"

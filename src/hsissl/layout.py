@@ -73,6 +73,14 @@ def report_key(name: str, file: str = "") -> str:
     return _key(REPORTS, name, file)
 
 
+def checkpoint_name(method: str, base: str, run_id: str) -> str:
+    """Checkpoint folder of one pretraining in a pipeline: one per method and pipeline run, so
+    a retried pod resumes its own run's checkpoint while a new run (or a changed config) starts
+    afresh; ``pretrain.name`` (``base``) set by the user names a line of runs to continue."""
+    suffix = base or run_id
+    return f"{method}-{suffix}" if suffix else method
+
+
 def folder_name(key: str, folder: str) -> str | None:
     """``<name>`` of a key ``<folder>/<name>/<file>`` directly under ``folder``, else None."""
     parts = key.split("/")

@@ -12,6 +12,8 @@ from hsissl.data.augment import MAEAugment
 from hsissl.models import MODELS, create_model
 from hsissl.pretrain.recipe import Recipe
 
+DEFAULT_MODEL = "mae_vit_base_patch8_64"  # the factory when mae.model is ""
+
 
 class MAERecipe(Recipe):
     method = "mae"
@@ -20,7 +22,7 @@ class MAERecipe(Recipe):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         mc = cfg.mae
-        self.factory = mc.model or "mae_vit_base_patch8_64"
+        self.factory = mc.model or DEFAULT_MODEL
         known = [name for name in MODELS if name.startswith("mae_")]  # MaskedAutoencoderViTs
         if self.factory not in known:
             raise ConfigError(f"mae.model={self.factory!r} is not an MAE model factory; "
