@@ -18,11 +18,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-from hsissl import tracking_lineage as lineage  # noqa: E402 (after the telemetry switch)
-from hsissl.layout import METRICS, split_dataset_uri  # noqa: E402
-from hsissl.presets import stage_config  # noqa: E402
+from hsissl import tracking_lineage as lineage
+from hsissl.layout import METRICS, split_dataset_uri
+from hsissl.presets import stage_config
+from hsissl.stages.results import StageResult
 
 log = logging.getLogger("hsissl.components")
 
@@ -141,15 +140,15 @@ def fetch(uri: str) -> bytes:
 # -- stages -------------------------------------------------------------------------------
 
 
-def call_stage(module: str, cfg, kfp_run_id: str = "") -> Any:
-    """``hsissl.stages.<module>.run(cfg)`` (a ``hsissl.stages.results`` dataclass) nested
-    under the pipeline's MLflow parent run."""
+def call_stage(module: str, cfg, kfp_run_id: str = "") -> StageResult:
+    """``hsissl.stages.<module>.run(cfg)`` nested under the pipeline's MLflow parent run."""
     lineage.join_parent_run(cfg, kfp_run_id)
     return importlib.import_module(f"hsissl.stages.{module}").run(cfg)
 
 
 def pretrain(method: str, dataset: Any, preset: str, overrides: list[str], tracking_uri: str,
-             epochs: float, max_steps: int, kfp_run_id: str, encoder: Any, metrics: Any) -> Any:  # fmt: skip
+             epochs: float, max_steps: int, kfp_run_id: str, encoder: Any,
+             metrics: Any) -> StageResult:  # fmt: skip
     """Pretrain ``method`` (mae | dinov2 | ssvit); with several GPUs in the pod, under torchrun."""
     from components import torchrun
     from components.pretrain_task import pretrain_config, publish_pretrain
@@ -168,7 +167,8 @@ def pretrain(method: str, dataset: Any, preset: str, overrides: list[str], track
 
 
 def finetune(dataset: Any, encoder: Any, head: str, preset: str, overrides: list[str],
-             tracking_uri: str, model: Any, metrics: Any, confusion: Any = None) -> Any:  # fmt: skip
+             tracking_uri: str, model: Any, metrics: Any,
+             confusion: Any = None) -> StageResult:  # fmt: skip
     """One head on one frozen encoder (or on a random-init one: ``random:<factory>``);
     ``confusion``: a ClassificationMetrics artifact for the whole-scene confusion matrix."""
     setup_logging()
@@ -186,7 +186,8 @@ def finetune(dataset: Any, encoder: Any, head: str, preset: str, overrides: list
 
 
 def evaluate(module: str, stage: str, dataset: Any, preset: str, overrides: list[str],
-             tracking_uri: str, model: Any, metrics: Any, confusion: Any = None) -> Any:  # fmt: skip
+             tracking_uri: str, model: Any, metrics: Any,
+             confusion: Any = None) -> StageResult:  # fmt: skip
     """A stage that reads the dataset and writes results: baseline, pca_poc (``confusion``:
     see :func:`finetune`); ``stage`` names the task in messages."""
     setup_logging()

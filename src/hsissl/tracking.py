@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from hsissl import tracking_outbox
 from hsissl.config import flatten, save_resolved, to_yaml
-from hsissl.layout import run_dir_of
+from hsissl.layout import ENCODER, run_dir_of
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before mlflow is imported
 
@@ -391,7 +391,7 @@ def run_name(stage: str, output: str) -> str:
     ``finetune-mae-linear``; ``pretrain-mae`` + ``…/checkpoints/mae-local-1/encoder.pt`` ->
     ``pretrain-mae-local-1``."""
     parts = [p for p in output.rstrip("/").split("/") if p]
-    name = parts[-2] if len(parts) > 1 and parts[-1] == "encoder.pt" else (parts or [""])[-1]
+    name = parts[-2] if len(parts) > 1 and parts[-1] == ENCODER else (parts or [""])[-1]
     if not name:
         return stage
     words, out = stage.split("-"), name.split("-")

@@ -22,7 +22,7 @@ import torch
 
 from hsissl.config import BaselineConfig, Config, ConfigError
 from hsissl.data.shards import ShardDataset
-from hsissl.layout import MODEL, dataset_uri, result_key, storage_of
+from hsissl.layout import METRICS, MODEL, PREDICTIONS, dataset_uri, result_key, storage_of
 from hsissl.pretrain.runtime import setup
 from hsissl.segment.baseline import (
     DeepLabV3PlusAux,
@@ -117,7 +117,7 @@ def write_results(cfg: Config, metrics: dict[str, Any], shown: dict[str, np.ndar
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **shown)
     with storage_of(cfg).transaction(result_key(cfg.baseline.name)) as tx:
-        tx.put_bytes("predictions.npz", buffer.getvalue())
-        torch.save(record, tx.path("model.pt"))
-        tx.done("model.pt")
-        tx.commit({"metrics.json": json.dumps(metrics, indent=1).encode()})
+        tx.put_bytes(PREDICTIONS, buffer.getvalue())
+        torch.save(record, tx.path(MODEL))
+        tx.done(MODEL)
+        tx.commit({METRICS: json.dumps(metrics, indent=1).encode()})

@@ -40,7 +40,7 @@ from hsissl.data import realdata
 from hsissl.data.geotiff import read_image, read_label
 from hsissl.data.normalize import Normalizer
 from hsissl.data.shards import ShardDataset
-from hsissl.layout import dataset_uri, result_key, run_dir_of, storage_of
+from hsissl.layout import METRICS, dataset_uri, result_key, run_dir_of, storage_of
 from hsissl.models.heads import HEADS
 from hsissl.pretrain.checkpoint import build_encoder, load_encoder
 from hsissl.pretrain.trainer import pretrain
@@ -363,7 +363,7 @@ def run(cfg: Config) -> EvaluateRealResult:
                   "normalizer": normalizer.fingerprint, "rows": rows, "summary": summary,
                   "tables": tables, "seconds": time.perf_counter() - start}  # fmt: skip
         with storage_of(cfg).transaction(result_key(cfg.real.name)) as tx:  # like every result
-            tx.commit({"metrics.json": json.dumps(result, indent=1).encode(),
+            tx.commit({METRICS: json.dumps(result, indent=1).encode(),
                        "tables.json": json.dumps(tables, indent=1).encode(),
                        "tables.md": tables_md.encode()})  # fmt: skip
         (run_dir_of(cfg) / f"{cfg.real.name}.md").write_text(markdown + "\n")

@@ -25,7 +25,7 @@ import torch
 from hsissl import registry
 from hsissl.config import Config, ConfigError, FinetuneConfig
 from hsissl.data.shards import ShardDataset
-from hsissl.layout import HEAD, dataset_uri, result_key, storage_of
+from hsissl.layout import HEAD, METRICS, PREDICTIONS, dataset_uri, result_key, storage_of
 from hsissl.models import MODELS
 from hsissl.models.heads import HEADS
 from hsissl.pretrain.runtime import setup
@@ -254,7 +254,7 @@ def write_results(
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **shown)
     with store.transaction(prefix) as tx:
-        tx.put_bytes("predictions.npz", buffer.getvalue())
-        torch.save(record, tx.path("head.pt"))
-        tx.done("head.pt")
-        tx.commit({"metrics.json": json.dumps(metrics, indent=1).encode()})
+        tx.put_bytes(PREDICTIONS, buffer.getvalue())
+        torch.save(record, tx.path(HEAD))
+        tx.done(HEAD)
+        tx.commit({METRICS: json.dumps(metrics, indent=1).encode()})

@@ -30,7 +30,7 @@ from hsissl.data.loaders import TileBatches, bind
 from hsissl.data.normalize import Normalizer
 from hsissl.data.ohs import BAND_CENTRES_NM, NUM_BANDS
 from hsissl.data.shards import ShardDataset, SplitView
-from hsissl.layout import dataset_uri, result_key, storage_of
+from hsissl.layout import METRICS, TRAIN_STATE, dataset_uri, result_key, storage_of
 from hsissl.pca import PCA, fit_pca, make_decoder, project, reconstruct, sample_pixels
 from hsissl.pretrain import checkpoint
 from hsissl.pretrain.runtime import Runtime, setup
@@ -193,10 +193,10 @@ def load_mae(uri: str, dataset: ShardDataset, rt: Runtime) -> MAECheck:
     bind(dataset, normalizer)  # refuses an MAE trained on differently normalised data
     parent = uri.rstrip("/").rpartition("/")[0]
     store = open_storage(parent)
-    if not store.exists("train.pt"):
-        raise FileNotFoundError(f"{store.join('train.pt')}: no MAE training state beside "
+    if not store.exists(TRAIN_STATE):
+        raise FileNotFoundError(f"{store.join(TRAIN_STATE)}: no MAE training state beside "
                                 f"{uri}; the check needs the MAE decoder")  # fmt: skip
-    state = checkpoint.load(store, "train.pt")
+    state = checkpoint.load(store, TRAIN_STATE)
     if state.get("step") != record.get("step"):
         raise ValueError(
             f"{store.join('train.pt')} is at step {state.get('step')} but {uri} "
@@ -283,4 +283,4 @@ def _write(cfg: Config, pca_record: dict, metrics: dict, sample: dict[str, np.nd
     with storage_of(cfg).transaction(result_key(cfg.pca.name)) as tx:
         tx.put_bytes("pca.json", json.dumps(pca_record, indent=1).encode())
         tx.put_bytes("reconstructions.npz", buffer.getvalue())
-        tx.commit({"metrics.json": json.dumps(metrics, indent=1).encode()})
+        tx.commit({METRICS: json.dumps(metrics, indent=1).encode()})

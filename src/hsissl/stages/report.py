@@ -87,9 +87,9 @@ def run(cfg: Config) -> ReportResult:
             tx.commit({REPORT_HTML: page.encode(), REPORT_MARKDOWN: summary.encode()})
         local = run_dir_of(cfg) / "report"
         local.mkdir(parents=True, exist_ok=True)
-        (local / "report.html").write_text(page)
-        (local / "summary.md").write_text(summary)
-        for name in ("report.html", "summary.md"):
+        (local / REPORT_HTML).write_text(page)
+        (local / REPORT_MARKDOWN).write_text(summary)
+        for name in (REPORT_HTML, REPORT_MARKDOWN):
             tracker.log_artifact(local / name, "report")
         mismatches = [f"{r.what} {r.name}" for r in fingerprints if r.matches is False]
         result = {
