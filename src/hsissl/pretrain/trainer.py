@@ -111,7 +111,8 @@ class Trainer:
             betas=tuple(self.opt_cfg.betas), fused=self.rt.cuda,
         )  # fmt: skip
         self.store = storage_of(cfg)
-        self.prefix = checkpoint_key(self.pc.name or self.method)
+        self.ckpt_name = self.pc.name or self.method  # its checkpoint folder (hsissl.layout)
+        self.prefix = checkpoint_key(self.ckpt_name)
         self.step = 0
         self.loader_state: dict[str, Any] | None = None  # the loader as of the last batch used
         self.history: list[dict[str, float]] = []  # logged metrics of this process (for reports)
@@ -142,10 +143,10 @@ class Trainer:
             torch.save(payload, tx.path(name))
             tx.done(name)
             tx.commit({HISTORY: self._history_bytes()})
-        return self.store.join(f"{self.prefix}/{name}")
+        return self.store.join(checkpoint_key(self.ckpt_name, name))
 
     def maybe_resume(self) -> bool:
-        key = f"{self.prefix}/{TRAIN_STATE}"
+        key = checkpoint_key(self.ckpt_name, TRAIN_STATE)
         if not self.store.exists(key):
             return False
         state = checkpoint.load(self.store, key, map_location=self.rt.device)
@@ -194,7 +195,7 @@ class Trainer:
 
     def _history_bytes(self) -> bytes:
         """Loss curves for reports, merged with those of earlier (resumed) processes."""
-        key = f"{self.prefix}/{HISTORY}"
+        key = checkpoint_key(self.ckpt_name, HISTORY)
         earlier = json.loads(self.store.get_bytes(key)) if self.store.exists(key) else []
         mine = {int(h["step"]) for h in self.history}
         merged = [h for h in earlier if int(h["step"]) not in mine] + self.history
@@ -354,7 +355,9 @@ class Trainer:
             self.save_train_state()
         message = f"stopped by {self.stop.requested} at step {self.step}; checkpoint saved"
         if self.rt.is_main:
-            log.warning("%s to %s", message, self.store.join(f"{self.prefix}/{TRAIN_STATE}"))
+            log.warning(
+                "%s to %s", message, self.store.join(checkpoint_key(self.ckpt_name, TRAIN_STATE))
+            )
         raise KeyboardInterrupt(message)
 
 
