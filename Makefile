@@ -40,6 +40,7 @@ submit: $(STAMP)  ## submit to Kubeflow: make submit KFP_HOST=http://<kfp api> [
 
 test: $(STAMP)  ## run the test suite (CPU, tiny presets)
 	$(VENV)/bin/ruff check src tests components pipelines scripts
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -q
 
 test-images: $(STAMP)  ## build both images here (buildah, LOCAL=1) and run ingest + report inside as uid 10001
@@ -51,9 +52,10 @@ test-images: $(STAMP)  ## build both images here (buildah, LOCAL=1) and run inge
 test-slow: $(STAMP)  ## the slow tests: S3 killed at counted operations of a re-ingest and a pretraining, 10 concurrent-ingest trials (~10 min)
 	$(VENV)/bin/pytest -q -s -m slow
 
-lint: $(STAMP)  ## ruff lint + format check
+lint: $(STAMP)  ## ruff lint + format check + import contracts (.importlinter)
 	$(VENV)/bin/ruff check src tests components pipelines scripts
 	$(VENV)/bin/ruff format --check src tests components pipelines scripts
+	$(VENV)/bin/lint-imports
 
 bench: bench-ingest bench-loader bench-train  ## all benchmarks (figures: docs/benchmarks.md)
 

@@ -149,9 +149,8 @@ def test_stage_learns_and_writes_the_results_contract(tiny_run, stage_result):
     assert np.array_equal(pred.numpy(), shown["pred"][0])  # the saved model is the evaluated one
 
 
-def test_stage_refuses_a_batch_of_one(tiny_run):
-    cfg = load_config(
-        REPO / "configs" / "tiny.yaml", overrides(tiny_run, **{"baseline.batch_size": 1})
-    )
-    with pytest.raises(ConfigError, match="baseline.batch_size=1"):
-        baseline.run(cfg)
+def test_a_batch_of_one_is_refused_when_the_config_is_loaded(tiny_run):
+    with pytest.raises(ConfigError, match="baseline.batch_size=1; expected >= 2"):
+        load_config(
+            REPO / "configs" / "tiny.yaml", overrides(tiny_run, **{"baseline.batch_size": 1})
+        )

@@ -23,6 +23,31 @@ def test_preset_then_overrides_win():
     assert cfg.data.stride == 64
 
 
+# The rates each preset trained at before its lr became a base rate (lr x global batch / 256).
+RATES_ON_ONE_DEVICE = {
+    "tiny": {"mae": 1e-3, "dinov2": 1e-3, "ssvit": 1e-3},
+    "real": {"mae": 1e-3, "dinov2": 1e-3, "ssvit": 1e-3},
+    "base": {"mae": 1.5e-4, "dinov2": 5e-4, "ssvit": 5e-4},
+    "fast": {"mae": 3e-4, "dinov2": 1e-3, "ssvit": 1e-3},
+}
+
+
+@pytest.mark.parametrize("preset", sorted(RATES_ON_ONE_DEVICE))
+def test_presets_state_base_rates_that_give_the_former_rates_on_one_device(preset):
+    cfg = load_config(REPO / "configs" / f"{preset}.yaml")
+    rates = {
+        m: getattr(cfg, m).scaled_lr(cfg.pretrain.batch_size) for m in ("mae", "dinov2", "ssvit")
+    }
+    assert rates == RATES_ON_ONE_DEVICE[preset]  # exactly: the runs are bit-for-bit the same
+
+
+def test_lr_is_the_rate_at_a_global_batch_of_256_and_scales_linearly():
+    mae = load_config(None, ["mae.lr=2.0e-3"]).mae
+    assert mae.scaled_lr(256) == 2e-3
+    assert mae.scaled_lr(4 * 64) == 4 * mae.scaled_lr(64)  # 4 processes of 64 each
+    assert load_config(None).mae.scaled_lr(128) == 1.5e-4  # the default on one device
+
+
 def test_base_preset_is_the_paper_setting():
     cfg = load_config(REPO / "configs" / "base.yaml")
     assert (cfg.data.scene_size, cfg.data.tile_size, cfg.data.stride) == (512, 64, 64)
@@ -33,9 +58,9 @@ def test_fast_preset_is_the_base_with_a_larger_batch_scaled_lrs_no_dropout_and_c
     fast = load_config(REPO / "configs" / "fast.yaml")
     batch = fast.pretrain.batch_size
     assert batch == 4 * base.pretrain.batch_size and fast.pretrain.compile
-    assert fast.mae.lr == pytest.approx(1.5e-4 * batch / 256)  # MAE's linear rule
+    assert fast.mae.scaled_lr(batch) == pytest.approx(1.5e-4 * batch / 256)  # MAE's linear rule
     for method in ("dinov2", "ssvit"):
-        assert getattr(fast, method).lr == pytest.approx(5e-4 * batch / 256)  # DINO's rule
+        assert getattr(fast, method).scaled_lr(batch) == pytest.approx(5e-4 * batch / 256)  # DINO
     assert {getattr(fast, m).drop_rate for m in ("mae", "dinov2", "ssvit")} == {0.0}
     assert base.mae.drop_rate == 0.1  # the paper's
     changed = {k for k, v in flatten(to_dict(fast)).items() if flatten(to_dict(base))[k] != v}
@@ -197,11 +222,48 @@ def test_a_directory_is_not_a_config_file(tmp_path):
         ("dinov2.betas=[0.9]", "dinov2.betas=[0.9]; expected [beta1, beta2]"),
         ("dinov2.mask_ratio=[0.5, 0.1]", "dinov2.mask_ratio=[0.5, 0.1]; expected [low, high]"),
         ("seed=-1", "seed=-1"),
+        # the checks the stages made before any work, now made once when a config is loaded
+        ("finetune.head=fpn", "finetune.head='fpn'; expected one of linear | conv | segmenter"),
+        ("finetune.loss=dice", "finetune.loss='dice'; expected one of ce | focal"),
+        ("baseline.name=", "baseline.name=''; expected a non-empty name"),
+        ("baseline.batch_size=1", "baseline.batch_size=1; expected >= 2"),
+        ("baseline.crop_size=16", "baseline.crop_size=16; expected 0 (whole scenes) or >= 32"),
+        ("baseline.epochs=0", "baseline.epochs=0.0; expected > 0 when baseline.max_steps is 0"),
+        ("pca.name=", "pca.name=''; expected a non-empty name"),
+        ("pca.components=0", "pca.components=0; expected >= 1"),
+        ("pca.fit_pixels=1", "pca.fit_pixels=1; expected >= 3 (2 and pca.components)"),
+        ("report.name=a/b", "report.name='a/b'; expected a non-empty folder name without '/'"),
+        ("real.methods=[simclr]", "real.methods[0]='simclr'; expected one of mae | dinov2 | ssvit"),
+        ("real.heads=[unet]", "real.heads[0]='unet'; expected one of probe | linear | conv"),
+        ("real.head_lr={}", "real.head_lr={}; expected a learning rate for head 'linear'"),
     ],
 )
 def test_values_outside_the_allowed_set_name_key_value_and_allowed(override, message):
     with pytest.raises(ConfigError, match="^command line: config key " + re.escape(message)):
         load_config(None, [override])
+
+
+def test_rule_choices_are_the_registries_they_name():
+    """config_rules stays free of heavy imports, so it names the choices; they must agree."""
+    from hsissl import config_rules
+    from hsissl.models.heads import HEADS
+
+    assert set(config_rules.HEADS) == set(HEADS)
+
+
+def test_a_stage_refuses_an_empty_key_it_needs_and_data_errors_read_like_config_errors():
+    from hsissl import config_rules
+
+    cfg = load_config(None)  # every stage loads the defaults: finetune.encoder is empty there
+    with pytest.raises(ConfigError, match=r"^config key finetune.encoder=''; expected an encoder"):
+        config_rules.require(cfg, "finetune")
+    config_rules.require(cfg, "pca-poc")  # needs nothing
+    with pytest.raises(FileNotFoundError, match=r"^/d: config key real.source='x'; expected y$"):
+        raise config_rules.refuse("real.source", "x", "y", "/d", missing=True)
+    with pytest.raises(ConfigError, match=r"^dataset /d: config key finetune.eval_split='te'"):
+        config_rules.check_splits(["tr", "ts"], "dataset /d", "finetune.eval_split", "te")
+    with pytest.raises(ConfigError, match=r"config key data.splits=\['ts'\]; expected a list"):
+        config_rules.check_splits(["ts"], "dataset /d", "finetune.eval_split", "ts")
 
 
 def test_allowed_edge_values_load():

@@ -190,6 +190,10 @@ def test_stage_refuses_bad_settings_and_non_mae_checkpoints(pca_run, tmp_path):
     run_dir, encoder_uri, _ = pca_run
     with pytest.raises(ConfigError, match="pca.components=0"):
         pca_poc.run(cfg_for(run_dir, **{"pca.components": 0}))
+    # the upper bound is the dataset's: refused where it is read, in the config errors' form
+    with pytest.raises(ConfigError, match=r"datasets/whu-ohs: config key pca.components=40; "
+                                          r"expected 1..32 \(its bands\)"):  # fmt: skip
+        pca_poc.run(cfg_for(run_dir, **{"pca.components": 40, "pca.fit_pixels": 1000}))
     store = storage_of(cfg_for(run_dir))
     key = encoder_uri.rpartition("/checkpoints/")[2]
     store.put_bytes("checkpoints/alone/encoder.pt", store.get_bytes(f"checkpoints/{key}"))

@@ -53,7 +53,7 @@ def tiny_overrides(run_dir: Path) -> list[str]:
         "data.scene_size": 64, "pretrain.batch_size": 4, "pretrain.max_steps": MAE_STEPS,
         "pretrain.ckpt_every": 2, "pretrain.log_every": 1, "pretrain.knn_tiles": 8,
         "pretrain.deterministic": "true", "pretrain.loader_threads": 1, "pretrain.device": "cpu",
-        "mae.model": "mae_vit_tiny_patch8_64", "mae.lr": 2e-3,
+        "mae.model": "mae_vit_tiny_patch8_64", "mae.lr": 0.128,  # 2e-3 at batch 4
         "finetune.max_steps": 2, "finetune.batch_size": 4, "finetune.eval_scenes": 1,
         "finetune.loader_threads": 1, "baseline.encoder": "test_resnet",
         "baseline.batch_size": 2, "baseline.max_steps": 2, "pca.fit_pixels": 1000,

@@ -34,7 +34,7 @@ def mae_overrides(run_dir: Path, **extra: object) -> list[str]:
         "data.scene_size": 128, "pretrain.batch_size": 16, "pretrain.max_steps": 12,
         "pretrain.ckpt_every": 4, "pretrain.log_every": 1, "pretrain.knn_tiles": 64,
         "pretrain.deterministic": "true", "pretrain.loader_threads": 1,
-        "mae.model": "mae_vit_tiny_patch8_64", "mae.lr": 2e-3, "tracking.uri": "",
+        "mae.model": "mae_vit_tiny_patch8_64", "mae.lr": 3.2e-2, "tracking.uri": "",
     }  # fmt: skip
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -63,10 +63,11 @@ def losses(run_dir: Path) -> list[float]:
 
 def test_cosine_schedule_warms_up_then_decays():
     cfg = load_config(None, ["mae.lr=1.0", "mae.min_lr=0.0", "mae.warmup_fraction=0.1"]).mae
-    assert cosine_lr(0, 100, cfg) == pytest.approx(0.1)
-    assert cosine_lr(9, 100, cfg) == pytest.approx(1.0)
-    assert cosine_lr(55, 100, cfg) == pytest.approx(0.5, abs=0.02)
-    assert cosine_lr(99, 100, cfg) < 0.01
+    assert cosine_lr(0, 100, cfg, 256) == pytest.approx(0.1)
+    assert cosine_lr(9, 100, cfg, 256) == pytest.approx(1.0)
+    assert cosine_lr(55, 100, cfg, 256) == pytest.approx(0.5, abs=0.02)
+    assert cosine_lr(99, 100, cfg, 256) < 0.01
+    assert cosine_lr(9, 100, cfg, 1024) == pytest.approx(4.0)  # the peak scales with the batch
 
 
 def test_mae_learns_and_writes_an_encoder_record(synthetic_run):
@@ -83,6 +84,23 @@ def test_mae_learns_and_writes_an_encoder_record(synthetic_run):
     tokens = encoder.forward_features(torch.zeros(2, 32, 64, 64))
     assert tokens.shape == (2, 65, 64)
     assert 0.0 <= result["metrics"]["knn_acc"] <= 1.0
+
+
+def test_the_peak_rate_counts_every_process_of_a_torchrun(synthetic_run, monkeypatch):
+    """Under torchrun the global batch is the per-device batch x the world size."""
+    from hsissl.pretrain import trainer
+    from hsissl.pretrain.runtime import Runtime
+
+    cfg = cfg_for(synthetic_run, **{"pretrain.device": "cpu"})  # 16 per device
+    one = trainer.Trainer(cfg, MAERecipe, "pretrain-mae")
+    assert one.optimizer.param_groups[0]["lr"] == 2e-3  # 3.2e-2 x 16 / 256, as before the rule
+    cfg = cfg_for(synthetic_run, **{"pretrain.device": "cpu", "pretrain.batch_size": 4})
+    monkeypatch.setattr(trainer, "setup", lambda *a, **k: Runtime(torch.device("cpu"), 0, 4))
+    four = trainer.Trainer(cfg, MAERecipe, "pretrain-mae")  # 4 ranks of 4 (16 training tiles)
+    assert four.global_batch == 16
+    assert four.optimizer.param_groups[0]["lr"] == 2e-3  # = 4 x the rate of one rank of 4
+    warmup = int(cfg.mae.warmup_fraction * 100)
+    assert cosine_lr(warmup - 1, 100, cfg.mae, four.global_batch) == pytest.approx(2e-3)  # peak
 
 
 def _weights(uri: str) -> dict[str, torch.Tensor]:
@@ -138,9 +156,9 @@ def test_resume_refuses_changed_method_settings(synthetic_run):
         MAERecipe,
         "pretrain-mae",
     )
-    with pytest.raises(ConfigError, match=r"other settings \(mae.lr: 0.002 -> 0.001\)"):
+    with pytest.raises(ConfigError, match=r"other settings \(mae.lr: 0.032 -> 0.016\)"):
         pretrain(
-            cfg_for(synthetic_run, **{"pretrain.name": "changed", "mae.lr": 1e-3}),
+            cfg_for(synthetic_run, **{"pretrain.name": "changed", "mae.lr": 1.6e-2}),
             MAERecipe,
             "pretrain-mae",
         )

@@ -189,23 +189,24 @@ def test_bad_methods_heads_and_scenes_fail_before_any_work(tmp_path):
     (tmp_path / "src" / "Samson").mkdir(parents=True)
     (tmp_path / "src" / "Samson" / "Samson.mat").touch()
     source = f"real.source={tmp_path / 'src'}"
-    cfg = load_config(None, [f"run_dir={tmp_path}", source, "real.heads=[probe, unet]"])
-    with pytest.raises(ConfigError, match="unknown head 'unet'"):
-        evaluate_real.run(cfg)
-    cfg = load_config(
-        None, [f"run_dir={tmp_path}", source, "real.heads=[conv]", "real.head_lr={linear: 0.1}"]
-    )
-    with pytest.raises(ConfigError, match="no learning rate for head 'conv'"):
-        evaluate_real.run(cfg)
-    cfg = load_config(None, [f"run_dir={tmp_path}", source, "real.methods=[mae, simclr]"])
-    with pytest.raises(ConfigError, match="unknown method 'simclr'"):
-        evaluate_real.run(cfg)
-    for scene, problem in (("Nope", "not a labelled scene"), ("abu-beach-4", "not a labelled")):
+    # methods and heads are config values: refused when the config is loaded
+    with pytest.raises(ConfigError, match=r"real.heads\[1\]='unet'; expected one of probe \|"):
+        load_config(None, [f"run_dir={tmp_path}", source, "real.heads=[probe, unet]"])
+    with pytest.raises(ConfigError, match="expected a learning rate for head 'conv'"):
+        load_config(
+            None, [f"run_dir={tmp_path}", source, "real.heads=[conv]", "real.head_lr={linear: 0.1}"]
+        )
+    with pytest.raises(ConfigError, match=r"real.methods\[1\]='simclr'; expected one of mae \|"):
+        load_config(None, [f"run_dir={tmp_path}", source, "real.methods=[mae, simclr]"])
+    for scene in ("Nope", "abu-beach-4"):  # unknown; known but unlabelled
         cfg = load_config(None, [f"run_dir={tmp_path}", source, f"real.scenes=[{scene}]"])
-        with pytest.raises(ConfigError, match=f"real.scenes: '{scene}' is {problem}"):
+        match = rf"real.scenes\[0\]='{scene}'; expected one of the labelled scenes"
+        with pytest.raises(ConfigError, match=match):
             evaluate_real.run(cfg)
     cfg = load_config(None, [f"run_dir={tmp_path}", source])  # a source without the scene asked for
-    with pytest.raises(FileNotFoundError, match="'houston_dataset' .* is not below real.source"):
+    with pytest.raises(
+        FileNotFoundError, match=r"real.scenes\[0\]='houston_dataset'; expected its file .* below"
+    ):
         evaluate_real.run(cfg)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing written
 
@@ -235,10 +236,10 @@ def test_evaluate_real_checks_a_converted_folder(tmp_path):
     root = _converted(tmp_path)
     check_config(load_config(None, ["real.scenes=[mine]"]).real, root)
     with pytest.raises(
-        ConfigError, match=r"real.scenes: 'Indian_subset' is not in .*found \['mine'\]"
+        ConfigError, match=r"real.scenes\[0\]='Indian_subset'; expected .* found there \['mine'\]"
     ):
         check_config(load_config(None, ["real.scenes=[Indian_subset]"]).real, root)
-    with pytest.raises(FileNotFoundError, match="nor a WHU-OHS layout"):
+    with pytest.raises(FileNotFoundError, match="or a WHU-OHS layout"):
         check_config(load_config(None, ["real.scenes=[mine]"]).real, tmp_path / "empty")
 
 
@@ -291,7 +292,9 @@ def test_real_preset_runs_every_labelled_shared_scene_with_one_setting(tmp_path)
     assert load_config(None).real.scenes == cfg.real.scenes
     for stem in ("houston_dataset", "Indian_subset"):  # a source without Samson
         (tmp_path / f"{stem}.mat").touch()
-    with pytest.raises(FileNotFoundError, match=r"'Samson' \(Samson/Samson.mat\) is not below"):
+    with pytest.raises(
+        FileNotFoundError, match=r"'Samson'; expected its file Samson/Samson.mat below"
+    ):
         check_config(cfg.real, tmp_path)  # checked before any work
 
 

@@ -78,3 +78,45 @@ def test_readme_quick_start_is_exactly_two_commands():
 def test_ci_entry_point_runs_make_test():
     text = (REPO / ".ci" / "run").read_text()
     assert "make test" in text
+
+
+def _lint_imports() -> str:
+    exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("import-linter not installed (pip install -e '.[dev]')")
+    return exe
+
+
+def test_import_contracts_hold():
+    """.importlinter: the layers of issue 16, hsissl without kfp/kubernetes, no cycles."""
+    result = subprocess.run([_lint_imports()], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "0 broken" in result.stdout
+
+
+def test_import_contracts_catch_an_upward_import(tmp_path):
+    """The checker sees the real import graph: config made a layer above the stages breaks it."""
+    config = tmp_path / "contracts.ini"
+    config.write_text(
+        "[importlinter]\nroot_packages =\n    hsissl\n\n"
+        "[importlinter:contract:upside-down]\nname = upside down\ntype = layers\n"
+        "layers =\n    hsissl.config\n    hsissl.stages\n"
+    )
+    result = subprocess.run([_lint_imports(), "--config", str(config)], capture_output=True,
+                            text=True, cwd=REPO)  # fmt: skip
+    assert result.returncode == 1 and "hsissl.stages is not allowed to import hsissl.config" in (
+        result.stdout
+    ), result.stdout[-3000:]
+
+
+def test_py_typed_marker_ships_with_the_package():
+    """pyproject's package data names py.typed (PEP 561): it must exist and be tracked."""
+    import tomllib
+
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "py.typed" in package_data["package-data"]["hsissl"]
+    marker = REPO / "src" / "hsissl" / "py.typed"
+    assert marker.is_file()
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", str(marker)], cwd=REPO,
+                             capture_output=True, text=True)  # fmt: skip
+    assert tracked.returncode == 0, tracked.stderr

@@ -11,7 +11,7 @@ import rasterio
 from scipy import ndimage
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
-from hsissl.config import SyntheticConfig
+from hsissl.config import SyntheticConfig, load_config
 from hsissl.data.geotiff import default_transform, read_image, read_label
 from hsissl.data.ohs import NUM_BANDS, NUM_CLASSES, REFLECTANCE_SCALE, band_index
 from hsissl.data.scenes import check_header, discover, read_scene
@@ -157,14 +157,15 @@ def test_a_full_size_scene_is_fast() -> None:
 
 
 def test_bad_config_and_stale_folder_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="synthetic.size"):
-        make_synthetic(tmp_path, SyntheticConfig(scenes={"tr": 1}, size=8))
-    with pytest.raises(ValueError, match="synthetic.scenes"):
-        make_synthetic(tmp_path, SyntheticConfig(scenes={"tr": -1}, size=32))
-    with pytest.raises(ValueError, match="synthetic.unlabelled_fraction"):
-        make_synthetic(
-            tmp_path, SyntheticConfig(scenes={"tr": 1}, size=32, unlabelled_fraction=1.0)
-        )
+    # the config's values are refused when it is loaded (hsissl.config_rules)
+    with pytest.raises(ValueError, match="synthetic.size=8; expected >= 16"):
+        load_config(None, ["synthetic.size=8"])
+    with pytest.raises(ValueError, match="synthetic.scenes.tr=-1; expected >= 0"):
+        load_config(None, ["synthetic.scenes={tr: -1}"])
+    with pytest.raises(ValueError, match="synthetic.scenes=.*; expected plain folder names"):
+        load_config(None, ["synthetic.scenes={../tr: 1}"])
+    with pytest.raises(ValueError, match="synthetic.unlabelled_fraction=1.0; expected"):
+        load_config(None, ["synthetic.unlabelled_fraction=1.0"])
     make_synthetic(tmp_path, SyntheticConfig(scenes={"tr": 2}, size=32))
     make_synthetic(
         tmp_path, SyntheticConfig(scenes={"tr": 2}, size=32)

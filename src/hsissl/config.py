@@ -19,10 +19,11 @@ from typing import Any
 import yaml
 
 from hsissl import config_rules
+from hsissl.config_rules import ConfigError
 
-
-class ConfigError(ValueError):
-    """A preset or override that does not fit the config schema."""
+# The global batch at which pretraining rates are stated: rate = lr x global batch / 256, the
+# linear scaling rule of MAE (He et al.) and DINOv2 (Oquab et al.).
+LR_REFERENCE_BATCH = 256
 
 
 @dataclass
@@ -100,13 +101,19 @@ class PretrainConfig:
 @dataclass
 class OptimConfig:
     model: str = ""  # factory in hsissl.models; "" = the method's ViT-B/8
-    lr: float = 1.5e-4  # peak learning rate after warmup
+    # base learning rate: the peak after warmup is lr x global batch / LR_REFERENCE_BATCH
+    # (scaled_lr); 3e-4 gives 1.5e-4 at the default 128 per device on one device
+    lr: float = 3e-4
     min_lr: float = 1e-6  # cosine schedule floor
     warmup_fraction: float = 0.05
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     clip_grad: float = 3.0  # max grad norm; 0 = off
     drop_rate: float = 0.1  # dropout (the dissertation's 0.1)
+
+    def scaled_lr(self, global_batch: int) -> float:
+        """The peak learning rate at ``global_batch`` (per-device batch x world size)."""
+        return self.lr * global_batch / LR_REFERENCE_BATCH
 
 
 @dataclass
@@ -118,7 +125,7 @@ class MAEConfig(OptimConfig):
 
 @dataclass
 class DINOv2Config(OptimConfig):
-    lr: float = 5e-4
+    lr: float = 1e-3  # base: 5e-4 at the default 128 per device on one device
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.04
     drop_rate: float = 0.0
@@ -350,7 +357,7 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> None:
     """
     for key, value, allowed in config_rules.violations(cfg):  # the first one is reported
         where = _where(key, origins or {})
-        raise ConfigError(f"{where}config key {key}={value!r}; expected {allowed}")
+        raise config_rules.refuse(key, value, allowed, where.removesuffix(": "))
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

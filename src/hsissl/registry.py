@@ -23,13 +23,13 @@ import re
 from typing import Any
 
 from hsissl.config import Config, ConfigError
+from hsissl.tracking import KFP_RUN_ENV
 
 log = logging.getLogger(__name__)
 
 SCHEME = "models:/"
 _NAME = r"[^/@]+"
 _URI = re.compile(rf"^models:/(?P<name>{_NAME})(?:/(?P<version>\d+|latest)|@(?P<alias>[\w-]+))$")
-KFP_RUN_ENV = "KFP_RUN_ID"
 
 
 def model_name(cfg: Config, method: str) -> str:

@@ -345,7 +345,6 @@ def make_synthetic(out: str | Path, cfg: SyntheticConfig) -> Path:
     ``[cfg.seed, i]``). Every class gets a labelled region in the training split ("tr",
     else the first split) where its scenes have room for one.
     """
-    _check_config(cfg)
     out = Path(out)
     plan = scene_plan(cfg)
     _check_no_stale_scenes(out, plan)
@@ -364,25 +363,6 @@ def make_synthetic(out: str | Path, cfg: SyntheticConfig) -> Path:
         write_image(out / split / "image" / f"{name}.tif", image, transform)
         write_label(out / split / "label" / f"{name}.tif", label, transform)
     return out
-
-
-def _check_config(cfg: SyntheticConfig) -> None:
-    counts = list(cfg.scenes.values())
-    if not counts or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in counts):
-        raise ValueError(
-            f"synthetic.scenes: expected split -> scene count >= 0, found {cfg.scenes!r}"
-        )
-    bad = [s for s in cfg.scenes if not s or "/" in s or "\\" in s or s.startswith(".")]
-    if bad:
-        raise ValueError(f"synthetic.scenes: split names must be plain folder names, found {bad}")
-    if cfg.size < 16:
-        raise ValueError(f"synthetic.size: expected at least 16 (pixels), found {cfg.size}")
-    if cfg.noise < 0:
-        raise ValueError(f"synthetic.noise: expected >= 0, found {cfg.noise}")
-    if not 0 <= cfg.unlabelled_fraction < 1:
-        raise ValueError(
-            f"synthetic.unlabelled_fraction: expected 0 <= f < 1, found {cfg.unlabelled_fraction}"
-        )
 
 
 def _check_no_stale_scenes(out: Path, plan: list[tuple[str, str, int]]) -> None:

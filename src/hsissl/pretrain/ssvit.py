@@ -48,9 +48,6 @@ class SSViTRecipe(DINOv2Recipe):
             if size not in sizes:
                 raise ValueError(f"{key}={size}: the SS-ViT only takes crops of {sizes} pixels")
         self.n_bands = backbone.spectral_embed.num_patches  # 16 band-pair tokens
-        if not 0.0 <= self.dc.spectral_mask_ratio <= 1.0:
-            raise ValueError(f"ssvit.spectral_mask_ratio must lie in [0, 1], "
-                             f"got {self.dc.spectral_mask_ratio}")  # fmt: skip
 
     def draw_masks(self, n: int) -> Masks:
         """Spatial block masks as DINOv2, plus (n, 16) spectral masks with a fixed count."""

@@ -45,13 +45,14 @@ log = logging.getLogger(__name__)
 RESUME_FIXED = (("pretrain", "batch_size"), ("data", "tile_size"))
 
 
-def cosine_lr(step: int, total: int, opt: OptimConfig) -> float:
-    """Linear warmup to ``opt.lr``, then cosine decay to ``opt.min_lr``."""
+def cosine_lr(step: int, total: int, opt: OptimConfig, global_batch: int) -> float:
+    """Linear warmup to ``opt.scaled_lr(global_batch)``, then cosine decay to ``opt.min_lr``."""
+    peak = opt.scaled_lr(global_batch)
     warmup = int(opt.warmup_fraction * total)
     if step < warmup:
-        return opt.lr * (step + 1) / warmup
+        return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return opt.min_lr + 0.5 * (opt.lr - opt.min_lr) * (1 + math.cos(math.pi * progress))
+    return opt.min_lr + 0.5 * (peak - opt.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 class StopSignals:
@@ -104,10 +105,13 @@ class Trainer:
                                   rank=self.rt.rank, world_size=self.rt.world_size,
                                   workers=self.pc.loader_threads)  # fmt: skip
         self.total = self.pc.max_steps or max(1, math.ceil(self.pc.epochs * len(self.loader)))
+        # the learning-rate scaling rule counts every process's batch (torchrun: world size)
+        self.global_batch = self.pc.batch_size * self.rt.world_size
         self.recipe = recipe_cls(cfg).to(self.rt.device)
         set_checkpoint_blocks(self.recipe, self.pc.checkpoint_blocks)
         self.optimizer = torch.optim.AdamW(
-            self.recipe.param_groups(self.opt_cfg.weight_decay), lr=self.opt_cfg.lr,
+            self.recipe.param_groups(self.opt_cfg.weight_decay),
+            lr=self.opt_cfg.scaled_lr(self.global_batch),
             betas=tuple(self.opt_cfg.betas), fused=self.rt.cuda,
         )  # fmt: skip
         self.store = storage_of(cfg)
@@ -304,7 +308,7 @@ class Trainer:
         last: dict[str, float] = {}
         self.recipe.train()
         while self.step < self.total:
-            lr = cosine_lr(self.step, self.total, self.opt_cfg)
+            lr = cosine_lr(self.step, self.total, self.opt_cfg, self.global_batch)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             x, self.loader_state = next(batches)  # (B, C, H, W) float32, normalised

@@ -34,7 +34,6 @@ from hsissl.storage import open_storage
 
 RANDOM_PREFIX = "random:"
 HEAD_FORMAT = "hsissl-head/1"
-LOSSES = ("ce", "focal")
 SHOWN_SCENES = 3  # scenes kept in predictions.npz for the report
 
 
@@ -162,7 +161,7 @@ def class_weights(class_pixels: list[int] | np.ndarray) -> torch.Tensor:
 
 def make_loss(ft: FinetuneConfig, weights: torch.Tensor | None) -> nn.Module:
     """CE (focal with gamma 0: identical, but 0 instead of NaN on an all-unlabelled batch) or
-    focal loss, both ignoring label 0."""
+    focal loss (``hsissl.config_rules.LOSSES``), both ignoring label 0."""
     gamma = ft.focal_gamma if ft.loss == "focal" else 0.0
     return FocalLoss(gamma=gamma, weight=weights, ignore_index=0)
 

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hsissl.config import BaselineConfig, Config, ConfigError
+from hsissl.config import Config
+from hsissl.config_rules import check_splits
 from hsissl.data.shards import ShardDataset
 from hsissl.layout import METRICS, MODEL, PREDICTIONS, dataset_uri, result_key, storage_of
 from hsissl.pretrain.runtime import setup
@@ -46,7 +47,7 @@ def run(cfg: Config) -> BaselineResult:
     """Train and evaluate the baseline; returns name, results/model URIs, mIoUs and seconds."""
     bc, start = cfg.baseline, time.perf_counter()
     dataset = ShardDataset(dataset_uri(cfg))
-    check_config(bc, dataset)
+    check_splits(dataset.splits, f"dataset {dataset.uri}", "baseline.eval_split", bc.eval_split)
     rt = setup(cfg.pretrain.device, cfg.seed, cfg.pretrain.deterministic)
     normalizer = dataset.normalizer  # from scratch: the data's own statistics
     batches = SceneBatches(dataset, "tr", bc.batch_size, bc.crop_size, seed=cfg.seed,
@@ -88,23 +89,6 @@ def run(cfg: Config) -> BaselineResult:
     return BaselineResult(bc.name, store.join(result_key(bc.name)),
                           store.join(result_key(bc.name, MODEL)), steps, tile_result["miou"],
                           scene_result["miou"], metrics["seconds"])  # fmt: skip
-
-
-def check_config(bc: BaselineConfig, dataset: ShardDataset) -> None:
-    """Refuse settings that would fail late (after training) with a message naming the key."""
-    if not bc.name:
-        raise ConfigError("baseline.name is empty; results go to results/<baseline.name>")
-    for key, split in (("training split", "tr"), ("baseline.eval_split", bc.eval_split)):
-        if split not in dataset.splits:
-            raise ConfigError(f"{key} {split!r} is not in dataset {dataset.uri} "
-                              f"(splits: {dataset.splits})")  # fmt: skip
-    if bc.batch_size < 2:  # ASPP's image-pooling BatchNorm sees one value per channel otherwise
-        raise ConfigError(f"baseline.batch_size={bc.batch_size}; DeepLabV3+ trains with >= 2")
-    if bc.crop_size < 0 or (0 < bc.crop_size < 32):
-        raise ConfigError(f"baseline.crop_size={bc.crop_size}; expected 0 (whole scenes) or >= 32")
-    if bc.max_steps < 0 or (bc.max_steps == 0 and bc.epochs <= 0):
-        raise ConfigError(f"baseline.max_steps={bc.max_steps}, baseline.epochs={bc.epochs}: "
-                          "need max_steps > 0 or epochs > 0")  # fmt: skip
 
 
 def _summary(prefix: str, result: dict[str, Any]) -> dict[str, float]:

@@ -36,12 +36,12 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from hsissl.config import Config, ConfigError, RealEvalConfig
+from hsissl.config_rules import refuse
 from hsissl.data import realdata
 from hsissl.data.geotiff import read_image, read_label
 from hsissl.data.normalize import Normalizer
 from hsissl.data.shards import ShardDataset
 from hsissl.layout import METRICS, dataset_uri, result_key, run_dir_of, storage_of
-from hsissl.models.heads import HEADS
 from hsissl.pretrain.checkpoint import build_encoder, load_encoder
 from hsissl.pretrain.trainer import pretrain
 from hsissl.report import real_table
@@ -61,7 +61,6 @@ from hsissl.tracking import stage_run
 
 log = logging.getLogger(__name__)
 NUM_LOGITS = 25
-METHODS = ("mae", "dinov2", "ssvit")
 
 
 def _recipe(method: str):
@@ -297,51 +296,36 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
 
 
 def check_config(rc: RealEvalConfig, root: Path) -> None:
-    """Fail before any work (pretraining takes the better part of an hour on a CPU) on an
-    unknown method or head, a head without a learning rate, or a scene that is unknown,
-    unlabelled or not below ``root``."""
-    for method in rc.methods:
-        if method not in METHODS:
-            raise ConfigError(f"real.methods: unknown method {method!r}; expected {list(METHODS)}")
-    for head in rc.heads:
-        if head != "probe" and head not in HEADS:
-            raise ConfigError(
-                f"real.heads: unknown head {head!r}; expected probe or one of {sorted(HEADS)}"
-            )
-        if head != "probe" and head not in rc.head_lr:
-            raise ConfigError(
-                f"real.head_lr has no learning rate for head {head!r} (has {sorted(rc.head_lr)})"
-            )
+    """Fail before any work (pretraining takes the better part of an hour on a CPU) on a scene
+    that is unknown, unlabelled or not below ``root`` (the config's own values, methods and
+    heads among them, were checked when it was loaded: ``hsissl.config_rules``)."""
     if not realdata.is_mat_folder(root):
         return _check_layout_scenes(rc, root)
     labelled = sorted(name for name, spec in realdata.SCENES.items() if realdata.is_labelled(spec))
-    for name in rc.scenes:
-        if name not in labelled:
-            raise ConfigError(f"real.scenes: {name!r} is not a labelled scene; expected some of "
-                              f"{labelled}")  # fmt: skip
-    if not realdata.is_mat_folder(root):
-        raise FileNotFoundError(f"real.source={rc.source!r} ({root}) holds none of the known .mat "
-                                f"scenes {sorted(realdata.SCENES)}")  # fmt: skip
     present = {p.stem for p in root.rglob("*.mat")}
-    for name in rc.scenes:
-        if Path(realdata.SCENES[name].file).stem not in present:
-            raise FileNotFoundError(f"real.scenes: {name!r} ({realdata.SCENES[name].file}) "
-                                    f"is not below real.source={rc.source!r} ({root})")  # fmt: skip
+    for i, name in enumerate(rc.scenes):
+        if name not in labelled:
+            raise refuse(f"real.scenes[{i}]", name, f"one of the labelled scenes {labelled}",
+                         str(root))  # fmt: skip
+        file = realdata.SCENES[name].file
+        if Path(file).stem not in present:
+            raise refuse(f"real.scenes[{i}]", name, f"its file {file} below real.source",
+                         str(root), missing=True)  # fmt: skip
 
 
 def _check_layout_scenes(rc: RealEvalConfig, root: Path) -> None:
     scenes = layout_scenes(root)
     if not scenes:
-        raise FileNotFoundError(
-            f"real.source={rc.source!r} ({root}) holds neither known .mat scenes "
-            f"{sorted(realdata.SCENES)} nor a WHU-OHS layout (<split>/image/*.tif, as written by "
-            "hsissl convert)"
-        )
-    for name in rc.scenes:
+        raise refuse("real.source", rc.source, f"a folder of the known .mat scenes "
+                     f"{sorted(realdata.SCENES)} or a WHU-OHS layout (<split>/image/*.tif, as "
+                     "written by hsissl convert)", str(root), missing=True)  # fmt: skip
+    for i, name in enumerate(rc.scenes):
         if name not in scenes:
-            raise ConfigError(f"real.scenes: {name!r} is not in {root}; found {sorted(scenes)}")
+            raise refuse(f"real.scenes[{i}]", name, f"one of the scenes found there "
+                         f"{sorted(scenes)}", str(root))  # fmt: skip
         if not read_label(scenes[name][1]).any():
-            raise ConfigError(f"real.scenes: {name!r} has no labelled pixel ({scenes[name][1]})")
+            raise refuse(f"real.scenes[{i}]", name, "a scene with labelled pixels",
+                         str(scenes[name][1]))  # fmt: skip
 
 
 def run(cfg: Config) -> EvaluateRealResult:

@@ -22,16 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from hsissl import registry
-from hsissl.config import Config, ConfigError, FinetuneConfig
+from hsissl import config_rules, registry
+from hsissl.config import Config, ConfigError
+from hsissl.config_rules import check_splits
 from hsissl.data.shards import ShardDataset
 from hsissl.layout import HEAD, METRICS, PREDICTIONS, dataset_uri, result_key, storage_of
 from hsissl.models import MODELS
-from hsissl.models.heads import HEADS
 from hsissl.pretrain.runtime import setup
 from hsissl.segment.finetune import (
     HEAD_FORMAT,
-    LOSSES,
     RANDOM_PREFIX,
     SegmentationModel,
     build_head,
@@ -57,7 +56,8 @@ def run(cfg: Config) -> FinetuneResult:
     """
     ft, start = cfg.finetune, time.perf_counter()
     dataset = ShardDataset(dataset_uri(cfg))
-    check_config(ft, dataset)
+    config_rules.require(cfg, "finetune")
+    check_splits(dataset.splits, f"dataset {dataset.uri}", "finetune.eval_split", ft.eval_split)
     store = storage_of(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a head on frozen features is light
         raise ConfigError(
@@ -217,25 +217,6 @@ def resolve_encoder(uri: str, store: Storage) -> str:
         f"{given}: no such file; looked for {path.absolute()} and for key {uri!r} in the "
         f"artifact store ({store.join(uri)})"
     )
-
-
-def check_config(ft: FinetuneConfig, dataset: ShardDataset) -> None:
-    """Refuse settings that would fail late (after training) with a message naming the key."""
-    if not ft.encoder:
-        raise ConfigError(
-            "finetune.encoder is empty; give an encoder record URI "
-            "(…/checkpoints/<name>/encoder.pt), a registered version "
-            "(models:/<name>/<version> or models:/<name>@<alias>) or random:<model factory>"
-        )
-    if ft.head not in HEADS:
-        raise ConfigError(f"finetune.head={ft.head!r}; expected one of {sorted(HEADS)}")
-    if ft.loss not in LOSSES:
-        raise ConfigError(f"finetune.loss={ft.loss!r}; expected one of {list(LOSSES)}")
-    for key, split in (("training split", "tr"), ("finetune.eval_split", ft.eval_split)):
-        if split not in dataset.splits:
-            raise ConfigError(
-                f"{key} {split!r} is not in dataset {dataset.uri} (splits: {dataset.splits})"
-            )
 
 
 def summary(prefix: str, result: dict[str, Any]) -> dict[str, float]:

@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from hsissl.config import Config, ConfigError, DataConfig, MAEConfig, PCAConfig
+from hsissl.config import Config, DataConfig, MAEConfig, PCAConfig
+from hsissl.config_rules import refuse
 from hsissl.data.loaders import TileBatches, bind
 from hsissl.data.normalize import Normalizer
-from hsissl.data.ohs import BAND_CENTRES_NM, NUM_BANDS
+from hsissl.data.ohs import BAND_CENTRES_NM
 from hsissl.data.shards import ShardDataset, SplitView
 from hsissl.layout import METRICS, TRAIN_STATE, dataset_uri, result_key, storage_of
 from hsissl.pca import PCA, fit_pca, make_decoder, project, reconstruct, sample_pixels
@@ -49,7 +50,7 @@ def run(cfg: Config) -> PCAResult:
     pc = cfg.pca
     rt = setup(cfg.pretrain.device, cfg.seed, cfg.pretrain.deterministic)
     dataset = ShardDataset(dataset_uri(cfg))
-    check_config(pc)
+    check_bands(pc, dataset)
     normalizer = dataset.normalizer
     mae = load_mae(pc.encoder, dataset, rt) if pc.encoder else None  # fails early if unusable
     with stage_run(cfg, "pca-poc") as tracker:
@@ -106,17 +107,13 @@ def run(cfg: Config) -> PCAResult:
     return PCAResult(_results_uri(cfg), metrics["explained_variance"], metrics["mean_mse"])
 
 
-def check_config(pc: PCAConfig) -> None:
-    """Refuse settings that cannot work, naming the key (before any work is done)."""
-    if not pc.name:
-        raise ConfigError("pca.name is empty; results go to results/<pca.name>")
-    if not 1 <= pc.components <= NUM_BANDS:
-        raise ConfigError(f"pca.components={pc.components}; expected 1..{NUM_BANDS}")
-    if pc.fit_pixels < max(2, pc.components):
-        raise ConfigError(f"pca.fit_pixels={pc.fit_pixels}; expected >= {max(2, pc.components)}")
-    if pc.decoder_steps < 0 or pc.batch_size < 1 or pc.lr <= 0:
-        raise ConfigError(f"pca.decoder_steps={pc.decoder_steps}, pca.batch_size={pc.batch_size}, "
-                          f"pca.lr={pc.lr}; expected >= 0, >= 1 and > 0")  # fmt: skip
+def check_bands(pc: PCAConfig, dataset: ShardDataset) -> None:
+    """Refuse more components than the dataset has bands (before any work is done); the
+    config's own values were checked when it was loaded (``hsissl.config_rules``)."""
+    bands = dataset.normalizer.bands
+    if pc.components > bands:
+        raise refuse("pca.components", pc.components, f"1..{bands} (its bands)",
+                     f"dataset {dataset.uri}")  # fmt: skip
 
 
 def _results_uri(cfg: Config) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from hsissl.config import Config, ConfigError
+from hsissl.config import Config
 from hsissl.data.ohs import BAND_CENTRES_NM, CLASS_NAMES, REFLECTANCE_SCALE
 from hsissl.layout import (
     REPORT_HTML,
@@ -59,8 +59,6 @@ class NotRun(Exception):
 def run(cfg: Config) -> ReportResult:
     """Build and write the report; returns html_uri, markdown_uri, runs, sections, mismatches."""
     rc = cfg.report
-    if not rc.name or "/" in rc.name:
-        raise ConfigError(f"report.name={rc.name!r}; expected a non-empty folder name without '/'")
     start = time.perf_counter()
     store = storage_of(cfg)
     with stage_run(cfg, "report") as tracker:
