@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from components.runtime import call_stage, publish, setup_logging
+from components.artifacts import publish
+from components.runtime import call_stage, setup_logging
 from hsissl.presets import stage_config
 from hsissl.stages.results import IngestResult
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from components.runtime import dataset_wiring, log_metrics, publish, uri_of
+from components.artifacts import log_metrics, publish, uri_of
 from hsissl import tracking_lineage as lineage
 from hsissl.layout import checkpoint_name
-from hsissl.presets import stage_config
+from hsissl.presets import dataset_wiring, stage_config
 from hsissl.stages.results import PretrainResult
 
 

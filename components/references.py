@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from components.runtime import publish, setup_logging
+from components.artifacts import publish
+from components.runtime import setup_logging
 from hsissl.layout import ENCODER, checkpoint_key, checkpoint_name, dataset_uri, storage_of
 from hsissl.presets import stage_config
 

@@ -7,7 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from components.runtime import call_stage, close_lineage, fetch, setup_logging
+from components.artifacts import fetch
+from components.runtime import call_stage, close_lineage, setup_logging
 from hsissl import tracking_lineage as lineage
 from hsissl.presets import stage_config
 

@@ -21,7 +21,7 @@ import pytest
 from kfp.dsl import HTML, ClassificationMetrics, Markdown
 from mlflow.tracking import MlflowClient
 
-from components import references, report_task, runtime
+from components import artifacts, references, report_task, runtime
 from components.baseline_deeplabv3plus import baseline_deeplabv3plus
 from components.finetune_heads import finetune_heads
 from hsissl import registry
@@ -62,7 +62,7 @@ def test_confusion_matrix_has_the_whu_ohs_classes_and_the_scene_counts(tmp_path)
                     json.dumps({"scene": {"matrix": matrix}}).encode())  # fmt: skip
     artifact = ClassificationMetrics(name="confusion_matrix", uri=str(tmp_path / "kfp" / "cm"))
 
-    runtime.log_confusion(artifact, store.join("results/finetune-mae-linear"))
+    artifacts.log_confusion(artifact, store.join("results/finetune-mae-linear"))
 
     spec = artifact.metadata["confusionMatrix"]
     assert [a["displayName"] for a in spec["annotationSpecs"]] == list(CLASS_NAMES[1:])

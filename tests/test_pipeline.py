@@ -316,8 +316,8 @@ def test_several_gpus_in_a_pod_run_the_stage_under_torchrun() -> None:
 
 
 def test_the_in_pod_helper_needs_no_kfp() -> None:
-    code = ("import sys, components.runtime, components.references, components.report_task, "
-            "components.torchrun; "
+    code = ("import sys, components.runtime, components.artifacts, components.references, "
+            "components.report_task, components.ingest_task; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('kfp', 'kubernetes')))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

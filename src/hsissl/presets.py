@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hsissl.config import Config, ConfigError, load_config
+from hsissl.layout import split_dataset_uri
 
 CONFIG_DIR_ENV = "HSISSL_CONFIG_DIR"
 
@@ -58,3 +59,9 @@ def managed_overrides(wiring: dict[str, Any]) -> list[str]:
 def stage_config(preset: str, overrides: list[str], wiring: dict[str, Any] | None = None) -> Config:
     """The stage's Config; ``wiring`` entries whose value is None or "" are left out."""
     return load_config(resolve_preset(preset), [*overrides, *managed_overrides(wiring or {})])
+
+
+def dataset_wiring(dataset_uri: str) -> dict[str, str]:
+    """``<root>/datasets/<name>`` -> storage root and dataset name, so a stage reads exactly it."""
+    root, name = split_dataset_uri(dataset_uri)
+    return {"storage.uri": root, "data.name": name}
