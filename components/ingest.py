@@ -19,7 +19,7 @@ def ingest(
     """Ingest ``source``: s3://bucket/prefix, a folder in the pod (``data_pvc``, mounted when
     ``pvc_mounted``), or "generated" ("" too, outside a cluster); ``dataset`` points at the
     shards."""
-    from components import runtime
+    from components import ingest_task
 
-    runtime.check_claim(data_pvc, pvc_mounted)
-    runtime.ingest(source, preset, overrides, storage_uri, tracking_uri, dataset)
+    ingest_task.check_claim(data_pvc, pvc_mounted)
+    ingest_task.ingest(source, preset, overrides, storage_uri, tracking_uri, dataset)

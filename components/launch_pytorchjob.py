@@ -35,7 +35,8 @@ def launch_pytorchjob(
     ``namespace`` "" = the pod's; ``timeout_s``: then the job is deleted (its checkpoints stay)."""
     from pipelines import launcher
 
-    launcher.launch(method, dataset, preset, overrides, tracking_uri, epochs, max_steps,
-                    kfp_run_id, nodes, gpus_per_node, gpu_type, options, namespace, timeout_s,
-                    encoder, metrics, node_selector=gpu_node_selector,
-                    tolerations=gpu_tolerations)  # fmt: skip
+    request = launcher.LaunchRequest(method, dataset, preset, overrides, tracking_uri, epochs,
+                                     max_steps, kfp_run_id, nodes, gpus_per_node, gpu_type,
+                                     options, namespace, timeout_s, gpu_node_selector,
+                                     gpu_tolerations)  # fmt: skip
+    launcher.launch(request, encoder, metrics)

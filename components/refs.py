@@ -8,9 +8,9 @@ from components.base import cpu_component
 @cpu_component
 def dataset_ref(uri: str, preset: str, overrides: list, storage_uri: str, dataset: Output[Dataset]):
     """A committed dataset (``uri``, or the one the config names) as a Dataset artifact."""
-    from components import runtime
+    from components import references
 
-    runtime.dataset_ref(uri, preset, overrides, storage_uri, dataset)
+    references.dataset_ref(uri, preset, overrides, storage_uri, dataset)
 
 
 @cpu_component
@@ -25,6 +25,6 @@ def encoder_ref(
 ):
     """An encoder record (``uri``, ``random:<factory>``, or what pretraining ``method`` wrote in
     pipeline run ``source_run_id``) as a Model artifact."""
-    from components import runtime
+    from components import references
 
-    runtime.encoder_ref(uri, preset, overrides, storage_uri, method, source_run_id, encoder)
+    references.encoder_ref(uri, preset, overrides, storage_uri, method, source_run_id, encoder)

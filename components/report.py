@@ -18,7 +18,7 @@ def report(
 ):
     """The pipeline's exit task: runs after every stage (also after a failure, reporting what
     finished) and marks the MLflow parent run with the pipeline's final state."""
-    from components import runtime
+    from components import report_task
 
-    runtime.report(preset, overrides, storage_uri, tracking_uri, kfp_run_id, status.state, html,
-                   markdown)  # fmt: skip
+    report_task.report(preset, overrides, storage_uri, tracking_uri, kfp_run_id, status.state,
+                       html, markdown)  # fmt: skip

@@ -256,6 +256,8 @@ def _compile(args: argparse.Namespace) -> int:
 
 def _print_local(run) -> int:
     """The run's id, status, record folder, MLflow parent run and where each output points."""
+    from hsissl.layout import REPORT_HTML
+
     outputs = {
         task: {name: a["metadata"]["uri"] for name, a in t["artifacts"].items() if "uri" in a["metadata"]}
         for task, t in run.tasks.items()
@@ -265,7 +267,7 @@ def _print_local(run) -> int:
                "outputs": {task: uris for task, uris in outputs.items() if uris}}  # fmt: skip
     print(json.dumps(summary, indent=1))
     # A plain last line for people: where to look now.
-    report = Path(run.record_dir).parent.parent / "report" / "report.html"  # <run_dir>/report
+    report = Path(run.record_dir).parent.parent / "report" / REPORT_HTML  # <run_dir>/report
     shown = os.path.relpath(report) if report.is_relative_to(Path.cwd()) else str(report)
     if run.status == "SUCCEEDED" and report.is_file():
         print(f"\nDone. The report is {shown}: open it in a browser.")

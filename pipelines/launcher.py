@@ -22,10 +22,18 @@ import logging
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from components import runtime
+from components.pretrain_task import pretrain_config, publish_pretrain
+from hsissl import tracking_lineage as lineage
+from hsissl.layout import TRAIN_STATE, checkpoint_key, storage_of
+from hsissl.presets import managed_overrides, resolve_preset
+from hsissl.stages.pretrained import stored_result
+from hsissl.stages.results import PretrainResult
+from hsissl.tracking import PARENT_RUN_ENV
 from pipelines.multinode import PYTORCHJOB, JobKind, TrainingJobError, detect, kind_of
 from pipelines.options import PipelineOptions
 
@@ -236,45 +244,61 @@ def wait(api: Any, namespace: str, name: str, timeout_s: float, poll_s: float = 
         interval = min(interval * 2, poll_s)
 
 
-def launch(method: str, dataset: Any, preset: str, overrides: list[str], tracking_uri: str,
-           epochs: float, max_steps: int, kfp_run_id: str, nodes: int, gpus_per_node: int,
-           gpu_type: str, options: str, namespace: str, timeout_s: float, encoder: Any,
-           metrics: Any, *, api: Any = None, poll_s: float = 30.0,
-           node_selector: dict[str, str] | None = None,
-           tolerations: list[dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Pretrain ``method`` as a TrainJob or PyTorchJob (``options.multi_node_api``, default:
-    what the cluster serves) of ``nodes`` x ``gpus_per_node`` and publish its encoder and
-    metrics like ``components.runtime.pretrain``. ``options``: the compile-time
-    :class:`PipelineOptions` as JSON; ``node_selector``/``tolerations``: the run's GPU
-    placement (None: the options'); ``api``: a CustomObjectsApi (default: :func:`connect`)."""
+@dataclass
+class LaunchRequest:
+    """One multi-node pretraining, as the launch-pytorchjob task's parameters give it."""
+
+    method: str  # mae | dinov2 | ssvit
+    dataset: Any  # the Dataset input artifact
+    preset: str
+    overrides: list[str]
+    tracking_uri: str
+    epochs: float  # 0: the preset's
+    max_steps: int  # 0: the preset's
+    kfp_run_id: str
+    nodes: int
+    gpus_per_node: int
+    gpu_type: str  # the resource name, e.g. nvidia.com/gpu
+    options: str  # the compile-time PipelineOptions as JSON
+    namespace: str = ""  # "": this pod's
+    timeout_s: float = 7 * 24 * 3600.0  # then the job is deleted (its checkpoints stay)
+    node_selector: dict[str, str] | None = None  # the run's GPU placement; None: the options'
+    tolerations: list[dict[str, Any]] | None = None
+
+
+def launch(request: LaunchRequest, encoder: Any, metrics: Any, *, api: Any = None,
+           poll_s: float = 30.0) -> PretrainResult:  # fmt: skip
+    """Pretrain as a TrainJob or PyTorchJob (``options.multi_node_api``, default: what the
+    cluster serves) of ``nodes`` x ``gpus_per_node`` and publish its encoder and metrics like
+    ``components.runtime.pretrain``; ``api``: a CustomObjectsApi (default: :func:`connect`)."""
+    r = request
     runtime.setup_logging()
-    cfg, wiring = runtime.pretrain_config(method, dataset, preset, overrides, tracking_uri,
-                                          epochs, max_steps, kfp_run_id)  # fmt: skip
-    run_id = runtime.run_id(kfp_run_id)
-    opts = PipelineOptions.from_json(options).placed(node_selector, tolerations)
-    parent = runtime.join_lineage(cfg, kfp_run_id)  # the job's MLflow run nests under it too
-    preset_path = runtime.resolve_preset(preset)
-    namespace = current_namespace(namespace)
+    cfg, wiring = pretrain_config(r.method, r.dataset, r.preset, r.overrides,
+                                          r.tracking_uri, r.epochs, r.max_steps, r.kfp_run_id)  # fmt: skip
+    run_id = lineage.pipeline_run_id(r.kfp_run_id)
+    opts = PipelineOptions.from_json(r.options).placed(r.node_selector, r.tolerations)
+    parent = lineage.join_parent_run(cfg, r.kfp_run_id)  # the job's MLflow run nests under it
+    preset_path = resolve_preset(r.preset)
+    namespace = current_namespace(r.namespace)
     api = api or connect()
     kind = detect(api, opts.multi_node_api)
     extra = {"runtime": opts.trainjob_runtime} if kind.key == "trainjob" else {}
     manifest = kind.build(
-        f"pretrain-{method}", [*overrides, *runtime.managed_overrides(wiring)], nodes=nodes,
-        gpus_per_node=gpus_per_node, name=job_name(cfg.pretrain.name, run_id),
+        f"pretrain-{r.method}", [*r.overrides, *managed_overrides(wiring)], nodes=r.nodes,
+        gpus_per_node=r.gpus_per_node, name=job_name(cfg.pretrain.name, run_id),
         namespace=namespace, local_preset=preset_path, opts=opts,
         service_account=opts.pytorchjob_service_account, run_id=run_id,
-        config=str(preset_path) if preset_path else "", gpu_type=gpu_type,
-        extra_env={runtime.PARENT_RUN_ENV: parent} if parent else {}, **extra,
+        config=str(preset_path) if preset_path else "", gpu_type=r.gpu_type,
+        extra_env={PARENT_RUN_ENV: parent} if parent else {}, **extra,
     )  # fmt: skip
     kind.validate(manifest)
-    from hsissl.stages.common import storage_of
-
-    had_checkpoint = storage_of(cfg).exists(f"checkpoints/{cfg.pretrain.name}/train.pt")
+    store = storage_of(cfg)
+    had_checkpoint = store.exists(checkpoint_key(cfg.pretrain.name, TRAIN_STATE))
     name = manifest["metadata"]["name"]
     _, adopted = create_or_adopt(api, namespace, manifest)
     log.info("%s %s/%s: %d node(s) x %d GPU(s), checkpoints in %s", kind.kind, namespace, name,
-             nodes, gpus_per_node, storage_of(cfg).join(f"checkpoints/{cfg.pretrain.name}"))  # fmt: skip
-    wait(api, namespace, name, timeout_s, poll_s, kind=kind)
-    result = runtime.stored_pretrain_result(cfg, resumed=adopted or had_checkpoint)
-    runtime.publish_pretrain(method, result, encoder, metrics)
+             r.nodes, r.gpus_per_node, store.join(checkpoint_key(cfg.pretrain.name)))  # fmt: skip
+    wait(api, namespace, name, r.timeout_s, poll_s, kind=kind)
+    result = stored_result(cfg, resumed=adopted or had_checkpoint)
+    publish_pretrain(r.method, result, encoder, metrics)
     return result

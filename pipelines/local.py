@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from hsissl.config import load_config
+from hsissl.layout import PIPELINE_RUNS, default_store, pipeline_runs
 from pipelines.dag import (
     CONTROL_ENCODER,
     PIPELINE_NAME,
@@ -33,9 +34,8 @@ from pipelines.dag import (
 )
 from pipelines.options import PipelineOptions
 
-RUNS_FOLDER = "pipeline-runs"
 RECORD = "run.json"
-LATEST = "latest"  # in RUNS_FOLDER: the id of the newest full-DAG run with a dataset
+LATEST = "latest"  # in PIPELINE_RUNS: the id of the newest full-DAG run with a dataset
 CACHE_FOLDER = ".kfp-cache"  # kfp.local's task cache, beside the run records
 DATASET_TASKS = ("ingest", "dataset-ref")  # a full run's dataset, a rerun's reference to it
 # Python types of KFP parameter types (component_spec.inputs[...].type)
@@ -106,7 +106,7 @@ class LocalRun:
                 return self.store_uri(task, "dataset")
         raise RunRecordError(f"{self.describe()}: no dataset: no task {' or '.join(DATASET_TASKS)} "
                              f"with output 'dataset' (tasks: {sorted(self.tasks)}); pass the record folder "
-                             f"of a run that has one, <run_dir>/{RUNS_FOLDER}/<id>")  # fmt: skip
+                             f"of a run that has one, <run_dir>/{PIPELINE_RUNS}/<id>")  # fmt: skip
 
     def encoder_uri(self, method: str) -> str:
         """The encoder that ``pretrain-<method>`` of this run wrote."""
@@ -155,7 +155,7 @@ def local_arguments(config: str | Path | None, overrides: list[str]) -> dict[str
     return {
         "preset": str(Path(config).resolve()) if config else "",
         "overrides": [*overrides, f"run_dir={json.dumps(str(run_dir))}"],
-        "storage_uri": cfg.storage.uri or str(run_dir / "artifacts"),
+        "storage_uri": cfg.storage.uri or str(default_store(run_dir)),
         "tracking_uri": tracking.resolve_uri(cfg.tracking.uri, run_dir),
     }
 
@@ -190,7 +190,7 @@ def execute(pipeline_func: Callable, arguments: dict[str, Any], run_id: str | No
 
     check_arguments(pipeline_func, arguments)
     run_id = run_id or new_run_id()
-    record_dir = run_dir_of(arguments) / RUNS_FOLDER / run_id
+    record_dir = pipeline_runs(run_dir_of(arguments)) / run_id
     record_dir.mkdir(parents=True, exist_ok=True)
     earlier_jobs = set((record_dir / "kfp").glob("*"))  # a resumed run id reuses its folder
     run = LocalRun(run_id, pipeline_func.name, str(record_dir), arguments,
@@ -273,11 +273,11 @@ def load_run(where: str | Path) -> LocalRun:
     elif (path / RECORD).is_file():
         record = path / RECORD
     else:
-        runs = path if (path / LATEST).is_file() else path / RUNS_FOLDER
+        runs = path if (path / LATEST).is_file() else pipeline_runs(path)
         if not (runs / LATEST).is_file():
             raise FileNotFoundError(
                 f"no local pipeline run record at {path}: expected a record folder with {RECORD}, "
-                f"the file itself, or a run folder with {RUNS_FOLDER}/{LATEST} (written when a full "
+                f"the file itself, or a run folder with {PIPELINE_RUNS}/{LATEST} (written when a full "
                 "run, hsissl-pipeline run-local, has produced its dataset)"
             )
         record = runs / (runs / LATEST).read_text().strip() / RECORD
@@ -319,11 +319,12 @@ def _collect_outputs(pipeline_root: Path, earlier_jobs: set[Path]) -> dict[str, 
 
 
 def _parent_run(arguments: dict[str, Any], run_id: str) -> str | None:
-    from components import runtime
+    from hsissl.presets import stage_config
+    from hsissl.tracking_lineage import find_parent_run
 
     try:
-        cfg = runtime.stage_config(arguments["preset"], arguments["overrides"],
-                                   {"tracking.uri": arguments["tracking_uri"]})  # fmt: skip
-        return runtime.find_parent_run(cfg, run_id)
+        cfg = stage_config(arguments["preset"], arguments["overrides"],
+                           {"tracking.uri": arguments["tracking_uri"]})  # fmt: skip
+        return find_parent_run(cfg, run_id)
     except Exception:  # the record is still useful without it (e.g. MLflow went away)
         return None

@@ -11,6 +11,7 @@ import torch
 
 from hsissl.config import ConfigError, load_config
 from hsissl.data.shards import ShardDataset
+from hsissl.layout import storage_of
 from hsissl.segment.baseline import (
     DeepLabV3PlusAux,
     SceneBatches,
@@ -20,7 +21,6 @@ from hsissl.segment.baseline import (
 from hsissl.segment.finetune import predict
 from hsissl.segment.scenes import load_scene
 from hsissl.stages import baseline, ingest
-from hsissl.stages.common import storage_of
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "test_resnet"  # timm's test-sized ResNet (deep 3x3 stem, narrow stages): fast on CPU

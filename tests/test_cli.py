@@ -8,6 +8,7 @@ import importlib
 import pytest
 
 from hsissl import cli
+from hsissl.stages.results import FinetuneResult
 
 
 def patch_stage(monkeypatch: pytest.MonkeyPatch, stage: str, exc: BaseException) -> None:
@@ -85,7 +86,8 @@ def test_report_with_missing_inputs_is_written_but_exits_2(tmp_path, capsys):
 def test_overrides_may_follow_flags(monkeypatch, tmp_path):
     seen = {}
     module = importlib.import_module("hsissl.stages.finetune")
-    monkeypatch.setattr(module, "run", lambda cfg, **kw: seen.setdefault("cfg", cfg) and {})
+    done = FinetuneResult("x", "results/x", "results/x/head.pt", None, None, 0.0)
+    monkeypatch.setattr(module, "run", lambda cfg, **kw: seen.setdefault("cfg", cfg) and done)
     argv = ["finetune", f"run_dir={tmp_path}", "--head", "conv", "finetune.max_steps=5",
             "--encoder", "random:vit_tiny_patch8_64", "finetune.lr=0.01"]  # fmt: skip
     assert cli.main(argv) == 0

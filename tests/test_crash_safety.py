@@ -94,7 +94,7 @@ def test_s3_killed_during_reingest_never_loses_the_committed_dataset(
     killable_s3, s3_cfgs, monkeypatch, tmp_path
 ) -> None:
     first = ingest.run(s3_cfgs[0])
-    uri = first["dataset_uri"]
+    uri = first.dataset_uri
     counts = []
     for cfg in (s3_cfgs[1], s3_cfgs[0]):  # mutating operations of a re-ingest with each setting
         with monkeypatch.context() as m:
@@ -131,10 +131,10 @@ def test_s3_killed_during_reingest_never_loses_the_committed_dataset(
         assert _check_dataset(uri, tmp_path / f"c{trial}c")["config"]["shard_tiles"] == (
             s3_cfgs[target].data.shard_tiles
         )
-        assert rerun["manifest"]["fingerprint"] != before
+        assert rerun.manifest["fingerprint"] != before
         # After the fault: the old dataset, or the new one if the fault came after its commit
         # point (a failed clean-up) -- never neither, never a mix (sha256 checked above).
-        assert after["fingerprint"] in (before, rerun["manifest"]["fingerprint"])
+        assert after["fingerprint"] in (before, rerun.manifest["fingerprint"])
         if failed and after["fingerprint"] != before:
             print(f"kill point {n}: failed after the commit point (clean-up)")
         current = target

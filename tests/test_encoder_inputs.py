@@ -13,6 +13,7 @@ import torch
 from hsissl import cli
 from hsissl.config import ConfigError, load_config
 from hsissl.data.normalize import Normalizer
+from hsissl.layout import storage_of
 from hsissl.pretrain import checkpoint
 from hsissl.pretrain.checkpoint import CheckpointError
 from hsissl.pretrain.dinov2 import DINOv2Recipe
@@ -20,7 +21,6 @@ from hsissl.pretrain.mae import MAERecipe
 from hsissl.pretrain.ssvit import SSViTRecipe
 from hsissl.segment.finetune import random_encoder
 from hsissl.stages import ingest
-from hsissl.stages.common import storage_of
 from hsissl.stages.finetune import resolve_encoder
 from hsissl.storage import open_storage
 

@@ -15,6 +15,7 @@ from hsissl.config import ConfigError, load_config
 from hsissl.data.geotiff import read_image, read_label
 from hsissl.data.normalize import Normalizer, NormalizerMismatch
 from hsissl.data.shards import ShardDataset
+from hsissl.layout import dataset_uri, storage_of
 from hsissl.pretrain import checkpoint
 from hsissl.pretrain.mae import MAERecipe
 from hsissl.pretrain.runtime import setup
@@ -34,7 +35,6 @@ from hsissl.segment.finetune import (
 )
 from hsissl.segment.scenes import load_scene, rgb_composite
 from hsissl.stages import finetune, ingest
-from hsissl.stages.common import dataset_uri, storage_of
 
 REPO = Path(__file__).resolve().parents[1]
 # mmsegmentation's ImageNet RGB statistics (pixel units) repeated over the 32 bands: what the
@@ -233,7 +233,7 @@ def test_linear_head_learns_and_swapped_normalisation_collapses(run_dir, encoder
     # stride = tile (the default is 32, overlapping): windows are the stored tiles, see below
     result = finetune.run(cfg_for(run_dir, **{"finetune.encoder": uri, "finetune.eval_stride": 64}))
     name = "finetune-mae-linear" if encoder == "mae" else "finetune-random-linear"
-    assert result["name"] == name
+    assert result.name == name
     metrics, _ = results(run_dir, name)
     assert metrics["encoder"]["uri"] == (mae_uri(run_dir) if encoder == "mae" else encoder)
     assert metrics["config"]["eval_blend"] == "gaussian"  # recorded for the report's label
@@ -245,7 +245,7 @@ def test_linear_head_learns_and_swapped_normalisation_collapses(run_dir, encoder
     moved = np.abs(np.subtract(metrics["scene"]["matrix"], metrics["tile"]["matrix"])).sum()
     assert moved <= 0.002 * metrics["tile"]["pixels"]  # other batches: float near-ties only
 
-    model, normalizer, record = load_segmentation_model(result["head_uri"])
+    model, normalizer, record = load_segmentation_model(result.head_uri)
     assert record["normalizer"]["fingerprint"] == metrics["normalizer"] == normalizer.fingerprint
     rt = setup("cpu")
     again = evaluate_tiles(model, normalizer, dataset.split("ts"), rt, batch_size=8).compute()
@@ -293,7 +293,7 @@ def test_results_follow_the_contract_for_ssvit_records_and_random_encoders(run_d
                 },
             )
         )
-        assert out["name"] == name
+        assert out.name == name
         metrics, arrays = results(run_dir, name)
         assert metrics["kind"] == "finetune" and metrics["head"] == head
         assert metrics["encoder"]["uri"] == uri and metrics["dataset"] == dataset.uri
@@ -308,6 +308,6 @@ def test_results_follow_the_contract_for_ssvit_records_and_random_encoders(run_d
         assert arrays["pred"].dtype == arrays["label"].dtype == arrays["rgb"].dtype == np.uint8
         assert arrays["pred"].min() >= 1  # unlabelled is never predicted
         assert np.array_equal(arrays["label"][0], load_scene(dataset, "ts", 0).label)
-        model, _, _ = load_segmentation_model(out["head_uri"])
+        model, _, _ = load_segmentation_model(out.head_uri)
         again = evaluate_tiles(model, dataset.normalizer, dataset.split("ts"), setup("cpu"), 8)
         assert again.compute()["matrix"] == metrics["tile"]["matrix"]

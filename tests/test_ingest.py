@@ -15,8 +15,8 @@ from hsissl.data.geotiff import read_image, read_label, write_label
 from hsissl.data.scenes import DataContractError
 from hsissl.data.shards import ShardDataset, verify_file
 from hsissl.data.tiling import untile
+from hsissl.layout import storage_of
 from hsissl.stages import ingest
-from hsissl.stages.common import storage_of
 
 
 def scenes_of(root: Path, split: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -26,8 +26,8 @@ def scenes_of(root: Path, split: str) -> dict[str, tuple[np.ndarray, np.ndarray]
 
 def test_ingest_writes_shards_that_give_back_every_scene(tiny_cfg, whu_root):
     result = ingest.run(tiny_cfg)
-    manifest = result["manifest"]
-    ds = ShardDataset(result["dataset_uri"], verify=True)  # checksums verified on open
+    manifest = result.manifest
+    ds = ShardDataset(result.dataset_uri, verify=True)  # checksums verified on open
     assert ds.splits == ["tr", "va", "ts"]
     tr = ds.split("tr")
     assert len(tr) == manifest["splits"]["tr"]["tiles"] == 3 * 4
@@ -46,7 +46,7 @@ def test_ingest_writes_shards_that_give_back_every_scene(tiny_cfg, whu_root):
 
 
 def test_band_stats_and_normalizer_come_from_the_training_split_only(tiny_cfg, whu_root):
-    manifest = ingest.run(tiny_cfg)["manifest"]
+    manifest = ingest.run(tiny_cfg).manifest
     pixels = np.concatenate(
         [img.reshape(32, -1) for img, _ in scenes_of(whu_root, "tr").values()], axis=1
     )
@@ -61,7 +61,7 @@ def test_manifest_records_checksums_config_and_sources(tiny_cfg):
     result = ingest.run(tiny_cfg)
     store = storage_of(tiny_cfg)
     manifest = json.loads(store.get_bytes("datasets/whu-ohs/manifest.json"))
-    assert manifest == result["manifest"]
+    assert manifest == result.manifest
     assert manifest["config"]["tile_size"] == 64 and manifest["bands"] == 32
     for shard in manifest["splits"]["va"]["shards"]:
         for entry in shard["files"].values():
@@ -77,12 +77,12 @@ def test_ingest_is_idempotent_and_redoes_work_when_the_config_changes(tiny_cfg, 
     shard = storage_of(tiny_cfg).local_path("datasets/whu-ohs/tr/images-00000.npy")
     stamp = shard.stat().st_mtime_ns
     again = ingest.run(tiny_cfg)
-    assert again["reused"] and again["manifest"] == first["manifest"]
+    assert again.reused and again.manifest == first.manifest
     assert shard.stat().st_mtime_ns == stamp
     cfg32 = load_config(None, [f"run_dir={tiny_cfg.run_dir}", f"data.source={tiny_cfg.data.source}",
                                "data.scene_size=128", "data.tile_size=32", "data.stride=32"])  # fmt: skip
     changed = ingest.run(cfg32)
-    assert not changed["reused"] and changed["manifest"]["splits"]["tr"]["tiles"] == 3 * 16
+    assert not changed.reused and changed.manifest["splits"]["tr"]["tiles"] == 3 * 16
     keys = storage_of(cfg32).list("datasets/whu-ohs")
     assert len([k for k in keys if "/tr/images-" in k]) == 1  # old shards replaced, not mixed
 
@@ -94,7 +94,7 @@ def test_drop_unlabelled_tiles(tiny_cfg, whu_root):
     write_label(label_path, label, transform=None)
     cfg = load_config(None, [f"run_dir={tiny_cfg.run_dir}", f"data.source={whu_root}", "data.scene_size=128",
                              "data.drop_unlabelled=true", "data.splits=[tr]"])  # fmt: skip
-    manifest = ingest.run(cfg)["manifest"]
+    manifest = ingest.run(cfg).manifest
     assert manifest["splits"]["tr"]["tiles"] == 3 * 4 - 1
 
 
@@ -131,9 +131,9 @@ def test_ingest_into_s3_and_read_back(tiny_cfg, s3_bucket, tmp_path):
     cfg = load_config(None, [f"run_dir={tiny_cfg.run_dir}", f"data.source={tiny_cfg.data.source}",
                              "data.scene_size=128", "data.shard_tiles=5", f"storage.uri={s3_bucket}/store"])  # fmt: skip
     result = ingest.run(cfg)
-    assert result["dataset_uri"] == f"{s3_bucket}/store/datasets/whu-ohs"
-    ds = ShardDataset(result["dataset_uri"], cache_dir=tmp_path / "cache", verify=True)
-    local = ShardDataset(ingest.run(tiny_cfg)["dataset_uri"])
+    assert result.dataset_uri == f"{s3_bucket}/store/datasets/whu-ohs"
+    ds = ShardDataset(result.dataset_uri, cache_dir=tmp_path / "cache", verify=True)
+    local = ShardDataset(ingest.run(tiny_cfg).dataset_uri)
     a, b = ds.split("tr").get([0, 5, 11]), local.split("tr").get([0, 5, 11])
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
@@ -158,10 +158,10 @@ def test_ingest_real_mat_scenes(shared_data, tmp_path):
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.source={shared_data}", "data.name=real",
                              "data.tile_size=32", "data.stride=32"])  # fmt: skip
     result = ingest.run(cfg)
-    manifest = result["manifest"]
+    manifest = result.manifest
     assert list(manifest["splits"]) == ["tr"] and manifest["config"]["scene_size"] is None
     assert {"Indian_subset", "houston_dataset", "Samson"} <= set(manifest["splits"]["tr"]["scenes"])
-    ds = ShardDataset(result["dataset_uri"], verify=True)
+    ds = ShardDataset(result.dataset_uri, verify=True)
     images, labels = ds.split("tr").get([0, len(ds.split("tr")) - 1])
     assert images.shape[1:] == (32, 32, 32) and labels.dtype == np.uint8
     assert all(s > 0 for s in manifest["band_stats"]["std"])

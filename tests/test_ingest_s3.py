@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from minio import Minio
 
-from components import runtime
+from components import ingest_task
 from conftest import REPO, write_whu_layout
 from hsissl.config import load_config
 from hsissl.data.scenes import DataContractError
@@ -48,8 +48,8 @@ def whu_in_s3(s3_bucket: str, s3_server, tmp_path: Path) -> tuple[Path, str]:
 
 def test_ingest_from_s3_equals_ingest_of_the_same_folder(whu_in_s3, tmp_path: Path) -> None:
     folder, source = whu_in_s3
-    local = ingest.run(_cfg(tmp_path, str(folder), str(tmp_path / "store-a")))["manifest"]
-    remote = ingest.run(_cfg(tmp_path, source, str(tmp_path / "store-b")))["manifest"]
+    local = ingest.run(_cfg(tmp_path, str(folder), str(tmp_path / "store-a"))).manifest
+    remote = ingest.run(_cfg(tmp_path, source, str(tmp_path / "store-b"))).manifest
     assert remote["source"] == source
     assert remote["splits"] == local["splits"]  # tiles, scenes, class pixels, shard sha256s
     assert [f["sha256"] for s in remote["splits"].values() for shard in s["shards"]
@@ -58,7 +58,7 @@ def test_ingest_from_s3_equals_ingest_of_the_same_folder(whu_in_s3, tmp_path: Pa
     assert remote["band_stats"] == local["band_stats"]
     # the same objects again: the committed dataset is reused (fingerprint by size and ETag)
     again = ingest.run(_cfg(tmp_path, source, str(tmp_path / "store-b")))
-    assert again["reused"] and again["manifest"]["fingerprint"] == remote["fingerprint"]
+    assert again.reused and again.manifest["fingerprint"] == remote["fingerprint"]
 
 
 def test_s3_scenes_get_the_folders_checks_and_messages(whu_in_s3, s3_server, tmp_path) -> None:
@@ -75,7 +75,7 @@ def test_s3_scenes_get_the_folders_checks_and_messages(whu_in_s3, s3_server, tmp
     assert f"{source}/tr/label/T0000.tif: band count: found 32, expected 1" in text
     assert not (tmp_path / "store" / "datasets").exists()  # nothing written
     listed = ingest.run(_cfg(tmp_path, source, str(tmp_path / "store")), report=True)
-    assert {(v.file, v.field) for v in listed["violations"]} >= {
+    assert {(v.file, v.field) for v in listed.violations} >= {
         (f"{source}/va/image/T0003.tif", "label file"),
         (f"{source}/tr/label/T0000.tif", "band count"), (f"{source}/tr/label/T0000.tif", "dtype")}  # fmt: skip
 
@@ -102,16 +102,16 @@ def test_on_a_cluster_an_empty_source_is_an_error_saying_what_to_pass(tmp_path, 
     (backend/src/v2/compiler/argocompiler/common.go, commonEnvs), not by kfp.local."""
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")  # any pod, e.g. a notebook
     monkeypatch.delenv("KFP_POD_NAME", raising=False)
-    runtime.check_source("")  # kfp.local in a pod: "" is still the generated dataset
+    ingest_task.check_source("")  # kfp.local in a pod: "" is still the generated dataset
     monkeypatch.setenv("KFP_POD_NAME", "hsissl-abc-system-container-impl-1")
-    runtime.check_source("generated")
+    ingest_task.check_source("generated")
     with pytest.raises(ValueError, match=r"source is empty.*s3://<bucket>/<prefix>.*generated"):
-        runtime.ingest("", "", [f"run_dir={tmp_path}"], str(tmp_path / "store"), "", None)
+        ingest_task.ingest("", "", [f"run_dir={tmp_path}"], str(tmp_path / "store"), "", None)
     assert not (tmp_path / "store").exists()
 
 
 def test_a_claim_on_a_pipeline_compiled_without_one_is_an_error() -> None:
-    runtime.check_claim("", False)
-    runtime.check_claim("whu-data", True)
+    ingest_task.check_claim("", False)
+    ingest_task.check_claim("whu-data", True)
     with pytest.raises(ValueError, match=r"data_pvc='whu-data'.*compiled without --data-pvc"):
-        runtime.check_claim("whu-data", False)
+        ingest_task.check_claim("whu-data", False)

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from hsissl.config import Config, load_config
+from hsissl.layout import storage_of
 from hsissl.pretrain.mae import MAERecipe
 from hsissl.pretrain.trainer import StopSignals, pretrain
 from hsissl.stages import ingest
-from hsissl.stages.common import storage_of
 
 REPO = Path(__file__).resolve().parents[1]
 EXIT_INTERRUPTED = 130  # the CLI's code for KeyboardInterrupt, which a stop signal becomes

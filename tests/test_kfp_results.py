@@ -21,7 +21,7 @@ import pytest
 from kfp.dsl import HTML, ClassificationMetrics, Markdown
 from mlflow.tracking import MlflowClient
 
-from components import runtime
+from components import artifacts, references, report_task, runtime
 from components.baseline_deeplabv3plus import baseline_deeplabv3plus
 from components.finetune_heads import finetune_heads
 from hsissl import registry
@@ -29,7 +29,7 @@ from hsissl.config import ConfigError, load_config
 from hsissl.data.ohs import CLASS_NAMES
 from hsissl.stages import finetune, ingest, pretrain
 from hsissl.storage import open_storage
-from hsissl.tracking import Tracker
+from hsissl.tracking import KFP_RUN_ENV, PARENT_RUN_ENV, Tracker
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -38,10 +38,10 @@ TINY = REPO / "configs" / "tiny.yaml"
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
     """Lineage and tracking read and export these: keep each test to its own."""
-    for name in (runtime.KFP_RUN_ENV, runtime.PARENT_RUN_ENV, "MLFLOW_TRACKING_URI"):
+    for name in (KFP_RUN_ENV, PARENT_RUN_ENV, "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(name, raising=False)
     yield
-    for name in (runtime.KFP_RUN_ENV, runtime.PARENT_RUN_ENV):
+    for name in (KFP_RUN_ENV, PARENT_RUN_ENV):
         os.environ.pop(name, None)
 
 
@@ -62,7 +62,7 @@ def test_confusion_matrix_has_the_whu_ohs_classes_and_the_scene_counts(tmp_path)
                     json.dumps({"scene": {"matrix": matrix}}).encode())  # fmt: skip
     artifact = ClassificationMetrics(name="confusion_matrix", uri=str(tmp_path / "kfp" / "cm"))
 
-    runtime.log_confusion(artifact, store.join("results/finetune-mae-linear"))
+    artifacts.log_confusion(artifact, store.join("results/finetune-mae-linear"))
 
     spec = artifact.metadata["confusionMatrix"]
     assert [a["displayName"] for a in spec["annotationSpecs"]] == list(CLASS_NAMES[1:])
@@ -78,10 +78,10 @@ def _report(tmp_path: Path, tracking: str, kfp_run_id: str, state: str, *overrid
     markdown = Markdown(name="markdown", uri=str(tmp_path / kfp_run_id / "markdown"))
     common = [f"run_dir={tmp_path / 'run'}", f"tracking.experiment=report-{kfp_run_id}"]
     parent = runtime.open_lineage(str(TINY), common, tracking, kfp_run_id, "hsissl", {})
-    os.environ.pop(runtime.KFP_RUN_ENV, None)
-    os.environ.pop(runtime.PARENT_RUN_ENV, None)
-    result = runtime.report(str(TINY), [*common, *overrides], str(tmp_path / "store"), tracking,
-                            kfp_run_id, state, html, markdown)  # fmt: skip
+    os.environ.pop(KFP_RUN_ENV, None)
+    os.environ.pop(PARENT_RUN_ENV, None)
+    result = report_task.report(str(TINY), [*common, *overrides], str(tmp_path / "store"),
+                                tracking, kfp_run_id, state, html, markdown)  # fmt: skip
     return result, html, markdown, MlflowClient(tracking).get_run(parent)
 
 
@@ -145,12 +145,12 @@ def test_encoders_are_registered_per_run_and_finetune_takes_models_uris(
     prefix = f"t{uuid.uuid4().hex[:6]}-"
     storage = f"{s3_bucket}/store"
     monkeypatch.setenv("HSISSL_GIT_SHA", "0123abcd")
-    manifest = ingest.run(_cfg(tmp_path, storage, mlflow_server, prefix))["manifest"]
+    manifest = ingest.run(_cfg(tmp_path, storage, mlflow_server, prefix)).manifest
     encoders = []
     for run_id in ("kfp-a", "kfp-b"):  # two pipeline runs: two versions of one model
         monkeypatch.setenv("KFP_RUN_ID", run_id)
         cfg = _cfg(tmp_path, storage, mlflow_server, prefix, f"pretrain.name=mae-{run_id}")
-        encoders.append(pretrain.run(cfg, "mae")["encoder_uri"])
+        encoders.append(pretrain.run(cfg, "mae").encoder_uri)
     monkeypatch.delenv("KFP_RUN_ID")
 
     client = MlflowClient(mlflow_server)
@@ -171,7 +171,7 @@ def test_encoders_are_registered_per_run_and_finetune_takes_models_uris(
         tmp_path, storage, mlflow_server, prefix, f"finetune.encoder=models:/{name}@champion"
     )
     result = finetune.run(cfg)
-    metrics = json.loads(open_storage(result["results_uri"]).get_bytes("metrics.json"))
+    metrics = json.loads(open_storage(result.results_uri).get_bytes("metrics.json"))
     assert metrics["encoder"]["uri"] == encoders[0]  # the version the alias names
     (run,) = client.search_runs([client.get_experiment_by_name(f"registry-{prefix}").experiment_id],
                                 filter_string="tags.stage = 'finetune'")  # fmt: skip
@@ -185,7 +185,7 @@ def test_encoders_are_registered_per_run_and_finetune_takes_models_uris(
     with pytest.raises(ConfigError, match=r"registered models: \["):
         registry.resolve(f"models:/{prefix}nope@champion", mlflow_server)
     # what the stage pipeline's encoder-ref task passes on
-    ref = runtime.reference(f"models:/{name}@champion", _Artifact(tmp_path / "ref"), "encoder")
+    ref = references.reference(f"models:/{name}@champion", _Artifact(tmp_path / "ref"), "encoder")
     assert ref == f"models:/{name}@champion"
 
 
@@ -203,7 +203,7 @@ def test_malformed_models_uris_and_rewritten_checkpoints_are_refused(tmp_path, m
         with pytest.raises(ConfigError, match="expected models:/<name>/<version>"):
             registry.parse(uri)
     with pytest.raises(ConfigError, match="expected models:/<name>/<version>"):
-        runtime.reference("models:/mae", _Artifact(tmp_path / "ref"), "encoder")
+        references.reference("models:/mae", _Artifact(tmp_path / "ref"), "encoder")
     registered = {"uri": "models:/hsissl-mae/3", "source": "s3://b/checkpoints/mae/encoder.pt",
                   "version": "3", "step": "1000"}  # fmt: skip
     registry.check_step(registered, 1000)

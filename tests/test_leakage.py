@@ -11,8 +11,8 @@ from hsissl.config import load_config
 from hsissl.data import leakage
 from hsissl.data.geotiff import default_transform, write_image, write_label
 from hsissl.data.scenes import DataContractError, SceneHeader, ScenePair
+from hsissl.layout import storage_of
 from hsissl.stages import ingest
-from hsissl.stages.common import storage_of
 
 SIZE = 128
 
@@ -43,8 +43,8 @@ def refused_then_recorded(tmp_path, root, kind: str, files) -> dict:
     assert all(str(f) in message for f in files), message
     assert storage_of(cfg).list("") == []
     report = ingest.run(cfg, report=True)
-    assert any(v.field == f"split leakage ({kind})" for v in report["violations"])
-    manifest = ingest.run(cfg_for(tmp_path, root, "data.allow_split_overlap=true"))["manifest"]
+    assert any(v.field == f"split leakage ({kind})" for v in report.violations)
+    manifest = ingest.run(cfg_for(tmp_path, root, "data.allow_split_overlap=true")).manifest
     assert manifest["leakage"]["allowed"] is True
     assert manifest["leakage"]["counts"][kind] >= 1
     assert {o["kind"] for o in manifest["leakage"]["overlaps"]} >= {kind}
@@ -55,7 +55,7 @@ def test_clean_dataset_passes_and_records_an_empty_check(tmp_path):
     root = tmp_path / "whu"
     scene(root, "tr", "a", random_image(0), default_transform(0, SIZE))
     scene(root, "va", "b", random_image(1), default_transform(1, SIZE))  # touches a: no overlap
-    manifest = ingest.run(cfg_for(tmp_path, root))["manifest"]
+    manifest = ingest.run(cfg_for(tmp_path, root)).manifest
     assert manifest["leakage"]["counts"] == {"scene name": 0, "footprint": 0, "tile content": 0}
     assert manifest["leakage"]["allowed"] is False and manifest["conversion"] == {}
 
@@ -84,7 +84,7 @@ def test_constant_tiles_are_not_leakage(tmp_path):
     first[:, :64, :64] = second[:, :64, :64] = 0  # e.g. a blank border in both
     scene(root, "tr", "a", first)
     scene(root, "va", "b", second)
-    manifest = ingest.run(cfg_for(tmp_path, root))["manifest"]
+    manifest = ingest.run(cfg_for(tmp_path, root)).manifest
     assert manifest["leakage"]["counts"]["tile content"] == 0
     assert manifest["leakage"]["constant_tiles_skipped"] == 2
 

@@ -168,7 +168,7 @@ def test_labelled_tiles_with_a_standard_dataloader():
 def test_loader_reads_real_shards_and_bind_checks_the_normalizer(tiny_cfg):
     from hsissl.stages import ingest  # here: the GPU check runs this file without rasterio/mlflow
 
-    ds = ShardDataset(ingest.run(tiny_cfg)["dataset_uri"])
+    ds = ShardDataset(ingest.run(tiny_cfg).dataset_uri)
     split = ds.split("tr")  # 12 tiles in 3 shards of 5
     loader = TileBatches(split, 4, seed=0, drop_last=False, workers=2)
     seen = []

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import yaml
 
+from hsissl.layout import PIPELINE_RUNS
 from pipelines import cli, local
 from pipelines.dag import build_pipeline
 from pipelines.local import (
     LATEST,
-    RUNS_FOLDER,
     LocalRun,
     ParameterError,
     RunRecordError,
@@ -57,7 +57,7 @@ RERUN_TASKS = {
 def _write(run_dir: Path, run_id: str, pipeline: str, tasks: dict, status: str = "SUCCEEDED",
            **arguments: Any) -> Path:  # fmt: skip
     """A run record as ``execute`` writes it; returns its folder."""
-    folder = run_dir / RUNS_FOLDER / run_id
+    folder = run_dir / PIPELINE_RUNS / run_id
     folder.mkdir(parents=True)
     args = {"preset": "", "overrides": [f"run_dir={run_dir}"], "storage_uri": STORE,
             "tracking_uri": "sqlite:///x.db"} | arguments  # fmt: skip
@@ -110,12 +110,12 @@ def test_latest_names_the_newest_full_run_with_a_dataset_not_reruns_or_failures(
     tmp_path: Path, monkeypatch
 ) -> None:
     full = _execute(monkeypatch, tmp_path, "hsissl", FULL_TASKS)
-    assert (tmp_path / RUNS_FOLDER / LATEST).read_text() == full.run_id
+    assert (tmp_path / PIPELINE_RUNS / LATEST).read_text() == full.run_id
     rerun = _execute(monkeypatch, tmp_path, "hsissl-pretrain-mae", RERUN_TASKS)
     failed = _execute(monkeypatch, tmp_path, "hsissl", {}, fail=True)  # before ingest finished
     assert (rerun.status, failed.status) == ("SUCCEEDED", "FAILED")
     assert load_run(tmp_path).run_id == full.run_id
-    assert load_run(tmp_path / RUNS_FOLDER).run_id == full.run_id
+    assert load_run(tmp_path / PIPELINE_RUNS).run_id == full.run_id
     assert load_run(rerun.record_dir).run_id == rerun.run_id  # a record folder is itself
     # a full run that failed after ingest still has a dataset to rerun on: it is the newest
     later = _execute(monkeypatch, tmp_path, "hsissl", {"ingest": FULL_TASKS["ingest"]}, fail=True)
@@ -127,7 +127,7 @@ def test_rerun_after_a_rerun_and_a_failed_run_uses_the_full_runs_artifacts(
 ) -> None:
     """The audit's sequence: rerun pretrain-mae, a failed run-local, then finetune dinov2."""
     _write(tmp_path, "local-1", "hsissl", FULL_TASKS)
-    (tmp_path / RUNS_FOLDER / LATEST).write_text("local-1")
+    (tmp_path / PIPELINE_RUNS / LATEST).write_text("local-1")
     _write(tmp_path, "local-2", "hsissl-pretrain-mae", RERUN_TASKS)
     _write(tmp_path, "local-3", "hsissl", {}, status="FAILED")
     rerun_local("finetune-heads", tmp_path, ["finetune.loss=focal"], encoder="dinov2", head="conv")
@@ -169,9 +169,9 @@ def test_records_without_what_a_rerun_needs_are_named_in_the_error(
                        r"ingest or dataset-ref with output 'dataset' \(tasks: \[\]\)"):  # fmt: skip
         rerun_local("pretrain-mae", failed, [])
     assert staged == []
-    with pytest.raises(FileNotFoundError, match=f"{RUNS_FOLDER}/{LATEST}"):
+    with pytest.raises(FileNotFoundError, match=f"{PIPELINE_RUNS}/{LATEST}"):
         load_run(tmp_path)  # records, but none that latest names
-    (tmp_path / RUNS_FOLDER / LATEST).write_text("local-9")
+    (tmp_path / PIPELINE_RUNS / LATEST).write_text("local-9")
     with pytest.raises(FileNotFoundError, match="local-9/run.json is missing"):
         load_run(tmp_path)
 
@@ -201,7 +201,7 @@ def test_unknown_or_mistyped_parameters_stop_run_local_before_any_record(
     with pytest.raises(ParameterError, match="'bogus'"):  # the library checks too
         local.run_local(REPO / "configs" / "tiny.yaml", [f"run_dir={run_dir}"],
                         parameters={"bogus": 1})  # fmt: skip
-    assert not (run_dir / RUNS_FOLDER).exists()  # (local_arguments made the run folder)
+    assert not (run_dir / PIPELINE_RUNS).exists()  # (local_arguments made the run folder)
 
 
 def test_param_values_are_typed_by_the_pipelines_parameters() -> None:

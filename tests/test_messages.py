@@ -73,9 +73,9 @@ def test_run_local_ends_with_a_plain_line_saying_where_the_report_is(tmp_path, c
 
 def test_the_report_heading_names_the_run_not_report_twice(tiny_cfg) -> None:
     result = report.run(tiny_cfg)
-    from hsissl.stages.common import storage_of
+    from hsissl.layout import storage_of
 
     page = storage_of(tiny_cfg).get_bytes("reports/report/report.html").decode()
     heading = re.search(r"<h1>(.*?)</h1>", page).group(1)
     assert heading == f"hsissl report: {Path(tiny_cfg.run_dir).name}", heading
-    assert "hsissl report: report" not in page and result["html_uri"]
+    assert "hsissl report: report" not in page and result.html_uri

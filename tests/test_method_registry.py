@@ -17,12 +17,12 @@ from torch import nn
 from hsissl import cli, methods
 from hsissl.config import ConfigError, OptimConfig, load_config
 from hsissl.data.ohs import NUM_BANDS
+from hsissl.layout import storage_of
 from hsissl.models import create_model
 from hsissl.pretrain import checkpoint
 from hsissl.pretrain.recipe import Recipe
 from hsissl.report.labels import method_label
 from hsissl.stages import finetune, ingest, report
-from hsissl.stages.common import storage_of
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "tinyrecon"
@@ -144,11 +144,11 @@ def test_pretrained_finetuned_and_reported_end_to_end(tiny_method, tmp_path):
     result = finetune.run(load_config(REPO / "configs" / "tiny.yaml",
                                       overrides(run_dir, **{"finetune.encoder": encoder_uri})))  # fmt: skip
     metrics = json.loads(store.get_bytes(f"results/finetune-{NAME}-linear/metrics.json"))
-    assert result["name"] == f"finetune-{NAME}-linear" and metrics["encoder"]["method"] == NAME
+    assert result.name == f"finetune-{NAME}-linear" and metrics["encoder"]["method"] == NAME
     assert 0.0 <= metrics["scene"]["miou"] <= 1.0
 
     out = report.run(cfg)
-    assert out["runs"] == [f"finetune-{NAME}-linear"] and out["encoders"] == [NAME]
+    assert out.runs == [f"finetune-{NAME}-linear"] and out.encoders == [NAME]
     page = store.get_bytes("reports/report/report.html").decode()
     assert f"{LABEL} = checkpoints/{NAME}" in unescape(page)  # the attention rows' label
     assert f"finetune-{NAME}-linear" in store.get_bytes("reports/report/summary.md").decode()

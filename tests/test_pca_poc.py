@@ -12,6 +12,7 @@ from sklearn.decomposition import PCA as SklearnPCA
 
 from hsissl.config import ConfigError, load_config
 from hsissl.data.shards import ShardDataset
+from hsissl.layout import storage_of
 from hsissl.pca import (
     PCA,
     BandDecoder,
@@ -24,7 +25,6 @@ from hsissl.pca import (
 from hsissl.pretrain.mae import MAERecipe
 from hsissl.pretrain.trainer import pretrain
 from hsissl.stages import ingest, pca_poc
-from hsissl.stages.common import storage_of
 from hsissl.storage import open_storage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,7 +153,7 @@ def test_stage_writes_pca_and_metrics_with_every_reconstruction_error(pca_run):
     ratio = metrics["explained_variance"]
     assert len(ratio) == 3 and ratio == sorted(ratio, reverse=True) and sum(ratio) <= 1.0
     np.testing.assert_allclose(metrics["explained_variance_cumulative"], np.cumsum(ratio))
-    assert result["explained_variance"] == ratio
+    assert result.explained_variance == ratio
     mse = metrics["per_band_mse"]
     assert set(mse) == {"pca", "decoder", "mae"}
     assert all(len(v) == 32 and min(v) >= 0 for v in mse.values())
@@ -180,7 +180,7 @@ def test_stage_with_the_vit_decoder(pca_run):
     run_dir = pca_run[0]
     result = pca_poc.run(cfg_for(run_dir, **{"pca.decoder": "vit", "pca.vit_model": "vit_tiny_patch8_64",
                                              "pca.name": "pca-vit"}))  # fmt: skip
-    metrics = json.loads(open_storage(result["results"]).get_bytes("metrics.json"))
+    metrics = json.loads(open_storage(result.results).get_bytes("metrics.json"))
     errors = metrics["per_band_mse"]
     assert metrics["config"]["decoder"] == "vit" and len(errors["decoder"]) == 32
     assert np.mean(errors["decoder"]) <= np.mean(errors["pca"]) + 1e-6

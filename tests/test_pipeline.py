@@ -24,8 +24,9 @@ import yaml
 from minio import Minio
 from mlflow.tracking import MlflowClient
 
-from components import runtime
+from components import references, torchrun
 from hsissl.data.ohs import CLASS_NAMES
+from hsissl.presets import stage_config
 from hsissl.pretrain import checkpoint
 from hsissl.storage import open_storage
 from pipelines import remote
@@ -305,17 +306,18 @@ def test_several_gpus_in_a_pod_run_the_stage_under_torchrun() -> None:
     from hsissl.cli import build_parser
 
     wiring = {"storage.uri": "s3://b/x", "pretrain.name": "mae-r1", "pretrain.epochs": None}
-    cmd = runtime.torchrun_command("pretrain-mae", "tiny", ["mae.lr=0.001"], wiring, procs=4)
+    cmd = torchrun.torchrun_command("pretrain-mae", "tiny", ["mae.lr=0.001"], wiring, procs=4)
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
     args = build_parser().parse_args(cmd[cmd.index("hsissl.cli") + 1 :])  # the library's CLI
     assert args.stage == "pretrain-mae" and args.config == REPO / "configs" / "tiny.yaml"
     assert args.overrides == ["mae.lr=0.001", 'storage.uri="s3://b/x"', 'pretrain.name="mae-r1"']
-    cfg = runtime.stage_config(str(args.config), args.overrides)
+    cfg = stage_config(str(args.config), args.overrides)
     assert (cfg.storage.uri, cfg.pretrain.name, cfg.mae.lr) == ("s3://b/x", "mae-r1", 0.001)
 
 
 def test_the_in_pod_helper_needs_no_kfp() -> None:
-    code = ("import sys, components.runtime; "
+    code = ("import sys, components.runtime, components.artifacts, components.references, "
+            "components.report_task, components.ingest_task; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('kfp', 'kubernetes')))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -643,19 +645,20 @@ def test_encoder_reference_names_the_earlier_runs_checkpoint(tmp_path: Path) -> 
     class Out:  # a KFP output artifact's interface
         name, uri, metadata, path = "encoder", "local", {}, str(tmp_path / "pointer")
 
-    uri = runtime.encoder_ref("", "", [], str(tmp_path / "store"), "dinov2", "earlier", Out())
+    uri = references.encoder_ref("", "", [], str(tmp_path / "store"), "dinov2", "earlier", Out())
     assert uri == store.join("checkpoints/dinov2-earlier/encoder.pt") == Out.metadata["uri"]
     assert json.loads(Path(Out.path).read_text())["uri"] == uri
     tiny = str(REPO / "configs" / "tiny.yaml")  # the control follows the config's MAE model
     assert (
-        runtime.encoder_ref("random", tiny, [], "", "", "", Out())
+        references.encoder_ref("random", tiny, [], "", "", "", Out())
         == "random:mae_vit_tiny_patch8_64"
     )
     assert (
-        runtime.encoder_ref("random", "", [], "", "", "", Out()) == "random:mae_vit_base_patch8_64"
+        references.encoder_ref("random", "", [], "", "", "", Out())
+        == "random:mae_vit_base_patch8_64"
     )
     with pytest.raises(FileNotFoundError, match="mae-earlier/encoder.pt does not exist"):
-        runtime.encoder_ref("", "", [], str(tmp_path / "store"), "mae", "earlier", Out())
+        references.encoder_ref("", "", [], str(tmp_path / "store"), "mae", "earlier", Out())
 
 
 # -- multi-node PyTorchJob -----------------------------------------------------------------

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from components import runtime
 from hsissl.pipeline_state import pipeline_outcome
+from hsissl.tracking import KFP_RUN_ENV, PARENT_RUN_ENV
 
 
 @pytest.mark.parametrize(
@@ -49,8 +50,8 @@ def test_close_lineage_ends_the_parent_run_with_the_backend_state(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, state: str, outcome: str, status: str
 ) -> None:
     """The exit task's path on a cluster: open the parent, close it with the backend's string."""
-    monkeypatch.delenv(runtime.PARENT_RUN_ENV, raising=False)
-    monkeypatch.delenv(runtime.KFP_RUN_ENV, raising=False)
+    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+    monkeypatch.delenv(KFP_RUN_ENV, raising=False)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     overrides = [f"run_dir={tmp_path}", "tracking.experiment=state-test"]
     kfp_run_id = f"run-{state.lower()}"

@@ -18,12 +18,12 @@ import torch
 from hsissl.config import ConfigError, load_config
 from hsissl.data.normalize import NormalizerMismatch
 from hsissl.data.shards import ShardDataset
+from hsissl.layout import storage_of
 from hsissl.pretrain import checkpoint
 from hsissl.pretrain.dinov2 import DINOv2Recipe
 from hsissl.pretrain.mae import MAERecipe
 from hsissl.pretrain.trainer import cosine_lr, pretrain
 from hsissl.stages import ingest
-from hsissl.stages.common import storage_of
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hsissl.config import DINOv2Config, load_config
+from hsissl.layout import storage_of
 from hsissl.pretrain import checkpoint
 from hsissl.pretrain.dinov2 import (
     DINOv2Recipe,
@@ -21,7 +22,6 @@ from hsissl.pretrain.dinov2 import (
 from hsissl.pretrain.ssvit import SSViTRecipe
 from hsissl.pretrain.trainer import cosine_lr, pretrain
 from hsissl.stages import ingest
-from hsissl.stages.common import storage_of
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [

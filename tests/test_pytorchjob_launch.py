@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 from kfp.dsl import Dataset, Metrics, Model
 
-from components import runtime
+from components import ingest_task, runtime
 from fake_kube import FakeOperator, api_for, condition, kubeconfig, serve
 from hsissl.pretrain import checkpoint
 from hsissl.storage import open_storage
+from hsissl.tracking import KFP_RUN_ENV, PARENT_RUN_ENV
 from pipelines import launcher
 from pipelines.options import PipelineOptions, Resources
 from pipelines.pytorchjob import validate
@@ -40,7 +41,7 @@ def operator():
 def clean_env():
     """join_lineage exports the run id (fine in a pod): keep it from leaking between tests."""
     saved = dict(os.environ)
-    for key in (runtime.KFP_RUN_ENV, runtime.PARENT_RUN_ENV):
+    for key in (KFP_RUN_ENV, PARENT_RUN_ENV):
         os.environ.pop(key, None)
     yield
     os.environ.clear()
@@ -63,7 +64,7 @@ def stage(tmp_path_factory) -> SimpleNamespace:
                            storage=str(root / "store"),
                            tracking=f"sqlite:///{root / 'mlflow.db'}")  # fmt: skip
     dataset = Dataset(name="dataset", uri=str(root / "kfp" / "dataset"), metadata={})
-    runtime.ingest("", args.preset, args.overrides, args.storage, args.tracking, dataset)
+    ingest_task.ingest("", args.preset, args.overrides, args.storage, args.tracking, dataset)
     args.dataset, args.root = dataset, root
     return args
 
@@ -78,9 +79,10 @@ def launch(stage: SimpleNamespace, operator: FakeOperator, run_id: str, *, nodes
            opts: PipelineOptions | None = None) -> tuple[Model, Metrics]:  # fmt: skip
     encoder, metrics = outputs(stage.root / "kfp" / run_id)
     options = (opts or PipelineOptions()).to_json()
-    launcher.launch("mae", stage.dataset, stage.preset, stage.overrides, stage.tracking, 0.0, 0,
-                    run_id, nodes, 4, "nvidia.com/gpu", options, namespace,
-                    timeout_s, encoder, metrics, api=api_for(operator.host), poll_s=0.2)  # fmt: skip
+    request = launcher.LaunchRequest("mae", stage.dataset, stage.preset, stage.overrides,
+                                     stage.tracking, 0.0, 0, run_id, nodes, 4, "nvidia.com/gpu",
+                                     options, namespace, timeout_s)  # fmt: skip
+    launcher.launch(request, encoder, metrics, api=api_for(operator.host), poll_s=0.2)
     return encoder, metrics
 
 
@@ -126,7 +128,7 @@ def test_launcher_creates_a_valid_job_waits_and_emits_what_the_single_pod_emits(
     assert {"name": "KFP_RUN_ID", "value": "multi-1"} in container["env"]
 
     # the single pod on the same data and config, other run id
-    os.environ.pop(runtime.KFP_RUN_ENV)  # the launcher exported its run id, as a pod would
+    os.environ.pop(KFP_RUN_ENV)  # the launcher exported its run id, as a pod would
     single, single_metrics = outputs(stage.root / "kfp" / "single-1")
     runtime.pretrain("mae", stage.dataset, stage.preset, stage.overrides, stage.tracking, 0.0, 0,
                      "single-1", single, single_metrics)  # fmt: skip

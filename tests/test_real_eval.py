@@ -116,8 +116,8 @@ def test_evaluate_real_runs_end_to_end(shared_data, tmp_path):
                              "real.scenes=[Indian_subset]", "mae.model=mae_vit_tiny_patch8_64",
                              "pretrain.batch_size=8", "tracking.uri="])  # fmt: skip
     result = evaluate_real.run(cfg)
-    assert "pixel-lr" in result["table"] and "mae+linear" in result["table"]
-    assert "mae+probe" in result["table"] and "random-init+segmenter" in result["table"]
+    assert "pixel-lr" in result.table and "mae+linear" in result.table
+    assert "mae+probe" in result.table and "random-init+segmenter" in result.table
 
 
 # -- heads trained on one scene's cached windows -------------------------------------------------
@@ -255,24 +255,24 @@ def test_evaluate_real_on_a_converted_scene(tmp_path, capfd):
                              "real.baseline_encoder=resnet10t", "mae.model=mae_vit_tiny_patch8_64",
                              "pretrain.batch_size=4", "tracking.uri="])  # fmt: skip
     result = evaluate_real.run(cfg)
-    assert "mine / half" in result["table"] and "mae+probe" in result["table"]
+    assert "mine / half" in result.table and "mae+probe" in result.table
     # the progress bar named what ran (scene, protocol, seed, model) and reached its total
     err = capfd.readouterr().err
     assert "mine half seed 0" in err and "mae+linear" in err and "deeplabv3plus" in err
     total = evaluate_real.work_units(cfg.real, n_encoders=2)  # mae and its random-init control
     assert f"{total}/{total}" in err
     # the per-scene table, with paired differences, next to metrics.json
-    from hsissl.stages.common import storage_of
+    from hsissl.layout import storage_of
 
     store = storage_of(cfg)
     tables = json.loads(store.get_bytes("results/real-eval/tables.json"))
     entries = {e["model"]: e for e in tables["mine"]["half"]["models"]}
     assert entries["mae+probe"]["vs_control"] is not None
-    assert store.get_bytes("results/real-eval/tables.md").decode() == result["tables"]
-    assert "### mine" in result["tables"] and "MAE + probe" in result["tables"]
-    assert (tmp_path / "run" / "real-eval-tables.md").read_text() == result["tables"]
+    assert store.get_bytes("results/real-eval/tables.md").decode() == result.tables
+    assert "### mine" in result.tables and "MAE + probe" in result.tables
+    assert (tmp_path / "run" / "real-eval-tables.md").read_text() == result.tables
     # The per-pixel floor separates the three class spectra: the scene and labels arrived intact.
-    assert "| pixel-lr | 100.0 ± 0.0 |" in result["table"]
+    assert "| pixel-lr | 100.0 ± 0.0 |" in result.table
 
 
 # -- the preset ---------------------------------------------------------------------------------

@@ -84,15 +84,15 @@ def test_report_renders_the_real_eval_tables_with_a_bar_plot(tmp_path):
     """A store with an evaluate-real result gets a "Real scenes" section: the table's numbers
     and one bar plot per scene (the other sections say "Not run", as for any missing input)."""
     from hsissl.config import load_config
+    from hsissl.layout import storage_of
     from hsissl.stages import report
-    from hsissl.stages.common import storage_of
 
     cfg = load_config(None, [f"run_dir={tmp_path}", "tracking.uri="])
     metrics = {"kind": "real-eval", "name": "real-eval", "rows": ROWS,
                "tables": scene_tables(ROWS)}  # fmt: skip
     storage_of(cfg).put_bytes("results/real-eval/metrics.json", json.dumps(metrics).encode())
     result = report.run(cfg)
-    assert result["sections"]["real"] == "ok"
+    assert result.sections["real"] == "ok"
     page = storage_of(cfg).get_bytes("reports/report/report.html").decode()
     real = page[page.index('<section id="real">') :]
     real = real[: real.index("</section>")]
@@ -107,7 +107,7 @@ def test_report_has_no_real_section_without_evaluate_real(tmp_path):
     from hsissl.stages import report
 
     cfg = load_config(None, [f"run_dir={tmp_path}", "tracking.uri="])
-    assert "real" not in report.run(cfg)["sections"]
+    assert "real" not in report.run(cfg).sections
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "real_table.py"

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from hsissl.config import load_config
 from hsissl.data.shards import ShardDataset
+from hsissl.layout import storage_of
 from hsissl.pretrain import checkpoint
 from hsissl.pretrain.mae import MAERecipe
 from hsissl.pretrain.trainer import pretrain
@@ -29,7 +30,6 @@ from hsissl.report.plots import PALETTE, attention_figure, colorize
 from hsissl.report.reference import REFERENCE_NAME, majority_reference, references_for
 from hsissl.segment.metrics import ConfusionMatrix
 from hsissl.stages import baseline, finetune, ingest, pca_poc, report
-from hsissl.stages.common import storage_of
 from hsissl.tracking import resolve_uri
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def runs(tmp_path_factory) -> dict:
     result = report.run(cfg_for(run_dir))
     page = store.get_bytes("reports/report/report.html").decode()
     metrics = {
-        name: json.loads(store.get_bytes(f"results/{name}/metrics.json")) for name in result["runs"]
+        name: json.loads(store.get_bytes(f"results/{name}/metrics.json")) for name in result.runs
     }
     scenes = len(ShardDataset(store.join("datasets/whu-ohs")).split("ts").scenes)
     return {
@@ -193,18 +193,18 @@ def rows_by_name(table: dict) -> dict[str, dict]:
 def test_every_section_is_built_from_the_runs(runs):
     result, parsed = runs["result"], runs["parsed"]
     assert parsed.headings == list(HEADINGS)
-    assert result["sections"] == {s: "ok" for s in result["sections"]}, result["sections"]
-    assert len(result["sections"]) == len(HEADINGS)
+    assert result.sections == {s: "ok" for s in result.sections}, result.sections
+    assert len(result.sections) == len(HEADINGS)
     assert "Not run" not in runs["page"] and "Failed:" not in runs["page"]
-    assert result["problems"] == []
-    assert set(result["runs"]) == {
+    assert result.problems == []
+    assert set(result.runs) == {
         "finetune-mae-linear",
         "finetune-random-linear",
         STALE,
         "baseline-deeplabv3plus",
         "pca-poc",
     }
-    assert result["encoders"] == ["mae"]
+    assert result.encoders == ["mae"]
 
 
 def test_page_is_self_contained_with_valid_embedded_pngs(runs):
@@ -424,14 +424,14 @@ def test_fingerprints_shown_and_a_mismatching_run_flagged_red(runs):
         {"rows": [{"cells": r["cells"][1:], "cls": r["cls"]} for r in table["rows"]]}
     )
     assert rows[runs["store"].join("datasets/whu-ohs")]["cells"][1]["text"].startswith(dataset_fp)
-    for name in [*result["runs"], "mae"]:
+    for name in [*result.runs, "mae"]:
         cell = rows[name]["cells"][1]
         if name == STALE:
             assert "bad" in cell["inner"] and "0123456789abcdef ≠ dataset" in cell["text"]
             assert rows[name]["cls"] == "mismatch"
         else:
             assert cell["text"].startswith(dataset_fp) and "bad" not in cell["inner"], name
-    assert result["mismatches"] == [f"result {STALE}"]
+    assert result.mismatches == [f"result {STALE}"]
     main = rows_by_name(table_of(parsed, "results"))
     main.pop(REFERENCE_NAME)  # a reference, never bold: tested with the reference
     assert "bad" in main[STALE]["cells"][-1]["inner"] and main[STALE]["cls"] == "mismatch"
@@ -476,8 +476,8 @@ def test_report_files_are_logged_to_mlflow(runs, tmp_path):
 def test_an_empty_store_gives_not_run_sections_instead_of_failing(runs, tmp_path):
     cfg = cfg_for(runs["run_dir"], **{"storage.uri": tmp_path / "empty", "report.name": "empty"})
     result = report.run(cfg)
-    assert result["sections"] == {s: "not run" for s in result["sections"]}
-    assert any("manifest" in p for p in result["problems"])
+    assert result.sections == {s: "not run" for s in result.sections}
+    assert any("manifest" in p for p in result.problems)
     page = storage_of(cfg).get_bytes("reports/empty/report.html").decode()
     assert parse(page).headings == list(HEADINGS)
     assert page.count("Not run:") == len(HEADINGS)

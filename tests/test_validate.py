@@ -10,8 +10,8 @@ import rasterio
 
 from hsissl.data.geotiff import write_image, write_label
 from hsissl.data.scenes import DataContractError
+from hsissl.layout import storage_of
 from hsissl.stages import ingest
-from hsissl.stages.common import storage_of
 
 
 def scene(root: Path, split: str = "tr", name: str = "T0000.tif") -> tuple[Path, Path]:
@@ -112,7 +112,7 @@ def test_report_lists_every_violation_and_writes_nothing(tiny_cfg, whu_root):
     img2 = whu_root / "tr" / "image" / "T0001.tif"
     write_image(img2, np.zeros((30, 128, 128), np.int16))
     result = ingest.run(tiny_cfg, report=True)
-    texts = [str(v) for v in result["violations"]]
+    texts = [str(v) for v in result.violations]
     assert any("label values" in t for t in texts) and any(
         "band count: found 30" in t for t in texts
     )
@@ -120,4 +120,4 @@ def test_report_lists_every_violation_and_writes_nothing(tiny_cfg, whu_root):
 
 
 def test_report_on_clean_data_is_empty(tiny_cfg):
-    assert ingest.run(tiny_cfg, report=True)["violations"] == []
+    assert ingest.run(tiny_cfg, report=True).violations == []

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from hsissl import methods
 from hsissl.config import ConfigError, load_config
+from hsissl.stages.results import IngestCheck, StageResult
 
 # stage name -> (module under hsissl.stages, one-line help). Adding a stage = one line here;
 # the pretraining methods' stages (pretrain-<method>) come from hsissl.methods (:func:`stages`).
@@ -232,19 +233,18 @@ def _resume_hint(stage: str) -> str:
     return ""
 
 
-def _print_result(stage: str, result: dict) -> int:
-    if "violations" in result:
-        for v in result["violations"]:
+def _print_result(stage: str, result: StageResult) -> int:
+    if isinstance(result, IngestCheck):
+        for v in result.violations:
             print(v)
-        print(f"{len(result['violations'])} violation(s) in {result['source']}")
-        return 2 if result["violations"] else 0
-    summary = {k: v for k, v in result.items() if k != "manifest"}
-    print(json.dumps(summary, indent=1, default=str))
+        print(f"{len(result.violations)} violation(s) in {result.source}")
+        return 2 if result.violations else 0
+    print(json.dumps(result.summary(), indent=1, default=str))
     # The report is written even when inputs are missing (it is the pipeline's exit task);
     # from the command line, an incomplete report is a failed request.
-    for problem in result.get("problems", []):
+    for problem in result.failures():
         print(f"hsissl {stage}: error: {problem}", file=sys.stderr)
-    return 2 if result.get("problems") else 0
+    return 2 if result.failures() else 0
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from hsissl import tracking_outbox
-from hsissl.config import flatten, to_yaml
+from hsissl.config import flatten, save_resolved, to_yaml
+from hsissl.layout import ENCODER, run_dir_of
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before mlflow is imported
 
@@ -335,6 +336,14 @@ def start_run(
 
 
 @contextmanager
+def stage_run(cfg: Config, stage: str) -> Iterator[Tracker]:
+    """A tracked run of one stage; the resolved config is saved in the run folder and MLflow."""
+    save_resolved(cfg, run_dir_of(cfg) / stage / "config.yaml")
+    with start_run(cfg, stage=stage, run_dir=run_dir_of(cfg)) as tracker:
+        yield tracker
+
+
+@contextmanager
 def _schema_lock(uri: str) -> Iterator[None]:
     """Serialise the first use of a sqlite store across processes: MLflow creates its tables
     then, and two stages started together in a fresh run folder would both try (MLflow 3.17:
@@ -382,7 +391,7 @@ def run_name(stage: str, output: str) -> str:
     ``finetune-mae-linear``; ``pretrain-mae`` + ``…/checkpoints/mae-local-1/encoder.pt`` ->
     ``pretrain-mae-local-1``."""
     parts = [p for p in output.rstrip("/").split("/") if p]
-    name = parts[-2] if len(parts) > 1 and parts[-1] == "encoder.pt" else (parts or [""])[-1]
+    name = parts[-2] if len(parts) > 1 and parts[-1] == ENCODER else (parts or [""])[-1]
     if not name:
         return stage
     words, out = stage.split("-"), name.split("-")

@@ -33,11 +33,12 @@ from hsissl.config import Config, ConfigError, OptimConfig
 from hsissl.data.loaders import TileBatches
 from hsissl.data.prefetch import DeviceBatches
 from hsissl.data.shards import ShardDataset
+from hsissl.layout import ENCODER, HISTORY, TRAIN_STATE, checkpoint_key, dataset_uri, storage_of
 from hsissl.pretrain import checkpoint, knn
 from hsissl.pretrain.recipe import Recipe, set_checkpoint_blocks
 from hsissl.pretrain.runtime import Runtime, autocast, rng_state, set_rng_state, setup
-from hsissl.stages.common import dataset_uri, stage_run, storage_of
 from hsissl.storage import Lease
+from hsissl.tracking import stage_run
 
 log = logging.getLogger(__name__)
 # (section, key) a resumed run must share with its checkpoint besides the method's own section.
@@ -114,7 +115,8 @@ class Trainer:
             betas=tuple(self.opt_cfg.betas), fused=self.rt.cuda,
         )  # fmt: skip
         self.store = storage_of(cfg)
-        self.prefix = f"checkpoints/{self.pc.name or self.method}"
+        self.ckpt_name = self.pc.name or self.method  # its checkpoint folder (hsissl.layout)
+        self.prefix = checkpoint_key(self.ckpt_name)
         self.step = 0
         self.loader_state: dict[str, Any] | None = None  # the loader as of the last batch used
         self.history: list[dict[str, float]] = []  # logged metrics of this process (for reports)
@@ -136,7 +138,7 @@ class Trainer:
             "normalizer": self.normalizer.to_dict(),
             "config": asdict(self.cfg),
         }
-        self._commit("train.pt", state)
+        self._commit(TRAIN_STATE, state)
 
     def _commit(self, name: str, payload: dict[str, Any]) -> str:
         """One checkpoint commit: ``name`` and the loss history, the other files carried over
@@ -144,11 +146,11 @@ class Trainer:
         with self.store.transaction(self.prefix, carry=True, lease=self.lease) as tx:
             torch.save(payload, tx.path(name))
             tx.done(name)
-            tx.commit({"history.json": self._history_bytes()})
-        return self.store.join(f"{self.prefix}/{name}")
+            tx.commit({HISTORY: self._history_bytes()})
+        return self.store.join(checkpoint_key(self.ckpt_name, name))
 
     def maybe_resume(self) -> bool:
-        key = f"{self.prefix}/train.pt"
+        key = checkpoint_key(self.ckpt_name, TRAIN_STATE)
         if not self.store.exists(key):
             return False
         state = checkpoint.load(self.store, key, map_location=self.rt.device)
@@ -193,11 +195,11 @@ class Trainer:
             {"uri": self.dataset.uri, "fingerprint": self.normalizer.fingerprint},
             asdict(self.cfg), self.step,
         )  # fmt: skip
-        return self._commit("encoder.pt", record)
+        return self._commit(ENCODER, record)
 
     def _history_bytes(self) -> bytes:
         """Loss curves for reports, merged with those of earlier (resumed) processes."""
-        key = f"{self.prefix}/history.json"
+        key = checkpoint_key(self.ckpt_name, HISTORY)
         earlier = json.loads(self.store.get_bytes(key)) if self.store.exists(key) else []
         mine = {int(h["step"]) for h in self.history}
         merged = [h for h in earlier if int(h["step"]) not in mine] + self.history
@@ -357,7 +359,9 @@ class Trainer:
             self.save_train_state()
         message = f"stopped by {self.stop.requested} at step {self.step}; checkpoint saved"
         if self.rt.is_main:
-            log.warning("%s to %s", message, self.store.join(f"{self.prefix}/train.pt"))
+            log.warning(
+                "%s to %s", message, self.store.join(checkpoint_key(self.ckpt_name, TRAIN_STATE))
+            )
         raise KeyboardInterrupt(message)
 
 

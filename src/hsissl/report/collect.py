@@ -27,9 +27,22 @@ from hsissl import methods
 from hsissl.config import Config, config_class, load_config
 from hsissl.data.normalize import Normalizer
 from hsissl.data.shards import ShardDataset
+from hsissl.layout import (
+    CHECKPOINTS,
+    ENCODER,
+    HISTORY,
+    METRICS,
+    PREDICTIONS,
+    RESULTS,
+    TRAIN_STATE,
+    checkpoint_key,
+    dataset_uri,
+    folder_name,
+    result_key,
+    storage_of,
+)
 from hsissl.pretrain import checkpoint
 from hsissl.report.reference import references_for
-from hsissl.stages.common import dataset_uri, storage_of
 from hsissl.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -139,10 +152,10 @@ def result_names(store: Storage, wanted: list[str], problems: list[str]) -> list
     """``wanted`` (checked to exist), else every committed ``results/<name>/metrics.json``."""
     found = sorted(
         {
-            key.split("/")[1]
-            for key in store.list("results")
-            if key.count("/") == 2
-            and key.endswith("/metrics.json")
+            folder_name(key, RESULTS)
+            for key in store.list(RESULTS)
+            if folder_name(key, RESULTS)
+            and key.endswith(f"/{METRICS}")
             and not any(u in key for u in UNFINISHED)
         }
     )
@@ -151,7 +164,7 @@ def result_names(store: Storage, wanted: list[str], problems: list[str]) -> list
     missing = [n for n in wanted if n not in found]
     if missing:
         problems.append(
-            f"report.results names {missing}, but {store.join('results')} holds only {found}"
+            f"report.results names {missing}, but {store.join(RESULTS)} holds only {found}"
         )
     return [n for n in wanted if n in found]
 
@@ -160,17 +173,17 @@ def encoder_names(store: Storage) -> list[str]:
     """Every ``checkpoints/<name>`` that holds an ``encoder.pt``."""
     return sorted(
         {
-            key.split("/")[1]
-            for key in store.list("checkpoints")
-            if key.count("/") == 2
-            and key.endswith("/encoder.pt")
+            folder_name(key, CHECKPOINTS)
+            for key in store.list(CHECKPOINTS)
+            if folder_name(key, CHECKPOINTS)
+            and key.endswith(f"/{ENCODER}")
             and not any(u in key for u in UNFINISHED)
         }
     )
 
 
 def _load_result(store: Storage, name: str, problems: list[str]) -> ResultRun | None:
-    key = f"results/{name}/metrics.json"
+    key = result_key(name, METRICS)
     try:
         metrics = json.loads(store.get_bytes(key))
     except Exception as exc:
@@ -178,7 +191,7 @@ def _load_result(store: Storage, name: str, problems: list[str]) -> ResultRun | 
         return None
     metrics["name"] = name  # the folder is the run's identity in the store (and in the report)
     predictions = None
-    npz = f"results/{name}/predictions.npz"
+    npz = result_key(name, PREDICTIONS)
     if store.exists(npz):
         try:
             with np.load(io.BytesIO(store.get_bytes(npz))) as data:
@@ -189,25 +202,24 @@ def _load_result(store: Storage, name: str, problems: list[str]) -> ResultRun | 
 
 
 def _load_encoder_run(store: Storage, name: str, problems: list[str]) -> EncoderRun | None:
-    prefix = f"checkpoints/{name}"
     try:
-        record = checkpoint.load(store, f"{prefix}/encoder.pt")
+        record = checkpoint.load(store, checkpoint_key(name, ENCODER))
     except Exception as exc:
-        problems.append(f"{store.join(prefix + '/encoder.pt')}: unreadable ({exc})")
+        problems.append(f"{store.join(checkpoint_key(name, ENCODER))}: unreadable ({exc})")
         return None
     record.pop("state_dict", None)  # weights are loaded again, one encoder at a time, when used
     history: list[dict[str, float]] = []
-    if store.exists(f"{prefix}/history.json"):
+    if store.exists(checkpoint_key(name, HISTORY)):
         try:
-            history = json.loads(store.get_bytes(f"{prefix}/history.json"))
+            history = json.loads(store.get_bytes(checkpoint_key(name, HISTORY)))
         except Exception as exc:
-            problems.append(f"{store.join(prefix + '/history.json')}: unreadable ({exc})")
+            problems.append(f"{store.join(checkpoint_key(name, HISTORY))}: unreadable ({exc})")
     return EncoderRun(
         name,
-        store.join(f"{prefix}/encoder.pt"),
+        store.join(checkpoint_key(name, ENCODER)),
         record,
         history,
-        store.exists(f"{prefix}/train.pt"),
+        store.exists(checkpoint_key(name, TRAIN_STATE)),
     )
 
 
@@ -328,7 +340,7 @@ def load_mae(store: Storage, name: str) -> tuple[nn.Module, float, int, Normaliz
     (the encoder record holds no decoder), rebuilt from the config that run saved."""
     from hsissl.pretrain.mae import MAERecipe
 
-    key = f"checkpoints/{name}/train.pt"
+    key = checkpoint_key(name, TRAIN_STATE)
     state = checkpoint.load(store, key)
     if state.get("method") != "mae":
         raise ValueError(f"{store.join(key)}: method {state.get('method')!r}, expected 'mae'")

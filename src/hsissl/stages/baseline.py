@@ -23,6 +23,7 @@ import torch
 from hsissl.config import Config
 from hsissl.config_rules import check_splits
 from hsissl.data.shards import ShardDataset
+from hsissl.layout import METRICS, MODEL, PREDICTIONS, dataset_uri, result_key, storage_of
 from hsissl.pretrain.runtime import setup
 from hsissl.segment.baseline import (
     DeepLabV3PlusAux,
@@ -33,7 +34,8 @@ from hsissl.segment.baseline import (
     train,
 )
 from hsissl.segment.finetune import evaluate_tiles
-from hsissl.stages.common import dataset_uri, stage_run, storage_of
+from hsissl.stages.results import BaselineResult
+from hsissl.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ STAGE = "baseline-deeplabv3plus"
 TILE_BATCH = 64  # tiles per forward pass in the tile-size evaluation
 
 
-def run(cfg: Config) -> dict[str, Any]:
+def run(cfg: Config) -> BaselineResult:
     """Train and evaluate the baseline; returns name, results/model URIs, mIoUs and seconds."""
     bc, start = cfg.baseline, time.perf_counter()
     dataset = ShardDataset(dataset_uri(cfg))
@@ -84,11 +86,9 @@ def run(cfg: Config) -> dict[str, Any]:
         tracker.log_dict(metrics, "metrics.json")
     log.info("%s: tile mIoU %s, scene mIoU %s (%.1f s)", bc.name, tile_result["miou"],
              scene_result["miou"], metrics["seconds"])  # fmt: skip
-    prefix = f"results/{bc.name}"
-    return {"name": bc.name, "results_uri": store.join(prefix),
-            "model_uri": store.join(f"{prefix}/model.pt"), "steps": steps,
-            "tile_miou": tile_result["miou"], "scene_miou": scene_result["miou"],
-            "seconds": metrics["seconds"]}  # fmt: skip
+    return BaselineResult(bc.name, store.join(result_key(bc.name)),
+                          store.join(result_key(bc.name, MODEL)), steps, tile_result["miou"],
+                          scene_result["miou"], metrics["seconds"])  # fmt: skip
 
 
 def _summary(prefix: str, result: dict[str, Any]) -> dict[str, float]:
@@ -100,8 +100,8 @@ def write_results(cfg: Config, metrics: dict[str, Any], shown: dict[str, np.ndar
     """predictions.npz, model.pt, then metrics.json (the commit marker): all or nothing."""
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **shown)
-    with storage_of(cfg).transaction(f"results/{cfg.baseline.name}") as tx:
-        tx.put_bytes("predictions.npz", buffer.getvalue())
-        torch.save(record, tx.path("model.pt"))
-        tx.done("model.pt")
-        tx.commit({"metrics.json": json.dumps(metrics, indent=1).encode()})
+    with storage_of(cfg).transaction(result_key(cfg.baseline.name)) as tx:
+        tx.put_bytes(PREDICTIONS, buffer.getvalue())
+        torch.save(record, tx.path(MODEL))
+        tx.done(MODEL)
+        tx.commit({METRICS: json.dumps(metrics, indent=1).encode()})

@@ -1,38 +1,21 @@
-"""What every stage shares: run folder, artifact store, input preparation, tracked runs."""
+"""What the stages that read raw scenes share: the input to ingest (generated, S3, a folder)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hsissl.config import Config, DataConfig, save_resolved
-from hsissl.storage import Storage, open_storage
+from hsissl.config import Config, DataConfig
+from hsissl.layout import run_dir_of
 
 if TYPE_CHECKING:
     from hsissl.data.s3_scenes import ObjectRoot
 
 log = logging.getLogger(__name__)
-
-
-def run_dir_of(cfg: Config) -> Path:
-    path = Path(cfg.run_dir).resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def storage_of(cfg: Config) -> Storage:
-    """The artifact store: ``storage.uri`` or ``<run_dir>/artifacts``."""
-    return open_storage(cfg.storage.uri or str(run_dir_of(cfg) / "artifacts"))
-
-
-def dataset_uri(cfg: Config) -> str:
-    return storage_of(cfg).join(f"datasets/{cfg.data.name}")
 
 
 GENERATED = "generated"  # data.source naming the generated dataset explicitly ("" locally too)
@@ -81,14 +64,3 @@ def ensure_synthetic(out: Path, cfg: Config) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
-
-
-@contextmanager
-def stage_run(cfg: Config, stage: str) -> Iterator[object]:
-    """A tracked run of one stage; the resolved config is saved in the run folder and MLflow."""
-    from hsissl import tracking
-
-    stage_dir = run_dir_of(cfg) / stage
-    save_resolved(cfg, stage_dir / "config.yaml")
-    with tracking.start_run(cfg, stage=stage, run_dir=run_dir_of(cfg)) as tracker:
-        yield tracker

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 from hsissl.config import Config, ConfigError
 from hsissl.data.convert import Options, convert_path
+from hsissl.stages.results import ConvertResult
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config) -> dict[str, Any]:
+def run(cfg: Config) -> ConvertResult:
     c = cfg.convert
     if not c.src or not c.dst:
         raise ConfigError("convert.src and convert.dst are required, e.g. hsissl convert "
@@ -31,10 +31,10 @@ def run(cfg: Config) -> dict[str, Any]:
         log.info("%s -> %s/%s/image/%s.tif (%s, %d bands used, extrapolated %s)", r["source"],
                  c.dst, c.split, r["name"], r["resampling"]["method"], r["bands_used"],
                  r["resampling"]["extrapolated_ohs_nm"] or "none")  # fmt: skip
-    return {
-        "dst": str(Path(c.dst).expanduser().resolve()),
-        "split": c.split,
-        "scenes": {
+    return ConvertResult(
+        dst=str(Path(c.dst).expanduser().resolve()),
+        split=c.split,
+        scenes={
             r["name"]: {
                 "source": r["source"],
                 "resampling": r["resampling"]["method"],
@@ -42,5 +42,5 @@ def run(cfg: Config) -> dict[str, Any]:
             }
             for r in records
         },  # fmt: skip
-        "next": f"hsissl ingest data.source={c.dst} data.scene_size=null 'data.splits=[{c.split}]'",
-    }
+        next=f"hsissl ingest data.source={c.dst} data.scene_size=null 'data.splits=[{c.split}]'",
+    )

@@ -42,6 +42,7 @@ from hsissl.data import realdata
 from hsissl.data.geotiff import read_image, read_label
 from hsissl.data.normalize import Normalizer
 from hsissl.data.shards import ShardDataset
+from hsissl.layout import METRICS, dataset_uri, result_key, run_dir_of, storage_of
 from hsissl.pretrain.checkpoint import build_encoder, load_encoder
 from hsissl.pretrain.trainer import pretrain
 from hsissl.report import real_table
@@ -56,7 +57,8 @@ from hsissl.segment.scene_heads import (
 )
 from hsissl.segment.sliding import predict_scene
 from hsissl.stages import ingest
-from hsissl.stages.common import dataset_uri, run_dir_of, stage_run, storage_of
+from hsissl.stages.results import EvaluateRealResult
+from hsissl.tracking import stage_run
 
 log = logging.getLogger(__name__)
 NUM_LOGITS = 25
@@ -316,7 +318,7 @@ def _check_layout_scenes(rc: RealEvalConfig, root: Path) -> None:
                          str(scenes[name][1]))  # fmt: skip
 
 
-def run(cfg: Config) -> dict[str, Any]:
+def run(cfg: Config) -> EvaluateRealResult:
     root = Path(cfg.real.source).expanduser().resolve()
     check_config(cfg.real, root)
     start = time.perf_counter()
@@ -334,8 +336,8 @@ def run(cfg: Config) -> dict[str, Any]:
         result = {"kind": real_table.REAL_KIND, "name": cfg.real.name, "dataset": data_uri,
                   "normalizer": normalizer.fingerprint, "rows": rows, "summary": summary,
                   "tables": tables, "seconds": time.perf_counter() - start}  # fmt: skip
-        with storage_of(cfg).transaction(f"results/{cfg.real.name}") as tx:  # like every result
-            tx.commit({"metrics.json": json.dumps(result, indent=1).encode(),
+        with storage_of(cfg).transaction(result_key(cfg.real.name)) as tx:  # like every result
+            tx.commit({METRICS: json.dumps(result, indent=1).encode(),
                        "tables.json": json.dumps(tables, indent=1).encode(),
                        "tables.md": tables_md.encode()})  # fmt: skip
         (run_dir_of(cfg) / f"{cfg.real.name}.md").write_text(markdown + "\n")
@@ -346,5 +348,5 @@ def run(cfg: Config) -> dict[str, Any]:
         tracker.log_metrics({re.sub(r"[^\w\-./]", "_", f"{k}/{m}"): v["mean"] for k, ms in summary.items()
                              for m, v in ms.items()})  # fmt: skip
     print(tables_md)
-    return {"results": storage_of(cfg).join(f"results/{cfg.real.name}"), "table": markdown,
-            "tables": tables_md}  # fmt: skip
+    return EvaluateRealResult(storage_of(cfg).join(result_key(cfg.real.name)), markdown,
+                              tables_md)  # fmt: skip

@@ -26,6 +26,7 @@ from hsissl import config_rules, registry
 from hsissl.config import Config, ConfigError
 from hsissl.config_rules import check_splits
 from hsissl.data.shards import ShardDataset
+from hsissl.layout import HEAD, METRICS, PREDICTIONS, dataset_uri, result_key, storage_of
 from hsissl.models import MODELS
 from hsissl.pretrain.runtime import setup
 from hsissl.segment.finetune import (
@@ -41,14 +42,14 @@ from hsissl.segment.finetune import (
     open_encoder,
     train_head,
 )
-from hsissl.stages.common import dataset_uri, stage_run, storage_of
+from hsissl.stages.results import FinetuneResult
 from hsissl.storage import Storage, open_storage
-from hsissl.tracking import resolve_uri
+from hsissl.tracking import resolve_uri, stage_run
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config) -> dict[str, Any]:
+def run(cfg: Config) -> FinetuneResult:
     """Train ``cfg.finetune.head`` on the frozen ``cfg.finetune.encoder``, evaluate, write results.
 
     Returns name, results_uri, head_uri, tile_miou, scene_miou and seconds.
@@ -151,7 +152,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "dataset": {"uri": dataset.uri, "fingerprint": dataset.normalizer.fingerprint},
             "config": asdict(ft),
         }
-        write_results(store, f"results/{name}", metrics, shown, record)
+        write_results(store, result_key(name), metrics, shown, record)
         tracker.log_metrics(
             summary("tile", tile_result) | summary("scene", scene_result),
             step=int(history[-1]["step"]),
@@ -164,14 +165,14 @@ def run(cfg: Config) -> dict[str, Any]:
         scene_result["miou"],
         metrics["seconds"],
     )
-    return {
-        "name": name,
-        "results_uri": store.join(f"results/{name}"),
-        "head_uri": store.join(f"results/{name}/head.pt"),
-        "tile_miou": tile_result["miou"],
-        "scene_miou": scene_result["miou"],
-        "seconds": metrics["seconds"],
-    }
+    return FinetuneResult(
+        name=name,
+        results_uri=store.join(result_key(name)),
+        head_uri=store.join(result_key(name, HEAD)),
+        tile_miou=tile_result["miou"],
+        scene_miou=scene_result["miou"],
+        seconds=metrics["seconds"],
+    )
 
 
 def resolve_encoder(uri: str, store: Storage) -> str:
@@ -234,7 +235,7 @@ def write_results(
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **shown)
     with store.transaction(prefix) as tx:
-        tx.put_bytes("predictions.npz", buffer.getvalue())
-        torch.save(record, tx.path("head.pt"))
-        tx.done("head.pt")
-        tx.commit({"metrics.json": json.dumps(metrics, indent=1).encode()})
+        tx.put_bytes(PREDICTIONS, buffer.getvalue())
+        torch.save(record, tx.path(HEAD))
+        tx.done(HEAD)
+        tx.commit({METRICS: json.dumps(metrics, indent=1).encode()})

@@ -43,13 +43,16 @@ from hsissl.data.scenes import (
 from hsissl.data.shards import FORMAT, MANIFEST, ShardWriter
 from hsissl.data.stats import BandStats, band_sums
 from hsissl.data.tiling import cut_tiles, tile_positions
-from hsissl.stages.common import dataset_uri, prepare_source, stage_run, storage_of
+from hsissl.layout import dataset_key, dataset_uri, storage_of
+from hsissl.stages.common import prepare_source
+from hsissl.stages.results import IngestCheck, IngestResult
 from hsissl.storage import Lease
+from hsissl.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config, report: bool = False) -> dict[str, Any]:
+def run(cfg: Config, report: bool = False) -> IngestResult | IngestCheck:
     """Ingest ``cfg.data.source`` (or the generated dataset); returns dataset URI and manifest.
 
     With ``report=True`` every file is checked, all violations are returned, nothing is written.
@@ -59,7 +62,8 @@ def run(cfg: Config, report: bool = False) -> dict[str, Any]:
         return _ingest(cfg, root, data_cfg, report)
 
 
-def _ingest(cfg: Config, root: Path | ObjectRoot, data_cfg: Any, report: bool) -> dict[str, Any]:
+def _ingest(cfg: Config, root: Path | ObjectRoot, data_cfg: Any,
+            report: bool) -> IngestResult | IngestCheck:  # fmt: skip
     headers, violations = validate_headers(
         root, data_cfg.splits, data_cfg.scene_size, data_cfg.tile_size
     )
@@ -69,15 +73,14 @@ def _ingest(cfg: Config, root: Path | ObjectRoot, data_cfg: Any, report: bool) -
         content, index = validate_content(headers, data_cfg.tile_size, data_cfg.stride)
         leaks += index.overlaps()
         found = violations + content + ([] if allow else [o.violation() for o in leaks])
-        return {"violations": found, "source": str(root),
-                "leakage": leakage.summary(leaks, allow, index.constant)}  # fmt: skip
+        return IngestCheck(found, str(root), leakage.summary(leaks, allow, index.constant))
     if violations:
         raise DataContractError(violations)
     if leaks and not allow:  # before any pixel is read
         raise DataContractError([o.violation() for o in leaks])
 
     storage = storage_of(cfg)
-    prefix = f"datasets/{data_cfg.name}"
+    prefix = dataset_key(data_cfg.name)
     fingerprint = input_fingerprint(headers, data_cfg)
     existing = _committed_manifest(storage, prefix)
     if existing is not None and existing.get("fingerprint") == fingerprint:
@@ -86,7 +89,7 @@ def _ingest(cfg: Config, root: Path | ObjectRoot, data_cfg: Any, report: bool) -
             storage.join(prefix),
             fingerprint,
         )
-        return {"dataset_uri": storage.join(prefix), "manifest": existing, "reused": True}
+        return IngestResult(storage.join(prefix), existing, reused=True)
 
     # The lease first: a second ingest of this name fails before it opens an MLflow run.
     with Lease(storage, prefix) as lease, stage_run(cfg, "ingest") as tracker:
@@ -113,7 +116,7 @@ def _ingest(cfg: Config, root: Path | ObjectRoot, data_cfg: Any, report: bool) -
             }
         )
     log.info("committed %s (%.1f MB in %.1f s)", storage.join(prefix), source_mb, seconds)
-    return {"dataset_uri": dataset_uri(cfg), "manifest": manifest, "reused": False}
+    return IngestResult(dataset_uri(cfg), manifest, reused=False)
 
 
 def validate_headers(root: Path | ObjectRoot, splits: list[str], scene_size: int | None,

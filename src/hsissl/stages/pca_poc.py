@@ -31,11 +31,13 @@ from hsissl.data.loaders import TileBatches, bind
 from hsissl.data.normalize import Normalizer
 from hsissl.data.ohs import BAND_CENTRES_NM
 from hsissl.data.shards import ShardDataset, SplitView
+from hsissl.layout import METRICS, TRAIN_STATE, dataset_uri, result_key, storage_of
 from hsissl.pca import PCA, fit_pca, make_decoder, project, reconstruct, sample_pixels
 from hsissl.pretrain import checkpoint
 from hsissl.pretrain.runtime import Runtime, setup
-from hsissl.stages.common import dataset_uri, stage_run, storage_of
+from hsissl.stages.results import PCAResult
 from hsissl.storage import open_storage
+from hsissl.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ EVAL_TILES = 256  # held-out tiles every reconstruction error is measured on
 EVAL_SPLITS = ("va", "ts")  # first present is the held-out split; else tiles of "tr"
 
 
-def run(cfg: Config) -> dict[str, Any]:
+def run(cfg: Config) -> PCAResult:
     """Fit the PCA, train the decoder, run the optional MAE check; returns the metrics dict."""
     pc = cfg.pca
     rt = setup(cfg.pretrain.device, cfg.seed, cfg.pretrain.deterministic)
@@ -102,9 +104,7 @@ def run(cfg: Config) -> dict[str, Any]:
         tracker.log_dict(pca_record, "pca.json")
         tracker.set_tags({"normalizer": normalizer.fingerprint, "results": _results_uri(cfg)})
         tracker.name_after(_results_uri(cfg))
-    return {"results": _results_uri(cfg)} | {
-        k: metrics[k] for k in ("explained_variance", "mean_mse")
-    }
+    return PCAResult(_results_uri(cfg), metrics["explained_variance"], metrics["mean_mse"])
 
 
 def check_bands(pc: PCAConfig, dataset: ShardDataset) -> None:
@@ -117,7 +117,7 @@ def check_bands(pc: PCAConfig, dataset: ShardDataset) -> None:
 
 
 def _results_uri(cfg: Config) -> str:
-    return storage_of(cfg).join(f"results/{cfg.pca.name}")
+    return storage_of(cfg).join(result_key(cfg.pca.name))
 
 
 def _eval_view(dataset: ShardDataset) -> SplitView:
@@ -190,10 +190,10 @@ def load_mae(uri: str, dataset: ShardDataset, rt: Runtime) -> MAECheck:
     bind(dataset, normalizer)  # refuses an MAE trained on differently normalised data
     parent = uri.rstrip("/").rpartition("/")[0]
     store = open_storage(parent)
-    if not store.exists("train.pt"):
-        raise FileNotFoundError(f"{store.join('train.pt')}: no MAE training state beside "
+    if not store.exists(TRAIN_STATE):
+        raise FileNotFoundError(f"{store.join(TRAIN_STATE)}: no MAE training state beside "
                                 f"{uri}; the check needs the MAE decoder")  # fmt: skip
-    state = checkpoint.load(store, "train.pt")
+    state = checkpoint.load(store, TRAIN_STATE)
     if state.get("step") != record.get("step"):
         raise ValueError(
             f"{store.join('train.pt')} is at step {state.get('step')} but {uri} "
@@ -277,7 +277,7 @@ def _encoder_info(uri: str, mae: MAECheck | None) -> dict[str, str]:
 def _write(cfg: Config, pca_record: dict, metrics: dict, sample: dict[str, np.ndarray]) -> None:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **sample)
-    with storage_of(cfg).transaction(f"results/{cfg.pca.name}") as tx:
+    with storage_of(cfg).transaction(result_key(cfg.pca.name)) as tx:
         tx.put_bytes("pca.json", json.dumps(pca_record, indent=1).encode())
         tx.put_bytes("reconstructions.npz", buffer.getvalue())
-        tx.commit({"metrics.json": json.dumps(metrics, indent=1).encode()})
+        tx.commit({METRICS: json.dumps(metrics, indent=1).encode()})

@@ -3,13 +3,12 @@ tiles with the shared trainer; writes its encoder record to ``checkpoints/<name>
 
 from __future__ import annotations
 
-from typing import Any
-
 from hsissl import methods
 from hsissl.config import Config
 from hsissl.pretrain.trainer import pretrain
+from hsissl.stages.results import PretrainResult
 
 
-def run(cfg: Config, method: str) -> dict[str, Any]:
+def run(cfg: Config, method: str) -> PretrainResult:
     spec = methods.get(method)
-    return pretrain(cfg, spec.recipe_class(), stage=spec.stage)
+    return PretrainResult(**pretrain(cfg, spec.recipe_class(), stage=spec.stage))

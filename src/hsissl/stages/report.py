@@ -20,6 +20,14 @@ import numpy as np
 
 from hsissl.config import Config
 from hsissl.data.ohs import BAND_CENTRES_NM, CLASS_NAMES, REFLECTANCE_SCALE
+from hsissl.layout import (
+    REPORT_HTML,
+    REPORT_MARKDOWN,
+    checkpoint_key,
+    report_key,
+    run_dir_of,
+    storage_of,
+)
 from hsissl.report import html, plots, real_section
 from hsissl.report.captions import results_caption
 from hsissl.report.collect import (
@@ -34,7 +42,8 @@ from hsissl.report.collect import (
 from hsissl.report.labels import method_label, unique_labels
 from hsissl.report.real_table import REAL_KIND
 from hsissl.segment.scenes import rgb_composite
-from hsissl.stages.common import run_dir_of, stage_run, storage_of
+from hsissl.stages.results import ReportResult
+from hsissl.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +56,7 @@ class NotRun(Exception):
     """A section whose inputs do not exist (the reason is shown on the page)."""
 
 
-def run(cfg: Config) -> dict[str, Any]:
+def run(cfg: Config) -> ReportResult:
     """Build and write the report; returns html_uri, markdown_uri, runs, sections, mismatches."""
     rc = cfg.report
     start = time.perf_counter()
@@ -72,19 +81,18 @@ def run(cfg: Config) -> dict[str, Any]:
         summary = html.markdown_summary(
             title, meta, segmentation, fingerprints, others, inputs.problems, inputs.references
         )
-        prefix = f"reports/{rc.name}"
-        with store.transaction(prefix) as tx:
-            tx.commit({"report.html": page.encode(), "summary.md": summary.encode()})
+        with store.transaction(report_key(rc.name)) as tx:
+            tx.commit({REPORT_HTML: page.encode(), REPORT_MARKDOWN: summary.encode()})
         local = run_dir_of(cfg) / "report"
         local.mkdir(parents=True, exist_ok=True)
-        (local / "report.html").write_text(page)
-        (local / "summary.md").write_text(summary)
-        for name in ("report.html", "summary.md"):
+        (local / REPORT_HTML).write_text(page)
+        (local / REPORT_MARKDOWN).write_text(summary)
+        for name in (REPORT_HTML, REPORT_MARKDOWN):
             tracker.log_artifact(local / name, "report")
         mismatches = [f"{r.what} {r.name}" for r in fingerprints if r.matches is False]
         result = {
-            "html_uri": store.join(f"{prefix}/report.html"),
-            "markdown_uri": store.join(f"{prefix}/summary.md"),
+            "html_uri": store.join(report_key(rc.name, REPORT_HTML)),
+            "markdown_uri": store.join(report_key(rc.name, REPORT_MARKDOWN)),
             "runs": [r.name for r in inputs.results],
             "encoders": [e.name for e in inputs.encoders],
             "sections": {s.id: s.status for s in sections},
@@ -102,7 +110,7 @@ def run(cfg: Config) -> dict[str, Any]:
         result["sections"],
         result["seconds"],
     )
-    return result
+    return ReportResult(**result)
 
 
 # -- sections ---------------------------------------------------------------------------------
@@ -307,7 +315,7 @@ def section_attention(inputs: ReportInputs, cfg: Config) -> str:
                 "CLS-token attention of the last block over the patch tokens, "
                 "mean over heads (each map on its own scale), inputs normalised "
                 "with each encoder's own Normalizer. Rows: "
-                + "; ".join(f"{labels[e.name]} = checkpoints/{e.name}" for e in inputs.encoders)
+                + "; ".join(f"{labels[e.name]} = {checkpoint_key(e.name)}" for e in inputs.encoders)
                 + ".",
             )
         )

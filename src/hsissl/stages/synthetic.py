@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from hsissl.config import Config
-from hsissl.stages.common import ensure_synthetic, run_dir_of
+from hsissl.layout import run_dir_of
+from hsissl.stages.common import ensure_synthetic
+from hsissl.stages.results import SyntheticResult
 
 
-def run(cfg: Config) -> dict[str, Any]:
+def run(cfg: Config) -> SyntheticResult:
     out = ensure_synthetic(run_dir_of(cfg) / "synthetic", cfg)
-    return {"synthetic": str(out), "scenes": dict(cfg.synthetic.scenes), "size": cfg.synthetic.size}
+    return SyntheticResult(str(out), dict(cfg.synthetic.scenes), cfg.synthetic.size)
