@@ -28,14 +28,13 @@ from hsissl.models.heads import DEFAULT_CLASSES, create_head
 from hsissl.pretrain import checkpoint
 from hsissl.pretrain.runtime import Runtime, autocast
 from hsissl.segment.metrics import ConfusionMatrix
-from hsissl.segment.scenes import iter_scenes, rgb_composite
+from hsissl.segment.scenes import SHOWN_SCENES, iter_scenes, rgb_composite
 from hsissl.segment.sliding import predict_scene
 from hsissl.storage import open_storage
 
 RANDOM_PREFIX = "random:"
 HEAD_FORMAT = "hsissl-head/1"
 LOSSES = ("ce", "focal")
-SHOWN_SCENES = 3  # scenes kept in predictions.npz for the report
 
 
 # -- encoder ------------------------------------------------------------------------------------
