@@ -64,7 +64,7 @@ def open_encoder(
         encoder, build = random_encoder(factory, seed)
         info = {"uri": uri, "method": "random", "factory": factory, "build": build, "seed": seed}
         return encoder, dataset.normalizer, info
-    encoder, normalizer, record = checkpoint.load_encoder(uri)
+    encoder, normalizer, record = checkpoint.load_model(uri)
     try:
         bind(dataset, normalizer)
     except NormalizerMismatch as exc:  # say which checkpoint, too
@@ -393,7 +393,7 @@ def load_segmentation_model(
         encoder, _ = random_encoder(enc["factory"], enc["seed"])
         enc_normalizer = normalizer
     else:
-        encoder, enc_normalizer, _ = checkpoint.load_encoder(enc["uri"])
+        encoder, enc_normalizer, _ = checkpoint.load_model(enc["uri"])
     if enc_normalizer != normalizer:
         raise NormalizerMismatch(
             f"{uri}: head trained with Normalizer {normalizer.fingerprint}, "

@@ -35,7 +35,7 @@ from hsissl.data.geotiff import read_label
 from hsissl.data.normalize import Normalizer
 from hsissl.data.shards import ShardDataset
 from hsissl.models.heads import HEADS
-from hsissl.pretrain.checkpoint import build_encoder, load_encoder
+from hsissl.pretrain.checkpoint import build_encoder, load_model
 from hsissl.pretrain.trainer import pretrain
 from hsissl.report import real_table
 from hsissl.segment.real_eval import evaluate_scene, layout_scenes, summarise, work_units
@@ -73,7 +73,7 @@ def pretrain_encoders(cfg: Config, root: Path) -> tuple[dict[str, nn.Module], No
         mcfg = replace(pcfg, pretrain=replace(pcfg.pretrain, max_steps=rc.pretrain_steps, name=f"real-{method}",
                                               knn_tiles=0))  # fmt: skip
         result = pretrain(mcfg, _recipe(method), stage=f"pretrain-{method}")
-        encoder, enc_norm, record = load_encoder(result["encoder_uri"])
+        encoder, enc_norm, record = load_model(result["encoder_uri"])
         normalizer.check(enc_norm.fingerprint, f"encoder {result['encoder_uri']}")
         encoders[method] = encoder
         build = build or record["build"]
