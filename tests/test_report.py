@@ -23,6 +23,7 @@ from hsissl.pretrain.checkpoint import config_from_dict
 from hsissl.pretrain.mae import MAERecipe
 from hsissl.pretrain.trainer import pretrain
 from hsissl.report import collect as report_collect
+from hsissl.report import sections as report_sections
 from hsissl.report.captions import results_caption
 from hsissl.report.collect import cls_attention, example_tiles, mae_reconstruct
 from hsissl.report.labels import scene_inference, unique_labels
@@ -343,9 +344,11 @@ def test_majority_reference_counts_absent_classes_like_the_confusion_matrix():
 
 def test_segmentation_loss_curves_show_every_heads_and_the_baselines_history(runs, monkeypatch):
     panels: dict = {}
-    monkeypatch.setattr(report.plots, "loss_panels", lambda p, title: panels.update(p) or b"")
+    monkeypatch.setattr(
+        report_sections.plots, "loss_panels", lambda p, title: panels.update(p) or b""
+    )
     cfg = cfg_for(runs["run_dir"])
-    report.section_training(report_collect.collect(cfg), cfg)
+    report_sections.section_training(report_collect.collect(cfg), cfg)
     metrics = runs["metrics"]
     assert panels["DeepLabV3+ baseline"] == {
         "from scratch": metrics["baseline-deeplabv3plus"]["history"]
