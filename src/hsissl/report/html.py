@@ -33,6 +33,11 @@ def render(template: str, **values: Any) -> Markup:
     return Markup(TEMPLATES.get_template(template).render(**values))
 
 
+def fragment(name: str, *args: Any) -> Markup:
+    """The macro ``name`` of ``templates/fragments.html.j2`` applied to ``args``."""
+    return Markup(getattr(TEMPLATES.get_template("fragments.html.j2").module, name)(*args))
+
+
 @dataclass
 class Section:
     id: str

@@ -83,7 +83,7 @@ def build_sections(inputs: ReportInputs, cfg: Config) -> list[html.Section]:
             sections.append(html.Section(sid, title, html.not_run(str(reason)), "not run"))
         except Exception as exc:  # the exit task must still report everything else
             log.exception("report section %r failed", title)
-            body = f'<p class="failed">Failed: {html.esc(type(exc).__name__)}: {html.esc(exc)}</p>'
+            body = html.fragment("failed", type(exc).__name__, exc)
             sections.append(html.Section(sid, title, body, "failed"))
     return sections
 
@@ -111,21 +111,11 @@ def section_results(inputs: ReportInputs, cfg: Config) -> str:
     ]
     elsewhere = [r for r in inputs.segmentation if r.metrics.get("dataset") != inputs.dataset_uri]
     if elsewhere:
-        items = "".join(
-            f"<li><code>{html.esc(r.name)}</code>: {html.esc(r.metrics.get('dataset'))}</li>"
-            for r in elsewhere
-        )
-        body.append(
-            f'<p class="bad">Evaluated on another dataset than {html.esc(inputs.dataset_uri)}:'
-            f"</p><ul>{items}</ul>"
-        )
+        runs = [(r.name, r.metrics.get("dataset")) for r in elsewhere]
+        body.append(html.fragment("elsewhere", inputs.dataset_uri, runs))
     others = [r for r in inputs.results if r.kind not in (*SEGMENTATION_KINDS, "pca")]
     if others:
-        body.append(
-            "<p>Other results (not in the table): "
-            + ", ".join(f"<code>{html.esc(r.name)}</code> ({html.esc(r.kind)})" for r in others)
-            + "</p>"
-        )
+        body.append(html.fragment("other_results", [(r.name, r.kind) for r in others]))
     return "".join(body)
 
 
@@ -135,7 +125,7 @@ def section_training(inputs: ReportInputs, cfg: Config) -> str:
     heads = [r for r in inputs.segmentation if r.metrics.get("history")]
     if not encoders and not heads:
         raise NotRun("no encoder history.json and no finetune/baseline history in the store")
-    body = ["<h3>Pretraining (encoders)</h3>"]
+    body = [html.fragment("heading", "Pretraining (encoders)")]
     for method in dict.fromkeys(e.method for e in encoders):
         runs = {e.name: e.history for e in encoders if e.method == method}
         steps = ", ".join(f"{n}: {int(h[-1]['step'])} steps" for n, h in runs.items())
@@ -147,10 +137,10 @@ def section_training(inputs: ReportInputs, cfg: Config) -> str:
         )
     missing = [e.name for e in inputs.encoders if not e.history]
     if missing:
-        body.append(f"<p class=notrun>No history.json for: {html.esc(', '.join(missing))}</p>")
+        body.append(html.fragment("missing", "history.json for", missing))
     if not encoders:
         body.append(html.not_run("no encoder checkpoint with a history.json in the store"))
-    body.append("<h3>Segmentation heads and baseline</h3>")
+    body.append(html.fragment("heading", "Segmentation heads and baseline"))
     body.append(segmentation_losses(inputs, heads))
     return "".join(body)
 
@@ -177,7 +167,7 @@ def segmentation_losses(inputs: ReportInputs, runs: list[ResultRun]) -> str:
     )
     missing = [r.name for r in inputs.segmentation if not r.metrics.get("history")]
     if missing:
-        body += f"<p class=notrun>No history in metrics.json of: {html.esc(', '.join(missing))}</p>"
+        body += html.fragment("missing", "history in metrics.json of", missing)
     return body
 
 
@@ -267,9 +257,7 @@ def section_attention(inputs: ReportInputs, cfg: Config) -> str:
             )
         )
     if notes:
-        body.append(
-            "<ul>" + "".join(f'<li class="bad">{html.esc(n)}</li>' for n in notes) + "</ul>"
-        )
+        body.append(html.fragment("bad_notes", notes))
     return "".join(body)
 
 
@@ -290,7 +278,7 @@ def section_mae(inputs: ReportInputs, cfg: Config) -> str:
             f"{e.name} (step {rec.step}, {rec.mask_ratio:.0%} masked): "
             f"{tiles.split} tile {int(tiles.indices[0])}"
         )
-        body.append(f"<h3>{html.esc(e.name)}</h3>")
+        body.append(html.fragment("heading", e.name))
         body.append(
             html.figure(
                 plots.mae_reconstruction(
@@ -322,7 +310,7 @@ def section_pca(inputs: ReportInputs, cfg: Config) -> str:
     for r in runs:
         m = r.metrics
         ratio = m.get("explained_variance") or []
-        body.append(f"<h3>{html.esc(r.name)}</h3>")
+        body.append(html.fragment("heading", r.name))
         body.append(
             html.figure(
                 plots.explained_variance(ratio, f"{r.name}: explained variance"),
@@ -367,12 +355,7 @@ def section_data(inputs: ReportInputs, cfg: Config) -> str:
                 ["Split", "Tiles", "Scenes", "Labelled pixels", "Unlabelled %"], rows, cls="splits"
             )
         )
-        body.append(
-            f"<p>Tile {manifest.get('tile_size')} px, stride {manifest.get('stride')}, "
-            f"{manifest.get('bands')} bands; source <code>{html.esc(manifest.get('source'))}"
-            f"</code>; content fingerprint <code>{html.esc(manifest.get('fingerprint'))}</code>"
-            f", created {html.esc(manifest.get('created'))}.</p>"
-        )
+        body.append(html.fragment("dataset_line", manifest))
         counts = {
             s: i["class_pixels"] for s, i in manifest["splits"].items() if i.get("class_pixels")
         }
@@ -402,11 +385,7 @@ def section_data(inputs: ReportInputs, cfg: Config) -> str:
             )
     rows = fingerprint_rows(inputs)
     if rows:
-        body.append(
-            "<h3>Normalizer fingerprints</h3><p>Every run must use the dataset's "
-            "statistics; a run in red was normalised differently (the dissertation's "
-            "bug: chance-level results).</p>"
-        )
+        body.append(html.fragment("fingerprints_intro"))
         body.append(html.fingerprint_table(rows))
     if manifest is None and not rows:
         raise NotRun(f"no dataset manifest at {inputs.dataset_uri} and no runs")
