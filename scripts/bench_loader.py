@@ -24,8 +24,9 @@ import torch
 
 from hsissl.data import ohs
 from hsissl.data.loaders import TileBatches, device_normalize
+from hsissl.data.manifest import FORMAT, MANIFEST
 from hsissl.data.normalize import Normalizer
-from hsissl.data.shards import FORMAT, MANIFEST, ShardDataset, ShardWriter
+from hsissl.data.shards import ShardDataset, ShardWriter
 from hsissl.storage import open_storage
 
 

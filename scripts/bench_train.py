@@ -54,9 +54,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from hsissl.config import load_config
 from hsissl.data import ohs
 from hsissl.data.loaders import endless
+from hsissl.data.manifest import FORMAT, MANIFEST
 from hsissl.data.normalize import Normalizer
 from hsissl.data.prefetch import DeviceBatches
-from hsissl.data.shards import FORMAT, MANIFEST, ShardWriter
+from hsissl.data.shards import ShardWriter
 from hsissl.pretrain.recipe import COMPILE_SCOPES, set_checkpoint_blocks
 from hsissl.pretrain.trainer import Trainer
 from hsissl.storage import open_storage

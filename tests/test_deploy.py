@@ -144,6 +144,8 @@ def test_code_layer_builds_from_the_docker_context(tmp_path: Path):
         p.relative_to(REPO) for d in ("components", "pipelines") for p in (REPO / d).rglob("*.py")
     ]
     assert [str(p) for p in sources if str(p) not in names] == []
+    templates = (REPO / "src" / "hsissl" / "report" / "templates").iterdir()  # package data
+    assert [str(p) for p in templates if str(p.relative_to(REPO / "src")) not in names] == []
     assert set(project["project"]["scripts"]) <= set(re.findall(r"^(\S+) =", entry_points, re.M))
 
 

@@ -72,6 +72,28 @@ def test_manifest_records_checksums_config_and_sources(tiny_cfg):
     ).is_file()  # resolved config beside the run
 
 
+EXPECTED_MANIFEST = Path(__file__).parent / "data" / "ingest_manifest_expected.json"
+
+
+def test_manifest_is_the_one_written_before_hsissl_data_manifest_owned_it(tiny_cfg):
+    """Shard checksums and sizes, split entries, statistics and key order of the manifest of a
+    fixed tiny input, as ingest wrote them before the manifest had its own module; the file
+    is that dict as indented JSON. (created, source, fingerprint and config depend on the run.)"""
+    ingest.run(tiny_cfg)
+    raw = storage_of(tiny_cfg).get_bytes("datasets/whu-ohs/manifest.json")
+    manifest = json.loads(raw)
+    assert raw == json.dumps(manifest, indent=1).encode()
+    expected = json.loads(EXPECTED_MANIFEST.read_text())
+    assert list(manifest) == expected["keys"]
+    assert list(manifest["config"]) == expected["config_keys"]
+    for key, value in expected["manifest"].items():
+        if key == "normalizer":
+            assert manifest[key]["fingerprint"] == value["fingerprint"]
+        else:
+            assert manifest[key] == value, key
+    assert manifest["class_names"][1] == "Paddy field" and len(manifest["band_centres_nm"]) == 32
+
+
 def test_ingest_is_idempotent_and_redoes_work_when_the_config_changes(tiny_cfg, tmp_path):
     first = ingest.run(tiny_cfg)
     shard = storage_of(tiny_cfg).local_path("datasets/whu-ohs/tr/images-00000.npy")

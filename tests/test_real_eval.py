@@ -10,7 +10,7 @@ import torch
 
 from hsissl.config import load_config
 from hsissl.segment.blocks import block_split, protocol_split
-from hsissl.stages.evaluate_real import dihedral, floor_scores, miou, summarise
+from hsissl.segment.real_eval import dihedral, floor_scores, miou, summarise, work_units
 
 
 def test_block_split_keeps_whole_blocks_on_one_side():
@@ -259,7 +259,7 @@ def test_evaluate_real_on_a_converted_scene(tmp_path, capfd):
     # the progress bar named what ran (scene, protocol, seed, model) and reached its total
     err = capfd.readouterr().err
     assert "mine half seed 0" in err and "mae+linear" in err and "deeplabv3plus" in err
-    total = evaluate_real.work_units(cfg.real, n_encoders=2)  # mae and its random-init control
+    total = work_units(cfg.real, n_encoders=2)  # mae and its random-init control
     assert f"{total}/{total}" in err
     # the per-scene table, with paired differences, next to metrics.json
     from hsissl.layout import storage_of
@@ -302,7 +302,8 @@ def test_real_preset_runs_every_labelled_shared_scene_with_one_setting(tmp_path)
 def test_real_preset_passes_the_checks_on_the_shared_scenes(shared_data):
     from pathlib import Path
 
-    from hsissl.stages.evaluate_real import check_config, load_eval_scene
+    from hsissl.segment.real_eval import load_eval_scene
+    from hsissl.stages.evaluate_real import check_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "real.yaml")
     check_config(cfg.real, shared_data)

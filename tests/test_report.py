@@ -20,16 +20,19 @@ from hsissl.config import load_config
 from hsissl.data.shards import ShardDataset
 from hsissl.layout import storage_of
 from hsissl.pretrain import checkpoint
+from hsissl.pretrain.checkpoint import config_from_dict
 from hsissl.pretrain.mae import MAERecipe
 from hsissl.pretrain.trainer import pretrain
 from hsissl.report import collect as report_collect
+from hsissl.report import sections as report_sections
 from hsissl.report.captions import results_caption
-from hsissl.report.collect import cls_attention, config_from_dict, example_tiles, mae_reconstruct
+from hsissl.report.collect import cls_attention, example_tiles, mae_reconstruct
 from hsissl.report.labels import scene_inference, unique_labels
 from hsissl.report.plots import PALETTE, attention_figure, colorize
 from hsissl.report.reference import REFERENCE_NAME, majority_reference, references_for
 from hsissl.segment.metrics import ConfusionMatrix
 from hsissl.stages import baseline, finetune, ingest, pca_poc, report
+from hsissl.storage import open_storage
 from hsissl.tracking import resolve_uri
 
 REPO = Path(__file__).resolve().parents[1]
@@ -341,9 +344,11 @@ def test_majority_reference_counts_absent_classes_like_the_confusion_matrix():
 
 def test_segmentation_loss_curves_show_every_heads_and_the_baselines_history(runs, monkeypatch):
     panels: dict = {}
-    monkeypatch.setattr(report.plots, "loss_panels", lambda p, title: panels.update(p) or b"")
+    monkeypatch.setattr(
+        report_sections.plots, "loss_panels", lambda p, title: panels.update(p) or b""
+    )
     cfg = cfg_for(runs["run_dir"])
-    report.section_training(report_collect.collect(cfg), cfg)
+    report_sections.section_training(report_collect.collect(cfg), cfg)
     metrics = runs["metrics"]
     assert panels["DeepLabV3+ baseline"] == {
         "from scratch": metrics["baseline-deeplabv3plus"]["history"]
@@ -535,3 +540,41 @@ def test_mae_reconstruction_keeps_visible_pixels_and_scores_masked_ones(runs):
     assert rec.step == 4 and rec.per_band_mse.shape == (32,) and rec.per_band_mse.min() > 0
     again = mae_reconstruct(store, "mae", tiles.images, seed=0)
     np.testing.assert_array_equal(again.reconstruction, rec.reconstruction)  # seeded mask
+
+
+# -- models rebuilt from checkpoints (pretrain.checkpoint.load_model) ------------------------------
+def test_load_model_builds_from_the_records_build_without_a_config_file(runs, monkeypatch):
+    def no_saved_config(*args, **kwargs):
+        raise AssertionError("a model was rebuilt through its saved config")
+
+    monkeypatch.setattr(checkpoint, "config_from_tree", no_saved_config)
+    encoder, normalizer, record = checkpoint.load_model(runs["encoder_uri"])
+    mae, mae_normalizer, state = checkpoint.load_model(runs["encoder_uri"], whole=True)
+    assert record["build"]["attr"] == "encoder" and state["build"]["attr"] is None
+    assert type(mae).__name__ == "MaskedAutoencoderViT" and not mae.training
+    assert mae_normalizer == normalizer and state["step"] == record["step"] == 4
+    assert not {"recipe", "optimizer", "rng", "state_dict"} & set(state)
+    # one run at one point: the whole network's encoder is the record's encoder ...
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(mae.encoder.state_dict()[key], value), key
+    # ... and its decoder holds the trained weights of train.pt, not freshly initialised ones
+    trained = checkpoint.load(runs["store"], "checkpoints/mae/train.pt")["recipe"]
+    for key in ("decoder_embed.weight", "decoder_pos_embed", "mask_token"):
+        assert torch.equal(mae.state_dict()[key], trained[f"model.{key}"]), key
+
+
+def test_load_model_rebuilds_a_record_without_build_from_its_saved_config(runs, tmp_path):
+    """Records written before they held their ``build`` still load, as their recipe built them."""
+    record = checkpoint.load(runs["store"], "checkpoints/mae/encoder.pt")
+    del record["build"]
+    store = open_storage(tmp_path)
+    checkpoint.save(store, "old/encoder.pt", record)
+    old, _, old_record = checkpoint.load_model(store.join("old/encoder.pt"))
+    new, _, _ = checkpoint.load_model(runs["encoder_uri"])
+    assert "build" not in old_record and type(old) is type(new)
+    assert old.state_dict().keys() == new.state_dict().keys()
+    assert all(torch.equal(v, new.state_dict()[k]) for k, v in old.state_dict().items())
+    del record["config"]
+    checkpoint.save(store, "older/encoder.pt", record)
+    with pytest.raises(checkpoint.CheckpointError, match="no build and no config"):
+        checkpoint.load_model(store.join("older/encoder.pt"))

@@ -371,6 +371,18 @@ def load_config(
     return cfg
 
 
+def config_from_tree(loaded: dict[str, Any], origin: str) -> Config:
+    """Defaults, then the mapping ``loaded`` (e.g. a checkpoint's saved ``asdict(Config)``),
+    type-checked and validated as a preset is; ``origin`` names it in errors. No file."""
+    schema = config_class()
+    tree = dataclasses.asdict(schema())
+    origins: dict[str, str] = {}
+    _merge(tree, loaded, schema, prefix="", origin=origin, origins=origins)
+    cfg = _build(schema, tree, prefix="", origins=origins)
+    validate(cfg, origins)
+    return cfg
+
+
 def _parse_yaml(text: str, path: str | None = None, override: str = "") -> Any:
     """``yaml.safe_load`` whose errors name the file (``path:line:column``) or the override."""
     try:

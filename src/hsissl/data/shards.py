@@ -3,13 +3,12 @@
 Per split, shard ``k`` is three files:
 ``<split>/images-k.npy`` (N, C, T, T) int16, ``<split>/labels-k.npy`` (N, T, T) uint8 and
 ``<split>/sources-k.npy`` (N, 3) int32 = (scene index, y, x) of every tile. The manifest
-(written last, it is the commit marker) lists them with sha256 checksums.
+(:mod:`hsissl.data.manifest`, written last: the commit marker) lists them with sha256 checksums.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from hsissl.data.manifest import MANIFEST, file_entry, shard_entry
+from hsissl.data.manifest import read as read_manifest
 from hsissl.data.normalize import Normalizer
 from hsissl.storage import Storage, Transaction, open_storage
-
-FORMAT = "hsissl-shards/1"
-MANIFEST = "manifest.json"
-
 
 NPY_HEADER_BYTES = 128  # fixed, so the tile count can be patched in when a shard closes
 
@@ -128,13 +125,13 @@ class ShardWriter:
     def _finish(self) -> None:
         if self._open is None:
             return
-        record: dict[str, Any] = {"count": self._open["images"].rows, "files": {}}
+        files: dict[str, dict[str, Any]] = {}
         for kind, stream in self._open.items():
             sha, size = stream.finish()
             key = f"{self.split}/{stream.path.name}"
             self.tx.done(key)
-            record["files"][kind] = {"key": key, "sha256": sha, "bytes": size}
-        self.shards.append(record)
+            files[kind] = file_entry(key, sha, size)
+        self.shards.append(shard_entry(self._open["images"].rows, files))
         self._open = None
 
     def close(self) -> list[dict[str, Any]]:
@@ -186,13 +183,7 @@ class ShardDataset:
     def __init__(self, uri: str, cache_dir: Path | None = None, verify: bool = False):
         self.uri = uri
         self.storage: Storage = open_storage(uri)
-        if not self.storage.exists(MANIFEST):
-            raise FileNotFoundError(f"{self.storage.join(MANIFEST)}: no manifest; not a committed dataset "
-                                    "(run `hsissl ingest` first)")  # fmt: skip
-        self.manifest: dict[str, Any] = json.loads(self.storage.get_bytes(MANIFEST))
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{self.storage.join(MANIFEST)}: format {self.manifest.get('format')!r}, "
-                             f"expected {FORMAT!r}")  # fmt: skip
+        self.manifest: dict[str, Any] = read_manifest(self.storage)
         self.normalizer = Normalizer.from_dict(
             self.manifest["normalizer"], origin=self.storage.join(MANIFEST)
         )

@@ -72,7 +72,7 @@ def results_caption(
         "rows: normalised with other statistics than the dataset's (not comparable, never "
         "bold); grey italic: chance reference. Bold: best per column."
     )
-    return f"<p>{html.esc(' '.join(parts))}</p>"
+    return html.fragment("paragraph", " ".join(parts))
 
 
 def _names(names: list[str]) -> str:

@@ -8,23 +8,18 @@ failure: anything missing or unreadable is recorded in ``problems`` instead of r
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import logging
-import tempfile
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from hsissl import methods
-from hsissl.config import Config, config_class, load_config
+from hsissl.config import Config
 from hsissl.data.normalize import Normalizer
 from hsissl.data.shards import ShardDataset
 from hsissl.layout import (
@@ -42,6 +37,7 @@ from hsissl.layout import (
     storage_of,
 )
 from hsissl.pretrain import checkpoint
+from hsissl.pretrain.reconstruction import load_mae, reconstruct
 from hsissl.report.reference import references_for
 from hsissl.storage import Storage
 
@@ -246,38 +242,6 @@ def sort_runs(runs: list[ResultRun]) -> list[ResultRun]:
     )
 
 
-# -- configs saved by earlier runs ---------------------------------------------------------------
-def config_from_dict(tree: dict[str, Any]) -> Config:
-    """A :class:`Config` from ``asdict(Config)`` as saved in a checkpoint's ``"config"``.
-
-    Goes through :func:`load_config` (so types are checked as for a preset). Keys this version
-    no longer knows are dropped with a warning; keys it added since take their defaults.
-    """
-    known, dropped = _known_keys(tree, config_class(), "")  # with registered methods' sections
-    if dropped:
-        log.warning("saved config: ignoring keys unknown to this version: %s", dropped)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "config.yaml"
-        path.write_text(yaml.safe_dump(known, sort_keys=False))
-        return load_config(path)
-
-
-def _known_keys(tree: dict[str, Any], cls: type, prefix: str) -> tuple[dict[str, Any], list[str]]:
-    """``tree`` without the keys ``cls`` lacks (recursing into sections), and those keys."""
-    hints = typing.get_type_hints(cls)
-    known: dict[str, Any] = {}
-    dropped: list[str] = []
-    for key, value in tree.items():
-        if key not in hints:
-            dropped.append(f"{prefix}{key}")
-        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
-            known[key], more = _known_keys(value, hints[key], f"{prefix}{key}.")
-            dropped += more
-        else:
-            known[key] = value
-    return known, dropped
-
-
 # -- example tiles, attention, MAE reconstructions ------------------------------------------------
 @dataclass
 class Tiles:
@@ -320,7 +284,7 @@ def cls_attention(encoder: nn.Module, x: torch.Tensor) -> np.ndarray:
 def encoder_attention(uri: str, images: np.ndarray) -> tuple[np.ndarray, Normalizer]:
     """CLS attention maps (n, h, w) of the encoder record ``uri`` on raw ``images``, normalised
     with the encoder's own Normalizer (returned too, for the fingerprint check)."""
-    encoder, normalizer, _ = checkpoint.load_encoder(uri)
+    encoder, normalizer, _ = checkpoint.load_model(uri)
     x = normalizer(torch.from_numpy(np.ascontiguousarray(images)))  # (n, C, T, T) float32
     return cls_attention(encoder, x), normalizer
 
@@ -335,47 +299,20 @@ class MAEReconstruction:
     mask_ratio: float
 
 
-def load_mae(store: Storage, name: str) -> tuple[nn.Module, float, int, Normalizer]:
-    """(full MAE in eval mode, mask ratio, step, Normalizer) from ``checkpoints/<name>/train.pt``
-    (the encoder record holds no decoder), rebuilt from the config that run saved."""
-    from hsissl.pretrain.mae import MAERecipe
-
-    key = checkpoint_key(name, TRAIN_STATE)
-    state = checkpoint.load(store, key)
-    if state.get("method") != "mae":
-        raise ValueError(f"{store.join(key)}: method {state.get('method')!r}, expected 'mae'")
-    cfg = config_from_dict(state["config"])
-    recipe = MAERecipe(cfg)
-    recipe.load_state_dict(state["recipe"])
-    normalizer = Normalizer.from_dict(state["normalizer"], origin=store.join(key))
-    return recipe.model.eval(), cfg.mae.mask_ratio, int(state["step"]), normalizer
-
-
 @torch.no_grad()
 def mae_reconstruct(
     store: Storage, name: str, images: np.ndarray, seed: int = 0
 ) -> MAEReconstruction:
     """Reconstruct ``images`` (n, C, T, T raw) with the MAE of run ``name`` under a seeded mask."""
-    model, mask_ratio, step, normalizer = load_mae(store, name)
-    x = normalizer(torch.from_numpy(np.ascontiguousarray(images)))  # (n, C, T, T)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # random_masking draws from the global generator
-        latent, mask, ids_restore = model.forward_encoder(x, mask_ratio)  # mask (n, L)
-    pred = model.forward_decoder(latent, ids_restore).float()  # (n, L, p*p*C)
-    if model.norm_pix_loss:  # per-patch standardised targets: undo with the input's statistics
-        target = model.patchify(x)
-        pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(
-            dim=-1, keepdim=True
-        )
-    p, c = model.patch_size, model.in_chans
-    mask_px = model.unpatchify(mask[..., None].expand(-1, -1, p * p * c))[:, :1]  # (n, 1, T, T)
-    recon = model.unpatchify(pred) * mask_px + x * (1 - mask_px)
+    mae = load_mae(store.join(checkpoint_key(name, ENCODER)))
+    x = mae.normalizer(torch.from_numpy(np.ascontiguousarray(images)))  # (n, C, T, T)
+    recon, mask_px = reconstruct(mae.model, x, mae.mask_ratio, seed)  # mask_px (n, 1, T, T)
     err = ((recon - x) ** 2 * mask_px).sum(dim=(0, 2, 3)) / mask_px.sum().clamp(min=1)  # (C,)
     return MAEReconstruction(
         x.numpy(),
         recon.numpy(),
         mask_px[:, 0].bool().numpy(),
         err.double().numpy(),
-        step,
-        mask_ratio,
+        mae.step,
+        mae.mask_ratio,
     )

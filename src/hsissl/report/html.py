@@ -1,53 +1,49 @@
 """The report page and its Markdown summary: self-contained HTML (inline CSS, PNGs as data URIs,
-no scripts, no links to local files) built from plain values."""
+no scripts, no links to local files) built from plain values with the Jinja2 templates in
+``templates/`` (autoescaped: values are escaped once, where a template inserts them; HTML
+that is already escaped travels as :class:`markupsafe.Markup`)."""
 
 from __future__ import annotations
 
 import base64
-import html
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2 import Environment, PackageLoader, StrictUndefined
+from markupsafe import Markup, escape
+
+from hsissl.layout import result_key
 from hsissl.report.labels import scene_inference
 
 DASH = "–"  # a metric that does not exist (class absent from ground truth and prediction)
 METRICS = (("miou", "mIoU"), ("macc", "mAcc"), ("oa", "OA"))
 GAIN_HEADER = "Δ scene mIoU vs random (pp)"  # percentage points
 
-CSS = """
-body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
-       margin: 0 auto; max-width: 1280px; padding: 24px 32px 64px; color: #222; line-height: 1.45; }
-h1 { margin-bottom: 4px; }
-h2 { margin-top: 40px; border-bottom: 2px solid #ddd; padding-bottom: 4px; }
-h3 { margin: 22px 0 6px; font-size: 1.05em; }
-.meta { color: #555; font-size: 0.92em; } .meta code { font-size: 0.95em; }
-nav ul { columns: 2; font-size: 0.95em; list-style: none; padding-left: 4px; }
-table { border-collapse: collapse; margin: 8px 0 14px; font-size: 0.88em; }
-th, td { border: 1px solid #d4d4d4; padding: 3px 8px; }
-th { background: #f0f2f5; text-align: left; position: sticky; top: 0; }
-td code, td span { white-space: nowrap; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-tbody tr:nth-child(even) { background: #fafafa; }
-tr.baseline td { background: #eef5ff; } tr.control td { background: #fff6e5; }
-tr.mismatch td { background: #ffe8e8; } tr.reference td { color: #555; font-style: italic; }
-.best { font-weight: bold; }
-.bad { color: #c00000; font-weight: bold; } .ok { color: #1a7f37; }
-.notrun { color: #777; font-style: italic; } .failed { color: #c00000; }
-.problems { border-left: 4px solid #c00000; background: #fff3f3; padding: 6px 12px; }
-details { margin: 6px 0 12px; } summary { cursor: pointer; color: #0550ae; }
-figure { margin: 10px 0 18px; } figure img { max-width: 100%; height: auto; }
-figcaption { color: #555; font-size: 0.88em; }
-code { background: #f3f3f3; padding: 0 3px; border-radius: 3px; }
-.scroll { overflow-x: auto; }
-"""
+TEMPLATES = Environment(
+    loader=PackageLoader("hsissl.report", "templates"),
+    autoescape=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    undefined=StrictUndefined,
+)
+
+
+def render(template: str, **values: Any) -> Markup:
+    """``templates/<template>`` rendered with ``values`` (escaped unless Markup)."""
+    return Markup(TEMPLATES.get_template(template).render(**values))
+
+
+def fragment(name: str, *args: Any) -> Markup:
+    """The macro ``name`` of ``templates/fragments.html.j2`` applied to ``args``."""
+    return Markup(getattr(TEMPLATES.get_template("fragments.html.j2").module, name)(*args))
 
 
 @dataclass
 class Section:
     id: str
     title: str
-    body: str  # HTML
+    body: str  # HTML (escaped already)
     status: str = "ok"  # ok | not run | failed
 
 
@@ -75,20 +71,17 @@ class FingerprintRow:
     matches: bool | None  # None: nothing to compare with
 
 
-def esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+def esc(value: Any) -> Markup:
+    return escape(str(value))
 
 
 def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def figure(png: bytes, caption: str, alt: str | None = None) -> str:
+def figure(png: bytes, caption: str, alt: str | None = None) -> Markup:
     """An embedded PNG with a caption."""
-    return (
-        f'<figure><img alt="{esc(alt or caption)}" src="{data_uri(png)}">'
-        f"<figcaption>{esc(caption)}</figcaption></figure>"
-    )
+    return render("figure.html.j2", src=data_uri(png), caption=caption, alt=alt or caption)
 
 
 def pct(value: float | None, digits: int = 2) -> str:
@@ -96,8 +89,8 @@ def pct(value: float | None, digits: int = 2) -> str:
     return DASH if value is None else f"{100 * value:.{digits}f}"
 
 
-def not_run(reason: str) -> str:
-    return f'<p class="notrun">Not run: {esc(reason)}</p>'
+def not_run(reason: str) -> Markup:
+    return render("not_run.html.j2", reason=reason)
 
 
 def table(
@@ -105,46 +98,27 @@ def table(
     rows: Sequence[Sequence[Any]],
     row_classes: Sequence[str] = (),
     cls: str = "",
-) -> str:
+) -> Markup:
     """An HTML table; cells are plain values (escaped), :class:`Cell` or :class:`Raw`."""
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = []
-    for i, row in enumerate(rows):
-        rc = row_classes[i] if i < len(row_classes) and row_classes[i] else ""
-        cells = "".join(_td(c) for c in row)
-        body.append(f'<tr class="{rc}">{cells}</tr>' if rc else f"<tr>{cells}</tr>")
-    attr = f' class="{cls}"' if cls else ""
-    return (
-        f'<div class="scroll"><table{attr}><thead><tr>{head}</tr></thead>'
-        f"<tbody>{''.join(body)}</tbody></table></div>"
-    )
+    body = [
+        {
+            "cls": row_classes[i] if i < len(row_classes) else "",
+            "cells": [c if isinstance(c, (Cell, Raw)) else Cell(str(c)) for c in row],
+        }
+        for i, row in enumerate(rows)
+    ]
+    return render("table.html.j2", header=header, rows=body, cls=cls)
 
 
-def _td(cell: Any) -> str:
-    if isinstance(cell, Raw):
-        return f"<td>{cell.html}</td>"
-    if isinstance(cell, Cell):
-        cls = f' class="{cell.cls}"' if cell.cls else ""
-        value = f' data-value="{esc(cell.value)}"' if cell.value is not None else ""
-        return f"<td{cls}{value}>{esc(cell.text)}</td>"
-    return f"<td>{esc(cell)}</td>"
-
-
-def details(summary: str, body: str) -> str:
-    return f"<details><summary>{esc(summary)}</summary>{body}</details>"
+def details(summary: str, body: str) -> Markup:
+    return render("details.html.j2", summary=summary, body=Markup(body))
 
 
 def fingerprint_cell(fingerprint: str | None, matches: bool | None) -> Raw:
     """The fingerprint, in red with a warning when it differs from the dataset's."""
     if fingerprint is None:
         return Raw(DASH)
-    if matches is False:
-        return Raw(
-            f'<span class="bad" title="differs from the dataset\'s Normalizer">'
-            f"{esc(fingerprint)} ≠ dataset</span>"
-        )
-    mark = ' <span class="ok">✓</span>' if matches else ""
-    return Raw(f"<code>{esc(fingerprint)}</code>{mark}")
+    return Raw(render("fingerprint_cell.html.j2", fingerprint=fingerprint, matches=matches))
 
 
 # -- tables over result runs (metrics.json dicts) -------------------------------------------------
@@ -185,7 +159,7 @@ def results_table(
     for m in runs:
         ok = matches(m) is not False
         row: list[Any] = [
-            Raw(f"<code>{esc(m['name'])}</code>"),
+            Raw(Markup("<code>{}</code>").format(m["name"])),
             m.get("kind", "?"),
             _encoder_label(m),
             m.get("head", "?"),
@@ -206,7 +180,7 @@ def results_table(
         classes.append(_row_class(m, ok))
     for ref in references:
         row = [
-            Raw(f"<i>{esc(ref['name'])}</i>"),
+            Raw(Markup("<i>{}</i>").format(ref["name"])),
             "reference, not a model",
             f"predicts {ref['class_id']} {ref['class_name']} everywhere",
             DASH,
@@ -237,7 +211,11 @@ def per_class_table(runs: Sequence[dict[str, Any]], part: str, class_names: Sequ
 
 def fingerprint_table(rows: Sequence[FingerprintRow]) -> str:
     body = [
-        [r.what, Raw(f"<code>{esc(r.name)}</code>"), fingerprint_cell(r.fingerprint, r.matches)]
+        [
+            r.what,
+            Raw(Markup("<code>{}</code>").format(r.name)),
+            fingerprint_cell(r.fingerprint, r.matches),
+        ]
         for r in rows
     ]
     classes = ["mismatch" if r.matches is False else "" for r in rows]
@@ -274,27 +252,10 @@ def page(
     sections: Sequence[Section],
 ) -> str:
     """The whole HTML document: title, metadata lines, problems box, contents, sections."""
-    meta_html = "".join(f"<div>{esc(k)}: <code>{esc(v)}</code></div>" for k, v in meta)
-    problems_html = ""
-    if problems:
-        items = "".join(f"<li>{esc(p)}</li>" for p in problems)
-        problems_html = (
-            f'<div class="problems"><b>Inputs that could not be used</b><ul>{items}</ul></div>'
-        )
-    toc = "".join(
-        f'<li><a href="#{s.id}">{esc(s.title)}</a>'
-        f"{'' if s.status == 'ok' else f' <span class=notrun>({esc(s.status)})</span>'}</li>"
-        for s in sections
-    )
-    body = "".join(
-        f'<section id="{s.id}"><h2>{esc(s.title)}</h2>{s.body}</section>' for s in sections
-    )
+    shown = [Section(s.id, s.title, Markup(s.body), s.status) for s in sections]
     return (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
-        f'<h1>{esc(title)}</h1><div class="meta">{meta_html}</div>{problems_html}'
-        f"<nav><ul>{toc}</ul></nav>{body}</body></html>\n"
+        str(render("page.html.j2", title=title, meta=meta, problems=problems, sections=shown))
+        + "\n"
     )
 
 
@@ -349,7 +310,7 @@ def markdown_summary(
     for m in [*runs, *others]:
         enc = (m.get("encoder") or {}).get("uri") or DASH
         lines.append(
-            f"- `{m['name']}` ({m.get('kind', '?')}): `results/{m['name']}`, "
+            f"- `{m['name']}` ({m.get('kind', '?')}): `{result_key(m['name'])}`, "
             f"encoder `{enc}`, {m.get('seconds', 0):.0f} s"
         )
     if problems:

@@ -24,16 +24,16 @@ def render(name: str, metrics: Mapping[str, Any]) -> str:
     tables = metrics.get("tables") or scene_tables(metrics.get("rows") or [])
     if not tables:
         return html.not_run(f"{name}: no rows in its metrics.json")
-    body = [f"<h3>{html.esc(name)}</h3>"]
+    body = [html.fragment("heading", name)]
     for scene, protocols in tables.items():
-        body.append(f"<h4>{html.esc(scene)}</h4>")
+        body.append(html.fragment("heading", scene, 4))
         for protocol, t in protocols.items():
             floor = t.get("floor") or DASH
             header = ["model", "mIoU %", f"Δ vs floor ({floor}), pp", "Δ vs random-init, pp"]
             rows = [[e["label"], _pp(e["miou"]), _pp(e["vs_floor"], True),
                      _pp(e["vs_control"], True)] for e in t["models"]]  # fmt: skip
             classes = [ROW_CLASS.get(e["role"], "") for e in t["models"]]
-            body.append(f"<p><b>{html.esc(protocol)}</b>, seeds {html.esc(t['seeds'])}</p>")
+            body.append(html.fragment("protocol_line", protocol, t["seeds"]))
             body.append(html.table(header, rows, classes))
         panels = {f"{scene} / {p}": t["models"] for p, t in protocols.items()}
         body.append(

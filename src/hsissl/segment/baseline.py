@@ -30,13 +30,18 @@ from hsissl.pretrain import checkpoint
 from hsissl.pretrain.runtime import Runtime, autocast
 from hsissl.segment.finetune import poly_lr, predict
 from hsissl.segment.metrics import ConfusionMatrix
-from hsissl.segment.scenes import iter_scenes, load_scene, rgb_composite, scene_size
+from hsissl.segment.scenes import (
+    SHOWN_SCENES,
+    iter_scenes,
+    load_scene,
+    rgb_composite,
+    scene_size,
+)
 from hsissl.storage import open_storage
 
 BASELINE_FORMAT = "hsissl-baseline/1"
 OUTPUT_STRIDE = 16
 NUM_LOGITS = 25  # channel 0 = unlabelled (never a target), 1..24 the WHU-OHS classes
-SHOWN_SCENES = 3  # scenes kept in predictions.npz for the report
 LogFn = Callable[[dict[str, float]], None]
 
 

@@ -28,13 +28,12 @@ from hsissl.models.heads import DEFAULT_CLASSES, create_head
 from hsissl.pretrain import checkpoint
 from hsissl.pretrain.runtime import Runtime, autocast
 from hsissl.segment.metrics import ConfusionMatrix
-from hsissl.segment.scenes import iter_scenes, rgb_composite
+from hsissl.segment.scenes import SHOWN_SCENES, iter_scenes, rgb_composite
 from hsissl.segment.sliding import predict_scene
 from hsissl.storage import open_storage
 
 RANDOM_PREFIX = "random:"
 HEAD_FORMAT = "hsissl-head/1"
-SHOWN_SCENES = 3  # scenes kept in predictions.npz for the report
 
 
 # -- encoder ------------------------------------------------------------------------------------
@@ -64,7 +63,7 @@ def open_encoder(
         encoder, build = random_encoder(factory, seed)
         info = {"uri": uri, "method": "random", "factory": factory, "build": build, "seed": seed}
         return encoder, dataset.normalizer, info
-    encoder, normalizer, record = checkpoint.load_encoder(uri)
+    encoder, normalizer, record = checkpoint.load_model(uri)
     try:
         bind(dataset, normalizer)
     except NormalizerMismatch as exc:  # say which checkpoint, too
@@ -393,7 +392,7 @@ def load_segmentation_model(
         encoder, _ = random_encoder(enc["factory"], enc["seed"])
         enc_normalizer = normalizer
     else:
-        encoder, enc_normalizer, _ = checkpoint.load_encoder(enc["uri"])
+        encoder, enc_normalizer, _ = checkpoint.load_model(enc["uri"])
     if enc_normalizer != normalizer:
         raise NormalizerMismatch(
             f"{uri}: head trained with Normalizer {normalizer.fingerprint}, "

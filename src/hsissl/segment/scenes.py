@@ -17,6 +17,8 @@ from hsissl.data.ohs import RGB_BANDS
 from hsissl.data.shards import ShardDataset, SplitView
 from hsissl.data.tiling import tile_positions, untile
 
+SHOWN_SCENES = 3  # scenes kept in predictions.npz for the report (finetune and baseline)
+
 
 @dataclass(frozen=True)
 class Scene:

@@ -17,7 +17,6 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,9 @@ from tqdm import tqdm
 
 from hsissl.config import Config, to_yaml
 from hsissl.data import leakage, ohs
+from hsissl.data import manifest as manifest_file
 from hsissl.data.convert import read_records
+from hsissl.data.manifest import FORMAT, MANIFEST
 from hsissl.data.normalize import Normalizer
 from hsissl.data.s3_scenes import ObjectRoot, discover_s3, reading
 from hsissl.data.scenes import (
@@ -40,7 +41,7 @@ from hsissl.data.scenes import (
     file_size,
     read_scene,
 )
-from hsissl.data.shards import FORMAT, MANIFEST, ShardWriter
+from hsissl.data.shards import ShardWriter
 from hsissl.data.stats import BandStats, band_sums
 from hsissl.data.tiling import cut_tiles, tile_positions
 from hsissl.layout import dataset_key, dataset_uri, storage_of
@@ -82,7 +83,7 @@ def _ingest(cfg: Config, root: Path | ObjectRoot, data_cfg: Any,
     storage = storage_of(cfg)
     prefix = dataset_key(data_cfg.name)
     fingerprint = input_fingerprint(headers, data_cfg)
-    existing = _committed_manifest(storage, prefix)
+    existing = manifest_file.committed(storage, prefix)
     if existing is not None and existing.get("fingerprint") == fingerprint:
         log.info(
             "dataset %s is up to date (fingerprint %s); reusing it",
@@ -96,12 +97,8 @@ def _ingest(cfg: Config, root: Path | ObjectRoot, data_cfg: Any,
         start = time.perf_counter()
         with storage.transaction(prefix, lease=lease) as tx:
             manifest = _write_shards(tx, headers, data_cfg, fingerprint, root, leaks)
-            manifest["config"] = asdict(data_cfg)
             tx.commit(
-                {
-                    "config.yaml": to_yaml(cfg).encode(),
-                    MANIFEST: json.dumps(manifest, indent=1).encode(),
-                }
+                {"config.yaml": to_yaml(cfg).encode(), MANIFEST: manifest_file.to_bytes(manifest)}
             )
         seconds = time.perf_counter() - start
         source_mb = sum(file_size(h.pair.image) + file_size(h.pair.label)
@@ -161,11 +158,6 @@ def input_fingerprint(headers: dict[str, list[SceneHeader]], data_cfg: Any) -> s
             for file in (h.pair.image, h.pair.label):
                 digest.update(file_identity(split, file).encode())
     return digest.hexdigest()[:16]
-
-
-def _committed_manifest(storage: Any, prefix: str) -> dict[str, Any] | None:
-    key = f"{prefix}/{MANIFEST}"
-    return json.loads(storage.get_bytes(key)) if storage.exists(key) else None
 
 
 def _bounded_map(pool: ThreadPoolExecutor, fn, items: list, ahead: int) -> Iterator:
@@ -232,12 +224,8 @@ def _write_split(tx: Any, split: str, headers: list[SceneHeader], data_cfg: Any,
             stats.merge(*scene.sums)
         tiles += len(scene.images)
         bar.update(scene.source_bytes)
-    return {
-        "tiles": tiles,
-        "scenes": [h.pair.name for h in headers],
-        "class_pixels": class_pixels.tolist(),
-        "shards": writer.close(),
-    }
+    return manifest_file.split_entry(tiles, [h.pair.name for h in headers], class_pixels,
+                                     writer.close())  # fmt: skip
 
 
 def _write_shards(tx: Any, headers: dict[str, list[SceneHeader]], data_cfg: Any, fingerprint: str,
@@ -269,31 +257,12 @@ def _write_shards(tx: Any, headers: dict[str, list[SceneHeader]], data_cfg: Any,
         raise DataContractError([Violation(str(root / "tr"), "training tiles", "none kept",
                                            "at least one tile for band statistics")])  # fmt: skip
     normalizer = Normalizer(tuple(stats.mean()), tuple(stats.std()))
-    return {
-        "format": FORMAT,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "fingerprint": fingerprint,
-        "source": str(root),
-        "bands": ohs.NUM_BANDS,
-        "band_centres_nm": list(ohs.BAND_CENTRES_NM),
-        "tile_size": tile,
-        "stride": stride,
-        "dtype": "int16",
-        "label_dtype": "uint8",
-        "num_classes": ohs.NUM_CLASSES,
-        "class_names": list(ohs.CLASS_NAMES),
-        "splits": splits,
-        "band_stats": {
-            "split": "tr",
-            "pixels": stats.count,
-            "mean": stats.mean(),
-            "std": stats.std(),
-        },
-        "normalizer": normalizer.to_dict(),
-        "leakage": leakage.summary(leaks, data_cfg.allow_split_overlap, tiles_seen.constant),
-        # hsissl convert's per-scene records (resampling method, assumptions), where present
+    return manifest_file.new_manifest(
+        fingerprint=fingerprint, source=str(root), tile_size=tile, stride=stride, splits=splits,
+        stats=stats, normalizer=normalizer,
+        leakage=leakage.summary(leaks, data_cfg.allow_split_overlap, tiles_seen.constant),
         # hsissl convert's records live beside a local folder's scenes (none for s3:// sources)
-        "conversion": {
-            s: r for s in data_cfg.splits if isinstance(root, Path) and (r := read_records(root, s))
-        },  # fmt: skip
-    }
+        conversion={s: r for s in data_cfg.splits
+                    if isinstance(root, Path) and (r := read_records(root, s))},
+        config=asdict(data_cfg),
+    )  # fmt: skip
