@@ -226,7 +226,7 @@ def _mae_cfg(run_dir: Path, uri: str, steps: int):
 def _check_checkpoint(uri: str) -> int:
     """Load the committed checkpoint (encoder record and train state); its train step."""
     store = open_storage(f"{uri}/checkpoints/ck")
-    encoder, _, record = checkpoint.load_encoder(f"{uri}/checkpoints/ck/encoder.pt")
+    encoder, _, record = checkpoint.load_model(f"{uri}/checkpoints/ck/encoder.pt")
     state = torch.load(io.BytesIO(store.get_bytes("train.pt")), weights_only=False)
     history = json.loads(store.get_bytes("history.json"))
     assert [h["step"] for h in history] == list(range(1, state["step"] + 1))

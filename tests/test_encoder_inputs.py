@@ -139,21 +139,21 @@ def test_load_names_files_that_are_not_checkpoints(tmp_path, content, reason):
 def test_load_encoder_names_a_build_that_does_not_fit_its_weights(tmp_path):
     bad_kwargs = save_record(tmp_path, "kw.pt", "vit_tiny_patch8_64", kwargs={"bogus": 1})
     with pytest.raises(CheckpointError, match=r"kw.pt: cannot rebuild .*'bogus'") as err:
-        checkpoint.load_encoder(bad_kwargs)
+        checkpoint.load_model(bad_kwargs)
     assert str(err.value).startswith(bad_kwargs)
     unknown = save_record(tmp_path, "unknown.pt", "vit_tiny_patch8_64", factory="gone_model")
     with pytest.raises(CheckpointError, match=r"unknown.pt: cannot rebuild .*unknown model"):
-        checkpoint.load_encoder(unknown)
+        checkpoint.load_model(unknown)
     # weights of a ViT-Ti under a record that says ViT-B: every tensor has the wrong size
     wrong = save_record(tmp_path, "wrong.pt", "vit_tiny_patch8_64", factory="vit_base_patch8_64")
     with pytest.raises(CheckpointError) as err:
-        checkpoint.load_encoder(wrong)
+        checkpoint.load_model(wrong)
     message = str(err.value)
     assert message.startswith(f"{wrong}: its weights do not fit")
     assert "'vit_base_patch8_64'" in message and "size mismatch" in message
     # the unchanged record still loads, with its weights
     good = save_record(tmp_path, "good.pt", "vit_tiny_patch8_64")
-    encoder, normalizer, _ = checkpoint.load_encoder(good)
+    encoder, normalizer, _ = checkpoint.load_model(good)
     expected, _ = random_encoder("vit_tiny_patch8_64", seed=0)
     assert torch.equal(encoder.pos_embed, expected.pos_embed) and normalizer == NORMALIZER
 

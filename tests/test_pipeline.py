@@ -445,8 +445,8 @@ def test_rerun_of_one_stage_resumes_after_a_kill_and_recomputes_nothing_upstream
     encoder = resumed.output("pretrain-mae", "encoder")["metadata"]
     assert encoder["resumed"] == "true" and encoder["steps"] == MAE_STEPS
     assert resumed.store_uri("dataset-ref", "dataset") == dataset
-    a = checkpoint.load_encoder(run.store_uri("pretrain-mae", "encoder"))[0].state_dict()
-    b = checkpoint.load_encoder(encoder["uri"])[0].state_dict()
+    a = checkpoint.load_model(run.store_uri("pretrain-mae", "encoder"))[0].state_dict()
+    b = checkpoint.load_model(encoder["uri"])[0].state_dict()
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after resuming from step {killed_at}"
     # nothing upstream recomputed: the same dataset objects, no ingest run for the rerun

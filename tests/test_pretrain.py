@@ -18,7 +18,7 @@ import torch
 from hsissl.config import ConfigError, load_config
 from hsissl.data.normalize import NormalizerMismatch
 from hsissl.data.shards import ShardDataset
-from hsissl.layout import storage_of
+from hsissl.layout import TRAIN_STATE, checkpoint_key, storage_of
 from hsissl.pretrain import checkpoint
 from hsissl.pretrain.dinov2 import DINOv2Recipe
 from hsissl.pretrain.mae import MAERecipe
@@ -78,7 +78,7 @@ def test_mae_learns_and_writes_an_encoder_record(synthetic_run):
     assert len(history) == 40
     first, last = sum(history[:5]) / 5, sum(history[-5:]) / 5
     assert last < 0.8 * first, f"MAE loss did not decrease: {first:.3f} -> {last:.3f}"
-    encoder, normalizer, record = checkpoint.load_encoder(result["encoder_uri"])
+    encoder, normalizer, record = checkpoint.load_model(result["encoder_uri"])
     dataset = ShardDataset(storage_of(cfg).join("datasets/whu-ohs"))
     assert normalizer == dataset.normalizer and record["method"] == "mae" and record["step"] == 40
     tokens = encoder.forward_features(torch.zeros(2, 32, 64, 64))
@@ -104,7 +104,7 @@ def test_the_peak_rate_counts_every_process_of_a_torchrun(synthetic_run, monkeyp
 
 
 def _weights(uri: str) -> dict[str, torch.Tensor]:
-    encoder, _, _ = checkpoint.load_encoder(uri)
+    encoder, _, _ = checkpoint.load_model(uri)
     return encoder.state_dict()
 
 
@@ -233,3 +233,29 @@ def test_two_processes_under_torchrun_train_one_dinov2_model(synthetic_run, tmp_
     assert a.keys() == b.keys() and any(k.startswith("teacher.") for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs between the ranks"
+
+
+def _rewrite(store, state: dict) -> None:
+    with store.transaction(checkpoint_key("old-lr")) as tx:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        tx.commit({TRAIN_STATE: buffer.getvalue()})
+
+
+def test_a_state_saved_before_the_lr_scaling_rule_resumes_at_its_peak_rate(synthetic_run):
+    """A train.pt written before presets stated base rates holds the peak rate as ``lr`` (at
+    batch 16: 0.002 = base 0.032 x 16 / 256); it resumes under the base-rate preset, and a
+    rate that really changed is still refused."""
+    cfg = cfg_for(synthetic_run, **{"pretrain.name": "old-lr", "pretrain.max_steps": 2})
+    pretrain(cfg, MAERecipe, "pretrain-mae")
+    store, key = storage_of(cfg), checkpoint_key("old-lr", TRAIN_STATE)
+    state = checkpoint.load(store, key)
+    assert state.pop("lr_reference_batch") == 256
+    state["config"]["mae"]["lr"] = cfg.mae.scaled_lr(cfg.pretrain.batch_size)  # the old meaning
+    _rewrite(store, state)
+    longer = cfg_for(synthetic_run, **{"pretrain.name": "old-lr", "pretrain.max_steps": 3})
+    assert pretrain(longer, MAERecipe, "pretrain-mae")["resumed"] is True
+    state["config"]["mae"]["lr"] *= 2  # a peak rate that is not this preset's
+    _rewrite(store, state)
+    with pytest.raises(ConfigError, match=r"other settings \(mae.lr: "):
+        pretrain(longer, MAERecipe, "pretrain-mae")

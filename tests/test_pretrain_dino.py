@@ -176,7 +176,7 @@ def check_encoder_record(cfg, result: dict, method: str) -> None:
     """The encoder record loads, runs, and holds the TEACHER backbone of the final train state."""
     assert result["steps"] == 4 and math.isfinite(result["metrics"]["loss"])
     assert result["encoder_uri"].endswith(f"checkpoints/{method}/encoder.pt")
-    encoder, normalizer, record = checkpoint.load_encoder(result["encoder_uri"])
+    encoder, normalizer, record = checkpoint.load_model(result["encoder_uri"])
     assert record["build"]["attr"] is None and record["method"] == method
     tokens = encoder.forward_features(normalizer(torch.randint(0, 9000, (2, 32, 64, 64))))
     if method == "ssvit":

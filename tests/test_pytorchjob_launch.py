@@ -143,7 +143,7 @@ def test_launcher_creates_a_valid_job_waits_and_emits_what_the_single_pod_emits(
     assert metrics.metadata["steps"] == single_metrics.metadata["steps"] == STEPS
     assert metrics.metadata["loss"] == pytest.approx(single_metrics.metadata["loss"], rel=1e-4)
     assert json.loads(Path(metrics.path).read_text()) == metrics.metadata
-    model, _, record = checkpoint.load_encoder(encoder.metadata["uri"])  # what finetune loads
+    model, _, record = checkpoint.load_model(encoder.metadata["uri"])  # what finetune loads
     assert record["step"] == STEPS and record["method"] == "mae"
 
 

@@ -515,7 +515,7 @@ def test_config_from_dict_round_trips_and_drops_unknown_keys():
 
 
 def test_cls_attention_is_the_cls_rows_share_of_patch_tokens(runs):
-    encoder, normalizer, _ = checkpoint.load_encoder(runs["encoder_uri"])
+    encoder, normalizer, _ = checkpoint.load_model(runs["encoder_uri"])
     tiles = example_tiles(ShardDataset(runs["store"].join("datasets/whu-ohs")), 3)
     x = normalizer(torch.from_numpy(tiles.images))
     maps = cls_attention(encoder, x)

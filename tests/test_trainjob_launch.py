@@ -84,7 +84,7 @@ def test_launcher_creates_a_valid_trainjob_waits_and_emits_the_encoder(stage, cl
     assert encoder.metadata == {"uri": store.join("checkpoints/mae-tj-1/encoder.pt"),
                                 "method": "mae", "steps": 4.0, "resumed": "false"}  # fmt: skip
     assert metrics.metadata["steps"] == 4
-    _, _, record = checkpoint.load_encoder(encoder.metadata["uri"])
+    _, _, record = checkpoint.load_model(encoder.metadata["uri"])
     assert record["step"] == 4 and record["method"] == "mae"
 
 

@@ -162,13 +162,6 @@ def _built(uri: str, build: dict[str, Any], weights: dict[str, Any] | None) -> n
     return model.eval()
 
 
-def load_encoder(
-    uri: str, map_location: str | torch.device = "cpu"
-) -> tuple[nn.Module, Normalizer, dict]:
-    """(encoder in eval mode, its Normalizer, the record without weights): :func:`load_model`."""
-    return load_model(uri, map_location)
-
-
 def legacy_build(record: dict[str, Any]) -> dict[str, Any]:
     """The ``build`` of a record written without one: what its method's recipe builds from
     the config the record saved."""

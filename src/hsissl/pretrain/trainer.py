@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from hsissl import registry
-from hsissl.config import Config, ConfigError, OptimConfig
+from hsissl.config import LR_REFERENCE_BATCH, Config, ConfigError, OptimConfig
 from hsissl.data.loaders import TileBatches
 from hsissl.data.prefetch import DeviceBatches
 from hsissl.data.shards import ShardDataset
@@ -43,6 +43,13 @@ from hsissl.tracking import stage_run
 log = logging.getLogger(__name__)
 # (section, key) a resumed run must share with its checkpoint besides the method's own section.
 RESUME_FIXED = (("pretrain", "batch_size"), ("data", "tile_size"))
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal settings; floats to 1e-9 relative (a rate scaled by the batch may differ in ulps)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-9)
+    return a == b
 
 
 def cosine_lr(step: int, total: int, opt: OptimConfig, global_batch: int) -> float:
@@ -137,6 +144,7 @@ class Trainer:
             "rng": rng_state(),
             "normalizer": self.normalizer.to_dict(),
             "config": asdict(self.cfg),
+            "lr_reference_batch": LR_REFERENCE_BATCH,  # its lr is a base rate (the scaling rule)
         }
         self._commit(TRAIN_STATE, state)
 
@@ -159,7 +167,7 @@ class Trainer:
                 f"{self.store.join(key)} holds a {state.get('method')} training state, not "
                 f"{self.method}: give this pretraining its own pretrain.name"
             )
-        changed = self._changed_settings(state.get("config", {}))
+        changed = self._changed_settings(state.get("config", {}), "lr_reference_batch" in state)
         if changed:
             raise ConfigError(
                 f"{self.store.join(key)} was trained with other settings ({', '.join(changed)}); "
@@ -176,16 +184,20 @@ class Trainer:
         log.info("resumed %s from step %d (%s)", self.method, self.step, self.store.join(key))
         return True
 
-    def _changed_settings(self, saved: dict[str, Any]) -> list[str]:
+    def _changed_settings(self, saved: dict[str, Any], base_lr: bool = True) -> list[str]:
         """``key: saved -> now`` for every setting that a resumed run must keep: the method's
         section, and the batch and tile size the loader position and schedule depend on. The
-        length (max_steps, epochs), logging, checkpoint interval and device may change."""
+        length (max_steps, epochs), logging, checkpoint interval and device may change.
+        A state saved before the learning-rate scaling rule (``base_lr`` False) holds the peak
+        rate itself, so its ``lr`` is compared with this run's scaled rate."""
         now = asdict(self.cfg)
+        if not base_lr:
+            now[self.method]["lr"] = self.opt_cfg.scaled_lr(self.global_batch)
         keys = [(self.method, k) for k in asdict(self.opt_cfg)] + list(RESUME_FIXED)
         changed = []
         for section, k in keys:
             before = saved.get(section, {})
-            if k in before and before[k] != now[section][k]:
+            if k in before and not _same(before[k], now[section][k]):
                 changed.append(f"{section}.{k}: {before[k]!r} -> {now[section][k]!r}")
         return changed
 
