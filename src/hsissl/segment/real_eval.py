@@ -89,14 +89,15 @@ def work_units(rc: RealEvalConfig, n_encoders: int) -> int:
 
 
 def pixel_classifier(
-    kind: str, features: np.ndarray, label: np.ndarray, train: np.ndarray, seed: int
+    kind: str, features: np.ndarray, label: np.ndarray, train: np.ndarray, seed: int, c: float = 1.0
 ) -> np.ndarray:
-    """Per-pixel classifier on (D, H, W) features; returns an (H, W) class map."""
+    """Per-pixel classifier on (D, H, W) features; returns an (H, W) class map. ``c``: the
+    logistic regression's inverse L2 strength (scikit-learn's ``C``)."""
     x = features.reshape(features.shape[0], -1).T  # (H*W, D)
     scaler = StandardScaler().fit(x[train.ravel()])
     x = scaler.transform(x)
     if kind == "lr":
-        model = LogisticRegression(max_iter=500)
+        model = LogisticRegression(max_iter=500, C=c)
     else:
         model = RandomForestClassifier(n_estimators=200, n_jobs=-1, random_state=seed)
     model.fit(x[train.ravel()], label.ravel()[train.ravel()])
