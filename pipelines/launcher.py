@@ -23,11 +23,11 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from components import runtime
 from components.pretrain_task import pretrain_config, publish_pretrain
+from components.report_failure import SA_NAMESPACE_FILE
 from hsissl import tracking_lineage as lineage
 from hsissl.layout import TRAIN_STATE, checkpoint_key, storage_of
 from hsissl.presets import managed_overrides, resolve_preset
@@ -39,7 +39,6 @@ from pipelines.options import PipelineOptions
 
 log = logging.getLogger("hsissl.launcher")
 
-SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 # Pod and service names grow by the operator's suffixes (PyTorchJob <job>-worker-<i>, TrainJob
 # <job>-node-<i>-<j>), 63 characters at most.
 NAME_LIMIT = 48

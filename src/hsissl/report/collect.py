@@ -20,6 +20,7 @@ from torch import nn
 
 from hsissl import methods
 from hsissl.config import Config
+from hsissl.config_rules import HEADS
 from hsissl.data.normalize import Normalizer
 from hsissl.data.shards import ShardDataset
 from hsissl.layout import (
@@ -43,7 +44,7 @@ from hsissl.storage import Storage
 
 log = logging.getLogger(__name__)
 
-HEAD_ORDER = ("linear", "conv", "segmenter")
+HEAD_ORDER = HEADS  # finetune heads in the report: the config's order
 TILE_SPLITS = ("ts", "va", "tr")  # where example tiles come from, first present wins
 UNFINISHED = (".partial-", ".old-")  # folders of an unfinished/replaced transaction
 SEGMENTATION_KINDS = ("finetune", "baseline")  # results with tile/scene metrics

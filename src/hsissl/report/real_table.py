@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from hsissl import methods
+from hsissl.config_rules import HEADS
+from hsissl.report.html import DASH
 
 REAL_KIND = "real-eval"  # the ``kind`` of evaluate-real's metrics.json
 FLOORS = ("pixel-lr", "pixel-rf")
@@ -34,8 +36,7 @@ LABELS = {
     CONTROL: "random-init",
 }
 
-HEAD_ORDER = ("probe", "linear", "conv", "segmenter")
-DASH = "–"
+HEAD_ORDER = ("probe", *HEADS)  # the closed-form probe, then the trained heads
 
 
 def split_model(model: str) -> tuple[str, str | None]:
