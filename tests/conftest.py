@@ -53,3 +53,25 @@ def tiny_cfg(tmp_path: Path, whu_root: Path) -> Config:
         [f"run_dir={tmp_path / 'run'}", f"data.source={whu_root}", "data.scene_size=128",
          "data.shard_tiles=5", "tracking.uri="],
     )  # fmt: skip
+
+
+def small_run_settings(run_dir: Path) -> dict[str, object]:
+    """Settings of a small end-to-end run on generated data (3 + 1 + 1 scenes of 128 px,
+    4 pretraining and 4 finetune steps, no MLflow): tests add or change keys, then pass
+    ``[f"{k}={v}" ...]`` as overrides."""
+    return {
+        "run_dir": run_dir,
+        "synthetic.scenes": "{tr: 3, va: 1, ts: 1}",
+        "synthetic.size": 128,
+        "data.scene_size": 128,
+        "tracking.uri": "",
+        "pretrain.batch_size": 8,
+        "pretrain.max_steps": 4,
+        "pretrain.log_every": 1,
+        "pretrain.knn_tiles": 8,
+        "pretrain.loader_threads": 1,
+        "finetune.head": "linear",
+        "finetune.max_steps": 4,
+        "finetune.batch_size": 8,
+        "finetune.loader_threads": 1,
+    }

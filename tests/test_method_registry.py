@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import small_run_settings
 from hsissl import cli, methods
 from hsissl.config import ConfigError, OptimConfig, load_config
 from hsissl.data.ohs import NUM_BANDS
@@ -88,24 +89,7 @@ def tiny_method():
 
 
 def overrides(run_dir: Path, **extra: object) -> list[str]:
-    base = {
-        "run_dir": run_dir,
-        "synthetic.scenes": "{tr: 3, va: 1, ts: 1}",
-        "synthetic.size": 128,
-        "data.scene_size": 128,
-        "tracking.uri": "",
-        "pretrain.batch_size": 8,
-        "pretrain.max_steps": 4,
-        "pretrain.log_every": 1,
-        "pretrain.knn_tiles": 8,
-        "pretrain.loader_threads": 1,
-        f"{NAME}.lr": 1e-3,
-        "finetune.head": "linear",
-        "finetune.max_steps": 4,
-        "finetune.batch_size": 8,
-        "finetune.loader_threads": 1,
-        "report.scenes": 1,
-    }
+    base = small_run_settings(run_dir) | {f"{NAME}.lr": 1e-3, "report.scenes": 1}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 

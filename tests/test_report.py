@@ -16,6 +16,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from mlflow.tracking import MlflowClient
 
+from conftest import small_run_settings
 from hsissl.config import load_config
 from hsissl.data.shards import ShardDataset
 from hsissl.layout import storage_of
@@ -51,22 +52,8 @@ STALE = "finetune-mae-linear-stale"  # a copy of a real result claiming other st
 
 
 def overrides(run_dir: Path, **extra: object) -> list[str]:
-    base = {
-        "run_dir": run_dir,
-        "synthetic.scenes": "{tr: 3, va: 1, ts: 1}",
-        "synthetic.size": 128,
-        "data.scene_size": 128,
-        "tracking.uri": "",
-        "pretrain.batch_size": 8,
-        "pretrain.max_steps": 4,
-        "pretrain.log_every": 1,
-        "pretrain.knn_tiles": 8,
-        "pretrain.loader_threads": 1,
+    base = small_run_settings(run_dir) | {
         "mae.model": "mae_vit_tiny_patch8_64",
-        "finetune.head": "linear",
-        "finetune.max_steps": 4,
-        "finetune.batch_size": 8,
-        "finetune.loader_threads": 1,
         "finetune.eval_stride": 64,  # = tile: the windows are the eval tiles (caption claim)
         "baseline.encoder": "test_resnet",
         "baseline.batch_size": 2,

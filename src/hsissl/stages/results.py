@@ -6,19 +6,21 @@ what the stage reports, in the order the CLI prints them (``summary()``, JSON).
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass
-class StageResult(ABC):
-    """Base: ``to_dict()`` (every field, in order), ``summary()`` (what the CLI prints)."""
+class StageResult:
+    """Base: ``uri`` (the field named by ``URI_FIELD``), ``to_dict()`` (every field, in order),
+    ``summary()`` (what the CLI prints)."""
+
+    URI_FIELD: ClassVar[str]  # the field holding the stage's main output
 
     @property
-    @abstractmethod
     def uri(self) -> str:
         """The stage's main output."""
+        return getattr(self, self.URI_FIELD)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -37,9 +39,7 @@ class IngestResult(StageResult):
     manifest: dict[str, Any]
     reused: bool
 
-    @property
-    def uri(self) -> str:
-        return self.dataset_uri
+    URI_FIELD = "dataset_uri"
 
     def summary(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_dict().items() if k != "manifest"}  # too long to print
@@ -53,9 +53,7 @@ class IngestCheck(StageResult):
     source: str
     leakage: dict[str, Any]
 
-    @property
-    def uri(self) -> str:
-        return self.source
+    URI_FIELD = "source"
 
 
 @dataclass
@@ -65,9 +63,7 @@ class PretrainResult(StageResult):
     metrics: dict[str, Any] = field(default_factory=dict)  # the last logged training metrics
     resumed: bool = False
 
-    @property
-    def uri(self) -> str:
-        return self.encoder_uri
+    URI_FIELD = "encoder_uri"
 
 
 @dataclass
@@ -79,9 +75,7 @@ class FinetuneResult(StageResult):
     scene_miou: float | None
     seconds: float
 
-    @property
-    def uri(self) -> str:
-        return self.results_uri
+    URI_FIELD = "results_uri"
 
 
 @dataclass
@@ -94,9 +88,7 @@ class BaselineResult(StageResult):
     scene_miou: float | None
     seconds: float
 
-    @property
-    def uri(self) -> str:
-        return self.results_uri
+    URI_FIELD = "results_uri"
 
 
 @dataclass
@@ -105,9 +97,7 @@ class PCAResult(StageResult):
     explained_variance: list[float]  # per component
     mean_mse: dict[str, float]  # per reconstruction
 
-    @property
-    def uri(self) -> str:
-        return self.results
+    URI_FIELD = "results"
 
 
 @dataclass
@@ -121,9 +111,7 @@ class ReportResult(StageResult):
     problems: list[str]
     seconds: float
 
-    @property
-    def uri(self) -> str:
-        return self.html_uri
+    URI_FIELD = "html_uri"
 
     def failures(self) -> list[str]:
         return self.problems  # written anyway (the pipeline's exit task), incomplete all the same
@@ -135,9 +123,7 @@ class EvaluateRealResult(StageResult):
     table: str
     tables: str
 
-    @property
-    def uri(self) -> str:
-        return self.results
+    URI_FIELD = "results"
 
 
 @dataclass
@@ -147,9 +133,7 @@ class ConvertResult(StageResult):
     scenes: dict[str, dict[str, Any]]
     next: str
 
-    @property
-    def uri(self) -> str:
-        return self.dst
+    URI_FIELD = "dst"
 
 
 @dataclass
@@ -158,6 +142,4 @@ class SyntheticResult(StageResult):
     scenes: dict[str, Any]
     size: int
 
-    @property
-    def uri(self) -> str:
-        return self.synthetic
+    URI_FIELD = "synthetic"
