@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from kfp import dsl
 
-from pipelines.images import image_ref
+from components.images import image_ref
 
 # From the registry/tag setting (pipelines/images.env), which CI publishes.
 CPU_IMAGE = image_ref("cpu")  # images/cpu.Dockerfile: ingest, pca, report

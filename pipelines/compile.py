@@ -19,8 +19,8 @@ from pathlib import Path
 
 from kfp import compiler
 
+from components.images import check_reference, default_registry, default_tag, image_ref
 from pipelines.dag import build_pipeline, build_stage_pipeline, stage_names
-from pipelines.images import check_reference, default_registry, default_tag, image_ref
 from pipelines.options import MULTI_NODE_APIS, PipelineOptions
 
 GOLDEN = Path(__file__).with_name("hsissl.yaml")

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components.images import image_ref
 from hsissl.storage import open_storage
 from pipelines.compile import compile_pipeline
-from pipelines.images import image_ref
 from pipelines.options import PipelineOptions
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components.images import image_ref, read_setting
 from pipelines.compile import GOLDEN
-from pipelines.images import image_ref, read_setting
 from pipelines.options import PipelineOptions
 from pipelines.pytorchjob import build_pytorchjob
 

@@ -1,4 +1,4 @@
-"""Image references of the stages, from the one registry/tag setting in ``images.env``.
+"""Image references of the stages, from the one registry/tag setting in ``pipelines/images.env``.
 
 ``images.env`` is also read by the Makefile and CI (shell ``KEY=VALUE`` lines), so that what is
 compiled, built and pushed never disagree. ``$HSISSL_IMAGE_REGISTRY`` / ``$HSISSL_IMAGE_TAG``
@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-SETTING = Path(__file__).with_name("images.env")
+SETTING = Path(__file__).resolve().parents[1] / "pipelines" / "images.env"  # beside the DAG
 KINDS = ("cpu", "train")  # images/<kind>.Dockerfile -> <registry>/hsissl-<kind>
 # A Docker reference: lowercase repository path, then :tag and/or @sha256:digest.
 _REFERENCE = re.compile(
