@@ -107,7 +107,7 @@ def resolve(uri: str, tracking_uri: str) -> dict[str, Any]:
     number). ConfigError naming the URI, the tracking server and what it does have."""
     from mlflow.tracking import MlflowClient
 
-    from hsissl.tracking import apply_http_limits
+    from hsissl.mlflow_api import apply_http_limits
 
     name, version, alias = parse(uri)
     apply_http_limits()

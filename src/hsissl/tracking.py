@@ -21,14 +21,14 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import cache
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from hsissl import tracking_outbox
 from hsissl.config import flatten, save_resolved, to_yaml
 from hsissl.layout import ENCODER, run_dir_of
+from hsissl.mlflow_api import HTTP_LIMITS, apply_http_limits
+from hsissl.mlflow_api import names as _mlflow
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before mlflow is imported
 
@@ -43,15 +43,6 @@ PARENT_RUN_ENV = "HSISSL_PARENT_RUN_ID"
 GIT_SHA_ENV = "HSISSL_GIT_SHA"
 KFP_RUN_ENV = "KFP_RUN_ID"
 
-# MLflow's defaults (7 retries, backoff factor 2, 120 s per attempt) block a stage for 4 min
-# on a closed port and for over 15 min on a server that never answers. Set unless the user
-# set them; MLflow reads them on every request.
-HTTP_LIMITS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",  # seconds per attempt (connect, then each read)
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # sleeps 0, 2, 4 s (+ up to 1 s jitter)
-    "MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER": "false",  # a 503's Retry-After is unbounded
-}
 RETRY_AFTER_S = 60.0  # pause after a failed call during a run; doubles while MLflow stays down
 MAX_RETRY_AFTER_S = 900.0
 MAX_PENDING_METRICS = 100_000  # metrics kept for MLflow during an outage; the oldest go first
@@ -59,34 +50,6 @@ MAX_PENDING_METRICS = 100_000  # metrics kept for MLflow during an outage; the o
 
 class TrackingError(RuntimeError):
     """The MLflow tracking server could not be used when a run started."""
-
-
-@cache
-def _mlflow() -> SimpleNamespace:
-    """The MLflow names this module uses, imported on first use: only tracked runs need mlflow,
-    so the library (training, benchmarks) imports and runs on machines without it."""
-    try:
-        from mlflow import entities, exceptions, tracking
-        from mlflow.utils import mlflow_tags, validation
-    except ImportError as exc:
-        raise ImportError(
-            f"experiment tracking (hsissl.tracking) needs the 'mlflow' package, which failed to "
-            f"import ({exc}); install it with `pip install mlflow`"
-        ) from exc
-    return SimpleNamespace(
-        Metric=entities.Metric, Param=entities.Param, RunTag=entities.RunTag,
-        MlflowException=exceptions.MlflowException, MlflowClient=tracking.MlflowClient,
-        MLFLOW_PARENT_RUN_ID=mlflow_tags.MLFLOW_PARENT_RUN_ID,
-        MAX_METRICS_PER_BATCH=validation.MAX_METRICS_PER_BATCH,
-        MAX_PARAM_VAL_LENGTH=validation.MAX_PARAM_VAL_LENGTH,
-        MAX_PARAMS_TAGS_PER_BATCH=validation.MAX_PARAMS_TAGS_PER_BATCH,
-    )  # fmt: skip
-
-
-def apply_http_limits() -> None:
-    """Bound MLflow's HTTP retries and timeouts (``HTTP_LIMITS``) where the user has not."""
-    for name, value in HTTP_LIMITS.items():
-        os.environ.setdefault(name, value)
 
 
 def resolve_uri(configured: str, run_dir: str | Path) -> str:

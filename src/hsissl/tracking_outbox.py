@@ -16,6 +16,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from hsissl import mlflow_api
+
 log = logging.getLogger(__name__)
 
 OUTBOX = "mlflow-outbox"  # folder in the run folder
@@ -39,10 +41,8 @@ def save(path: Path, state: dict[str, Any]) -> None:
 def replay(path: Path, uri: str | None = None) -> str:
     """Send one outbox file to its server (or ``uri``) and delete it; returns what was sent.
     Raises whatever MLflow raises when the server is still unreachable (the file stays)."""
-    from hsissl import tracking
-
-    ml = tracking._mlflow()
-    tracking.apply_http_limits()
+    ml = mlflow_api.names()
+    mlflow_api.apply_http_limits()
     state = json.loads(path.read_text())
     client = ml.MlflowClient(tracking_uri=uri or state["uri"])
     run_id = state["run_id"]
