@@ -6,21 +6,9 @@ import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from hsissl.storage.keys import StorageError, _clean  # noqa: F401 (re-exported)
+
 NO_POINTER_TTL_S = 1.0
-
-
-class StorageError(RuntimeError):
-    """The store cannot be used as configured: URI, endpoint, credentials, bucket or network."""
-
-
-def _clean(key: str, *, allow_empty: bool = False) -> str:
-    """Normalise a key ('a//b/' -> 'a/b'); refuse '.'/'..' so a key never leaves the root."""
-    parts = [p for p in str(key).split("/") if p]
-    if any(p in (".", "..") for p in parts):
-        raise ValueError(f"storage key {key!r}: '.' and '..' components are not allowed")
-    if not parts and not allow_empty:
-        raise ValueError(f"storage key {key!r}: expected a non-empty key")
-    return "/".join(parts)
 
 
 def _under(key: str, prefix: str) -> bool:

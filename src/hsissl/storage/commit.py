@@ -37,9 +37,12 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hsissl.storage.base import Storage, StorageError, _clean
+from hsissl.storage.keys import StorageError, _clean
+
+if TYPE_CHECKING:  # a Commit writes through the Storage that opened it (Storage.transaction)
+    from hsissl.storage.base import Storage
 
 log = logging.getLogger(__name__)
 
