@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from hsissl.config import ConfigError, load_config
+from hsissl.config import Config, ConfigError, load_config
 from hsissl.data.geotiff import read_image, read_label
 from hsissl.data.normalize import Normalizer, NormalizerMismatch
 from hsissl.data.shards import ShardDataset
-from hsissl.layout import dataset_uri, storage_of
+from hsissl.layout import dataset_uri, run_dir_of, storage_of
 from hsissl.pretrain import checkpoint
+from hsissl.pretrain.context import StageContext
 from hsissl.pretrain.mae import MAERecipe
 from hsissl.pretrain.runtime import setup
 from hsissl.pretrain.trainer import pretrain
@@ -89,6 +90,11 @@ def run_dir(tmp_path_factory) -> Path:
     return path
 
 
+def cpu_context(cfg: Config, **fields: object) -> StageContext:
+    """The stage's context, but on the CPU whatever the machine has (and these fields)."""
+    return StageContext(setup("cpu"), storage_of(cfg), run_dir_of(cfg), **fields)
+
+
 def mae_uri(run_dir: Path) -> str:
     return storage_of(cfg_for(run_dir)).join("checkpoints/mae/encoder.pt")
 
@@ -151,7 +157,8 @@ def test_frozen_encoder_stays_bit_identical(run_dir):
     model = SegmentationModel(encoder, build_head(spec), cfg.finetune.n_blocks)
     head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
     # streamed batches: the encoder runs at every step, inside model.train()
-    train_head(model, normalizer, dataset.split("tr"), cfg.finetune, setup("cpu"), cache_bytes=0)
+    ctx = cpu_context(cfg)
+    train_head(model, normalizer, dataset.split("tr"), cfg.finetune, ctx, cache_bytes=0)
     after = model.encoder.encoder.state_dict()
     assert after.keys() == before.keys()
     for key in before:
@@ -176,8 +183,7 @@ def test_cached_features_train_the_same_head_as_streamed_tiles(run_dir):
             normalizer,
             dataset.split("tr"),
             cfg.finetune,
-            setup("cpu"),
-            log_every=1,
+            cpu_context(cfg, log_every=1),
             cache_bytes=cache_bytes,
         )
         runs.append((model.head.state_dict(), [h["loss"] for h in history], calls))
@@ -247,11 +253,13 @@ def test_linear_head_learns_and_swapped_normalisation_collapses(run_dir, encoder
 
     model, normalizer, record = load_segmentation_model(result.head_uri)
     assert record["normalizer"]["fingerprint"] == metrics["normalizer"] == normalizer.fingerprint
-    rt = setup("cpu")
-    again = evaluate_tiles(model, normalizer, dataset.split("ts"), rt, batch_size=8).compute()
+    # whole "ts" scenes, windows at stride = tile, 64 a pass
+    cfg = cfg_for(run_dir, **{"finetune.eval_stride": 64, "finetune.batch_size": 64})
+    ctx = cpu_context(cfg)
+    again = evaluate_tiles(model, normalizer, dataset.split("ts"), ctx, batch_size=8).compute()
     assert again["matrix"] == metrics["tile"]["matrix"]  # head.pt reproduces the run
-    swapped = evaluate_tiles(model, IMAGENET, dataset.split("ts"), rt).compute()
-    scenes_swapped = evaluate_scenes(model, IMAGENET, dataset, "ts", rt, stride=64)[0].compute()
+    swapped = evaluate_tiles(model, IMAGENET, dataset.split("ts"), ctx).compute()
+    scenes_swapped = evaluate_scenes(model, IMAGENET, dataset, cfg.finetune, ctx)[0].compute()
     print(
         f"{name}: tile mIoU {metrics['tile']['miou']:.3f} (mAcc {metrics['tile']['macc']:.3f}), "
         f"ImageNet statistics at evaluation: {swapped['miou']:.3f} (mAcc {swapped['macc']:.3f})"
@@ -309,5 +317,5 @@ def test_results_follow_the_contract_for_ssvit_records_and_random_encoders(run_d
         assert arrays["pred"].min() >= 1  # unlabelled is never predicted
         assert np.array_equal(arrays["label"][0], load_scene(dataset, "ts", 0).label)
         model, _, _ = load_segmentation_model(out.head_uri)
-        again = evaluate_tiles(model, dataset.normalizer, dataset.split("ts"), setup("cpu"), 8)
+        again = evaluate_tiles(model, dataset.normalizer, dataset.split("ts"), cpu_context(cfg), 8)
         assert again.compute()["matrix"] == metrics["tile"]["matrix"]

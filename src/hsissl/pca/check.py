@@ -11,9 +11,9 @@ from hsissl.data.normalize import Normalizer
 from hsissl.data.shards import ShardDataset, SplitView
 from hsissl.pca.basis import PCA, project, reconstruct
 from hsissl.pretrain import checkpoint
+from hsissl.pretrain.context import StageContext
 from hsissl.pretrain.reconstruction import TrainedMAE, load_mae
 from hsissl.pretrain.reconstruction import reconstruct as mae_reconstruct
-from hsissl.pretrain.runtime import Runtime
 
 EVAL_TILES = 256  # held-out tiles every reconstruction error is measured on
 EVAL_SPLITS = ("va", "ts")  # first present is the held-out split; else tiles of "tr"
@@ -31,7 +31,7 @@ def eval_indices(view: SplitView, seed: int) -> np.ndarray:
     return np.sort(rng.choice(len(view), size=min(EVAL_TILES, len(view)), replace=False))
 
 
-def load_mae_check(uri: str, dataset: ShardDataset, rt: Runtime) -> TrainedMAE:
+def load_mae_check(uri: str, dataset: ShardDataset, device: torch.device) -> TrainedMAE:
     """The whole MAE of the run whose encoder record is ``uri``, checked to fit ``dataset``:
     an MAE, normalised as the dataset, at the record's step, trained on its tile size."""
     _, normalizer, record = checkpoint.load_model(uri)
@@ -41,7 +41,7 @@ def load_mae_check(uri: str, dataset: ShardDataset, rt: Runtime) -> TrainedMAE:
     bind(dataset, normalizer)  # refuses an MAE trained on differently normalised data
     train_pt = f"{uri.rstrip('/').rpartition('/')[0]}/{checkpoint.TRAIN_STATE}"
     try:
-        mae = load_mae(uri, rt.device)
+        mae = load_mae(uri, device)
     except FileNotFoundError:
         raise FileNotFoundError(f"{train_pt}: no MAE training state beside "
                                 f"{uri}; the check needs the MAE decoder") from None  # fmt: skip
@@ -61,21 +61,21 @@ def load_mae_check(uri: str, dataset: ShardDataset, rt: Runtime) -> TrainedMAE:
 @torch.no_grad()
 def reconstruction_errors(
     view: SplitView, indices: np.ndarray, normalizer: Normalizer, pca: PCA, decoder: torch.nn.Module,
-    mae: TrainedMAE | None, rt: Runtime, seed: int, batch_size: int,
+    mae: TrainedMAE | None, ctx: StageContext, batch_size: int,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:  # fmt: skip
     """Per-band MSE (C,) of each reconstruction on the tiles ``indices``, and the first tile's
     reconstructions (C, T, T) for the report. The MAE error counts its masked pixels only."""
-    mean, comps = pca.tensors(rt.device)
+    mean, comps = pca.tensors(ctx.device)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, float] = {}
     sample: dict[str, np.ndarray] = {}
     for start in range(0, len(indices), batch_size):
         images, _ = view.get(indices[start : start + batch_size])
-        x = normalizer(torch.from_numpy(images).to(rt.device))  # (B, C, T, T)
+        x = normalizer(torch.from_numpy(images).to(ctx.device))  # (B, C, T, T)
         z = project(x, mean, comps)  # (B, K, T, T)
         outputs = {"pca": (reconstruct(z, mean, comps), None), "decoder": (decoder(z), None)}
         if mae is not None:  # masks seeded per batch: every run checks the same patches
-            outputs["mae"] = mae_reconstruct(mae.model, x, mae.mask_ratio, seed + start)
+            outputs["mae"] = mae_reconstruct(mae.model, x, mae.mask_ratio, ctx.seed + start)
         for name, (pred, mask) in outputs.items():
             weight = torch.ones_like(x[:, :1]) if mask is None else mask  # (B, 1, T, T)
             err = ((pred.double() - x.double()) ** 2 * weight).sum(dim=(0, 2, 3))  # (C,)

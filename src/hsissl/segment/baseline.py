@@ -10,7 +10,7 @@ image-classification head). Output stride 16 (smp's DeepLabV3+ default).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +27,7 @@ from hsissl.data.normalize import Normalizer
 from hsissl.data.shards import ShardDataset
 from hsissl.losses.focal import FocalLoss
 from hsissl.pretrain import checkpoint
-from hsissl.pretrain.runtime import Runtime, autocast
+from hsissl.pretrain.context import StageContext
 from hsissl.segment.finetune import poly_lr, predict
 from hsissl.segment.metrics import ConfusionMatrix
 from hsissl.segment.scenes import (
@@ -42,7 +42,6 @@ from hsissl.storage import open_storage
 BASELINE_FORMAT = "hsissl-baseline/1"
 OUTPUT_STRIDE = 16
 NUM_LOGITS = 25  # channel 0 = unlabelled (never a target), 1..24 the WHU-OHS classes
-LogFn = Callable[[dict[str, float]], None]
 
 
 def smp_encoder_name(name: str) -> str:
@@ -196,22 +195,19 @@ class TrainSettings:
     poly_power: float
     weight_decay: float
     aux_weight: float
-    amp: bool = True
-    log_every: int = 20
 
 
 def train(model: DeepLabV3PlusAux, normalizer: Normalizer, batches: SceneBatches,
-          settings: TrainSettings, rt: Runtime, on_log: LogFn | None = None
-          ) -> list[dict[str, float]]:  # fmt: skip
+          settings: TrainSettings, ctx: StageContext) -> list[dict[str, float]]:  # fmt: skip
     """Train the whole network (AdamW, poly LR, CE + aux_weight x auxiliary CE, label 0 ignored).
 
     Returns the logged history ``[{"step", "loss", "loss_main", "loss_aux", "lr"}, ...]``
-    (every ``log_every`` steps and the last).
+    (every ``ctx.log_every`` steps and the last), each also sent to ``ctx.log`` (less "step").
     """
     loss_fn = FocalLoss(gamma=0.0, ignore_index=0)  # = CE, but 0 (not NaN) on unlabelled batches
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr,
-                                  weight_decay=settings.weight_decay, fused=rt.cuda)  # fmt: skip
-    fmt = torch.channels_last if rt.cuda else torch.contiguous_format
+                                  weight_decay=settings.weight_decay, fused=ctx.rt.cuda)  # fmt: skip
+    fmt = torch.channels_last if ctx.rt.cuda else torch.contiguous_format
     model.to(memory_format=fmt).train()
     history: list[dict[str, float]] = []
     stream = iter(batches)
@@ -221,9 +217,9 @@ def train(model: DeepLabV3PlusAux, normalizer: Normalizer, batches: SceneBatches
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images, labels = next(stream)
-            x = normalizer(images.to(rt.device, non_blocking=True)).contiguous(memory_format=fmt)
-            y = labels.to(rt.device, non_blocking=True).long()  # (B, H, W)
-            with autocast(rt, settings.amp):
+            x = normalizer(images.to(ctx.device, non_blocking=True)).contiguous(memory_format=fmt)
+            y = labels.to(ctx.device, non_blocking=True).long()  # (B, H, W)
+            with ctx.autocast():
                 logits, aux = model(x, with_aux=True)  # (B, K, H, W) each
             main_loss, aux_loss = loss_fn(logits.float(), y), loss_fn(aux.float(), y)
             loss = main_loss + settings.aux_weight * aux_loss
@@ -235,12 +231,12 @@ def train(model: DeepLabV3PlusAux, normalizer: Normalizer, batches: SceneBatches
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if (step + 1) % max(1, settings.log_every) == 0 or step + 1 == settings.steps:
+            if (step + 1) % max(1, ctx.log_every) == 0 or step + 1 == settings.steps:
                 history.append({"step": step + 1, "loss": float(loss.detach()), "lr": lr,
                                 "loss_main": float(main_loss.detach()),
                                 "loss_aux": float(aux_loss.detach())})  # fmt: skip
-                if on_log is not None:
-                    on_log(history[-1])
+                if ctx.log is not None:
+                    ctx.log({k: v for k, v in history[-1].items() if k != "step"}, step + 1)
     finally:
         stream.close()  # stops the prefetching threads
     return history
@@ -249,7 +245,7 @@ def train(model: DeepLabV3PlusAux, normalizer: Normalizer, batches: SceneBatches
 # -- evaluation ---------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_whole_scenes(model: nn.Module, normalizer: Normalizer, dataset: ShardDataset,
-                          split: str, rt: Runtime, amp: bool = True, keep: int = SHOWN_SCENES
+                          split: str, ctx: StageContext, keep: int = SHOWN_SCENES
                           ) -> tuple[ConfusionMatrix, dict[str, np.ndarray]]:  # fmt: skip
     """Every scene of ``split`` predicted in one pass (the model is fully convolutional and was
     trained on whole scenes; no sliding window), scored together.
@@ -259,13 +255,13 @@ def evaluate_whole_scenes(model: nn.Module, normalizer: Normalizer, dataset: Sha
     of other sizes zero-padded to the largest; label 0 there).
     """
     model.eval()
-    matrix = ConfusionMatrix(NUM_LOGITS - 1, device=rt.device)
+    matrix = ConfusionMatrix(NUM_LOGITS - 1, device=ctx.device)
     shown: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
     for scene in iter_scenes(dataset, split):
-        x = normalizer(torch.from_numpy(scene.image).to(rt.device))[None]  # (1, C, H, W)
-        with autocast(rt, amp):
+        x = normalizer(torch.from_numpy(scene.image).to(ctx.device))[None]  # (1, C, H, W)
+        with ctx.autocast():
             pred = predict(model(x))[0]  # (H, W) ids 1..24
-        matrix.update(pred, torch.from_numpy(scene.label).to(rt.device))
+        matrix.update(pred, torch.from_numpy(scene.label).to(ctx.device))
         if len(shown) < keep:
             pred_np = pred.to(torch.uint8).cpu().numpy()
             shown.append((scene.name, pred_np, scene.label, rgb_composite(scene.image)))

@@ -11,7 +11,7 @@ Evaluation runs at tile size and on whole scenes by sliding window (what users c
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ from hsissl.losses.focal import FocalLoss
 from hsissl.models import create_model
 from hsissl.models.heads import DEFAULT_CLASSES, create_head
 from hsissl.pretrain import checkpoint
-from hsissl.pretrain.runtime import Runtime, autocast
+from hsissl.pretrain.context import StageContext
 from hsissl.segment.metrics import ConfusionMatrix
 from hsissl.segment.scenes import SHOWN_SCENES, iter_scenes, rgb_composite
 from hsissl.segment.sliding import predict_scene
@@ -181,19 +181,17 @@ def _streamed(
     normalizer: Normalizer,
     split: SplitView,
     batch: int,
-    rt: Runtime,
-    amp: bool,
-    seed: int,
+    ctx: StageContext,
     workers: int,
 ) -> Iterator[tuple[Features, torch.Tensor]]:
     """Endless random batches from the shards, encoded on the fly."""
-    loader = TileBatches(split, batch, seed=seed, workers=workers)
+    loader = TileBatches(split, batch, seed=ctx.seed, workers=workers)
     while True:
         for images, labels in loader:
-            x = normalizer(images.to(rt.device, non_blocking=True))  # (B, C, T, T) float32
-            with autocast(rt, amp):
+            x = normalizer(images.to(ctx.device, non_blocking=True))  # (B, C, T, T) float32
+            with ctx.autocast():
                 feats = model.encoder(x)
-            yield feats, labels.to(rt.device, non_blocking=True).long()  # (B, T, T)
+            yield feats, labels.to(ctx.device, non_blocking=True).long()  # (B, T, T)
 
 
 def _cached(
@@ -201,9 +199,7 @@ def _cached(
     normalizer: Normalizer,
     split: SplitView,
     batch: int,
-    rt: Runtime,
-    amp: bool,
-    seed: int,
+    ctx: StageContext,
 ) -> Iterator[tuple[Features, torch.Tensor]]:
     """Endless random batches of features computed once: the encoder is frozen and there is no
     augmentation, so every epoch would recompute exactly these (small splits: several x faster).
@@ -212,16 +208,16 @@ def _cached(
     labels: list[torch.Tensor] = []
     for start in range(0, len(split), batch):
         images, lbl = split.get(np.arange(start, min(start + batch, len(split))))
-        with autocast(rt, amp):
-            feats.append(model.encoder(normalizer(torch.from_numpy(images).to(rt.device))))
-        labels.append(torch.from_numpy(lbl).to(rt.device))
+        with ctx.autocast():
+            feats.append(model.encoder(normalizer(torch.from_numpy(images).to(ctx.device))))
+        labels.append(torch.from_numpy(lbl).to(ctx.device))
     bank = [torch.cat(level) for level in zip(*feats, strict=True)]  # n_blocks x (N, D, h, w)
     targets = torch.cat(labels)  # (N, T, T) uint8
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(ctx.seed)
     while True:
         order = rng.permutation(len(split))
         for start in range(0, len(order) - batch + 1, batch):  # drop_last, as TileBatches
-            idx = torch.from_numpy(np.sort(order[start : start + batch])).to(rt.device)
+            idx = torch.from_numpy(np.sort(order[start : start + batch])).to(ctx.device)
             yield [level[idx] for level in bank], targets[idx].long()
 
 
@@ -230,37 +226,32 @@ def train_head(
     normalizer: Normalizer,
     split: SplitView,
     ft: FinetuneConfig,
-    rt: Runtime,
+    ctx: StageContext,
     *,
-    seed: int = 0,
-    amp: bool = True,
     loss_fn: nn.Module | None = None,
-    log_every: int = 20,
-    on_log: Callable[[dict[str, float]], None] | None = None,
     cache_bytes: int = FEATURE_CACHE_BYTES,
 ) -> list[dict[str, float]]:
     """Train ``model.head`` on random batches of ``split``; returns the logged history
-    ``[{"step", "loss", "lr"}, ...]`` (every ``log_every`` steps and the last).
+    ``[{"step", "loss", "lr"}, ...]`` (every ``ctx.log_every`` steps and the last), each also sent
+    to ``ctx.log`` as ``{"loss", "lr"}``.
 
     ``ft.max_steps`` steps, else ``ft.epochs`` passes over the split. When training sees the split
     more than once and its frozen features take at most ``cache_bytes``, they are computed once
     and batches drawn from them; otherwise tiles stream from the shards, encoded at every step.
     """
-    loss_fn = (loss_fn or make_loss(ft, None)).to(rt.device)
+    loss_fn = (loss_fn or make_loss(ft, None)).to(ctx.device)
     batch = min(ft.batch_size, len(split))
     total = ft.max_steps or max(1, math.ceil(ft.epochs * (len(split) // batch)))
-    with torch.no_grad(), autocast(rt, amp):  # bytes of one tile's features
-        probe = model.encoder(normalizer(torch.from_numpy(split.get([0])[0]).to(rt.device)))
+    with torch.no_grad(), ctx.autocast():  # bytes of one tile's features
+        probe = model.encoder(normalizer(torch.from_numpy(split.get([0])[0]).to(ctx.device)))
     tile_bytes = sum(f.numel() * f.element_size() for f in probe)
     # Worth it only beyond one epoch (else each tile is encoded once anyway) and if it fits.
     if total * batch > len(split) and len(split) * tile_bytes <= cache_bytes:
-        batches = _cached(model, normalizer, split, batch, rt, amp, seed)
+        batches = _cached(model, normalizer, split, batch, ctx)
     else:
-        batches = _streamed(
-            model, normalizer, split, batch, rt, amp, seed, max(1, ft.loader_threads)
-        )
+        batches = _streamed(model, normalizer, split, batch, ctx, max(1, ft.loader_threads))
     optimizer = torch.optim.AdamW(
-        _param_groups(model.head, ft.weight_decay), lr=ft.lr, fused=rt.cuda
+        _param_groups(model.head, ft.weight_decay), lr=ft.lr, fused=ctx.rt.cuda
     )
     history: list[dict[str, float]] = []
     model.train()
@@ -269,7 +260,7 @@ def train_head(
         for group in optimizer.param_groups:
             group["lr"] = lr
         feats, y = next(batches)
-        with autocast(rt, amp):
+        with ctx.autocast():
             logits = model.head(feats)  # (B, K, T, T)
         loss = loss_fn(logits.float(), y)
         if not torch.isfinite(loss):
@@ -280,10 +271,10 @@ def train_head(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if (step + 1) % max(1, log_every) == 0 or step + 1 == total:
+        if (step + 1) % max(1, ctx.log_every) == 0 or step + 1 == total:
             history.append({"step": step + 1, "loss": float(loss.detach()), "lr": lr})
-            if on_log is not None:
-                on_log(history[-1])
+            if ctx.log is not None:
+                ctx.log({"loss": history[-1]["loss"], "lr": lr}, step + 1)
     batches.close()  # stops the loader's threads
     return history
 
@@ -299,19 +290,18 @@ def evaluate_tiles(
     model: nn.Module,
     normalizer: Normalizer,
     split: SplitView,
-    rt: Runtime,
+    ctx: StageContext,
     batch_size: int = 64,
-    amp: bool = True,
 ) -> ConfusionMatrix:
     """Confusion matrix over every tile of ``split``, each predicted on its own."""
     model.eval()
-    matrix = ConfusionMatrix(DEFAULT_CLASSES - 1, device=rt.device)
+    matrix = ConfusionMatrix(DEFAULT_CLASSES - 1, device=ctx.device)
     for start in range(0, len(split), batch_size):
         images, labels = split.get(np.arange(start, min(start + batch_size, len(split))))
-        x = normalizer(torch.from_numpy(images).to(rt.device))  # (B, C, T, T)
-        with autocast(rt, amp):
+        x = normalizer(torch.from_numpy(images).to(ctx.device))  # (B, C, T, T)
+        with ctx.autocast():
             logits = model(x)
-        matrix.update(predict(logits), torch.from_numpy(labels).to(rt.device))
+        matrix.update(predict(logits), torch.from_numpy(labels).to(ctx.device))
     return matrix
 
 
@@ -320,18 +310,14 @@ def evaluate_scenes(
     model: nn.Module,
     normalizer: Normalizer,
     dataset: ShardDataset,
-    split: str,
-    rt: Runtime,
-    *,
-    stride: int,
-    blend: str = "gaussian",
-    batch_size: int = 64,
-    amp: bool = True,
-    limit: int = 0,
+    ft: FinetuneConfig,
+    ctx: StageContext,
     keep: int = SHOWN_SCENES,
 ) -> tuple[ConfusionMatrix, dict[str, np.ndarray]]:
-    """Whole scenes of ``split`` predicted by sliding window (overlaps blended as ``blend``
-    says, see :func:`hsissl.segment.sliding.predict_scene`), scored together.
+    """Whole scenes of ``ft.eval_split`` (the first ``ft.eval_scenes``, 0: all) predicted by
+    sliding window (``ft.eval_stride``, overlaps blended as ``ft.eval_blend`` says, see
+    :func:`hsissl.segment.sliding.predict_scene`; ``ft.batch_size`` windows a pass), scored
+    together.
 
     Returns the confusion matrix and, for the first ``keep`` scenes, the arrays of
     predictions.npz: ``scenes`` (S,), ``pred`` / ``label`` (S, H, W) uint8, ``rgb`` (S, H, W, 3)
@@ -339,18 +325,20 @@ def evaluate_scenes(
     """
     model.eval()
     tile = int(dataset.manifest["tile_size"])
-    matrix = ConfusionMatrix(DEFAULT_CLASSES - 1, device=rt.device)
+    matrix = ConfusionMatrix(DEFAULT_CLASSES - 1, device=ctx.device)
 
     def model_fn(windows: torch.Tensor) -> torch.Tensor:  # (N, C, T, T) -> (N, K, T, T)
-        with autocast(rt, amp):
+        with ctx.autocast():
             return model(windows)
 
     shown: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
-    for scene in iter_scenes(dataset, split, limit):
-        image = normalizer(torch.from_numpy(scene.image).to(rt.device))  # (C, H, W) float32
-        logits = predict_scene(model_fn, image, tile, stride, DEFAULT_CLASSES, batch_size, blend)
+    for scene in iter_scenes(dataset, ft.eval_split, ft.eval_scenes):
+        image = normalizer(torch.from_numpy(scene.image).to(ctx.device))  # (C, H, W) float32
+        logits = predict_scene(
+            model_fn, image, tile, ft.eval_stride, DEFAULT_CLASSES, ft.batch_size, ft.eval_blend
+        )
         pred = predict(logits)[0]  # (H, W)
-        matrix.update(pred, torch.from_numpy(scene.label).to(rt.device))
+        matrix.update(pred, torch.from_numpy(scene.label).to(ctx.device))
         if len(shown) < keep:
             pred_np = pred.to(torch.uint8).cpu().numpy()
             shown.append((scene.name, pred_np, scene.label, rgb_composite(scene.image)))

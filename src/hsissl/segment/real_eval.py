@@ -21,7 +21,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 from tqdm import tqdm
 
-from hsissl.config import Config, ConfigError, RealEvalConfig
+from hsissl.config import ConfigError, RealEvalConfig
 from hsissl.data import realdata
 from hsissl.data.geotiff import read_image, read_label
 from hsissl.data.normalize import Normalizer
@@ -163,10 +163,9 @@ def load_eval_scene(root: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     return image, read_label(label_path)
 
 
-def evaluate_scene(cfg: Config, name: str, root: Path, encoders: dict[str, nn.Module],
+def evaluate_scene(rc: RealEvalConfig, name: str, root: Path, encoders: dict[str, nn.Module],
                    normalizer: Normalizer, bar: tqdm | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Every model on every split of one scene; ``bar`` advances after each feature pass and fit."""
-    rc = cfg.real
     image, label = load_eval_scene(root, name)
     x = normalizer(torch.from_numpy(image))  # (32, H, W)
     windows = SceneWindows(tile=64, stride=rc.window_stride)

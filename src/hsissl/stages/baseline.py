@@ -23,8 +23,8 @@ import torch
 from hsissl.config import Config
 from hsissl.config_rules import check_splits
 from hsissl.data.shards import ShardDataset
-from hsissl.layout import METRICS, MODEL, PREDICTIONS, dataset_uri, result_key, storage_of
-from hsissl.pretrain.runtime import setup
+from hsissl.layout import METRICS, MODEL, PREDICTIONS, dataset_uri, result_key
+from hsissl.pretrain.context import context_of
 from hsissl.segment.baseline import (
     DeepLabV3PlusAux,
     SceneBatches,
@@ -35,6 +35,7 @@ from hsissl.segment.baseline import (
 )
 from hsissl.segment.finetune import evaluate_tiles
 from hsissl.stages.results import BaselineResult
+from hsissl.storage import Storage
 from hsissl.tracking import stage_run
 
 log = logging.getLogger(__name__)
@@ -48,29 +49,23 @@ def run(cfg: Config) -> BaselineResult:
     bc, start = cfg.baseline, time.perf_counter()
     dataset = ShardDataset(dataset_uri(cfg))
     check_splits(dataset.splits, f"dataset {dataset.uri}", "baseline.eval_split", bc.eval_split)
-    rt = setup(cfg.pretrain.device, cfg.seed, cfg.pretrain.deterministic)
+    ctx = context_of(cfg)
     normalizer = dataset.normalizer  # from scratch: the data's own statistics
-    batches = SceneBatches(dataset, "tr", bc.batch_size, bc.crop_size, seed=cfg.seed,
-                           prefetch=max(1, cfg.pretrain.loader_threads))  # fmt: skip
+    batches = SceneBatches(dataset, "tr", bc.batch_size, bc.crop_size, seed=ctx.seed,
+                           prefetch=max(1, ctx.loader_threads))  # fmt: skip
     steps = bc.max_steps or max(1, math.ceil(bc.epochs * batches.steps_per_epoch()))
-    model = DeepLabV3PlusAux(bc.encoder, normalizer.bands).to(rt.device)
-    settings = TrainSettings(steps, bc.lr, bc.poly_power, bc.weight_decay, bc.aux_weight,
-                             amp=cfg.pretrain.amp, log_every=cfg.pretrain.log_every)  # fmt: skip
-    store = storage_of(cfg)
+    model = DeepLabV3PlusAux(bc.encoder, normalizer.bands).to(ctx.device)
+    settings = TrainSettings(steps, bc.lr, bc.poly_power, bc.weight_decay, bc.aux_weight)
     with stage_run(cfg, STAGE) as tracker:
         tracker.set_tags({"method": "none", "head": "deeplabv3plus", "encoder": bc.encoder,
                           "normalizer": normalizer.fingerprint, "results": bc.name})  # fmt: skip
         tracker.name_after(bc.name)
-
-        def on_log(h: dict[str, float]) -> None:
-            tracker.log_metrics({k: v for k, v in h.items() if k != "step"}, int(h["step"]))
-
-        history = train(model, normalizer, batches, settings, rt, on_log=on_log)
-        amp = cfg.pretrain.amp
+        ctx = ctx.logging_to(tracker.log_metrics)
+        history = train(model, normalizer, batches, settings, ctx)
         split = dataset.split(bc.eval_split)
-        tile_result = evaluate_tiles(model, normalizer, split, rt, TILE_BATCH, amp).compute()
+        tile_result = evaluate_tiles(model, normalizer, split, ctx, TILE_BATCH).compute()
         scene_matrix, shown = evaluate_whole_scenes(model, normalizer, dataset, bc.eval_split,
-                                                    rt, amp)  # fmt: skip
+                                                    ctx)  # fmt: skip
         scene_result = scene_matrix.compute()
         metrics = {
             "kind": "baseline", "name": bc.name,
@@ -80,14 +75,14 @@ def run(cfg: Config) -> BaselineResult:
             "history": history, "config": asdict(bc), "seconds": time.perf_counter() - start,
         }  # fmt: skip
         record = model_record(model, normalizer, dataset, asdict(bc), steps)
-        write_results(cfg, metrics, shown, record)
+        write_results(ctx.store, bc.name, metrics, shown, record)
         tracker.log_metrics(_summary("tile", tile_result) | _summary("scene", scene_result),
                             step=steps)  # fmt: skip
         tracker.log_dict(metrics, "metrics.json")
     log.info("%s: tile mIoU %s, scene mIoU %s (%.1f s)", bc.name, tile_result["miou"],
              scene_result["miou"], metrics["seconds"])  # fmt: skip
-    return BaselineResult(bc.name, store.join(result_key(bc.name)),
-                          store.join(result_key(bc.name, MODEL)), steps, tile_result["miou"],
+    return BaselineResult(bc.name, ctx.store.join(result_key(bc.name)),
+                          ctx.store.join(result_key(bc.name, MODEL)), steps, tile_result["miou"],
                           scene_result["miou"], metrics["seconds"])  # fmt: skip
 
 
@@ -95,12 +90,12 @@ def _summary(prefix: str, result: dict[str, Any]) -> dict[str, float]:
     return {f"{prefix}_{k}": result[k] for k in ("miou", "macc", "oa") if result[k] is not None}
 
 
-def write_results(cfg: Config, metrics: dict[str, Any], shown: dict[str, np.ndarray],
-                  record: dict[str, Any]) -> None:  # fmt: skip
+def write_results(store: Storage, name: str, metrics: dict[str, Any],
+                  shown: dict[str, np.ndarray], record: dict[str, Any]) -> None:  # fmt: skip
     """predictions.npz, model.pt, then metrics.json (the commit marker): all or nothing."""
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **shown)
-    with storage_of(cfg).transaction(result_key(cfg.baseline.name)) as tx:
+    with store.transaction(result_key(name)) as tx:
         tx.put_bytes(PREDICTIONS, buffer.getvalue())
         torch.save(record, tx.path(MODEL))
         tx.done(MODEL)

@@ -119,7 +119,7 @@ def run(cfg: Config) -> EvaluateRealResult:
         with logging_redirect_tqdm(), tqdm(total=total, desc="evaluate-real", unit="step",
                                            dynamic_ncols=True) as bar:  # fmt: skip
             rows = [r for name in cfg.real.scenes
-                    for r in evaluate_scene(cfg, name, root, encoders, normalizer, bar)]  # fmt: skip
+                    for r in evaluate_scene(cfg.real, name, root, encoders, normalizer, bar)]  # fmt: skip
         summary, markdown = summarise(rows)
         tables = real_table.scene_tables(rows)
         tables_md = real_table.markdown(tables)

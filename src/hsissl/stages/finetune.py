@@ -26,9 +26,9 @@ from hsissl import config_rules, registry
 from hsissl.config import Config, ConfigError
 from hsissl.config_rules import check_splits
 from hsissl.data.shards import ShardDataset
-from hsissl.layout import HEAD, METRICS, PREDICTIONS, dataset_uri, result_key, storage_of
+from hsissl.layout import HEAD, METRICS, PREDICTIONS, dataset_uri, result_key
 from hsissl.models import MODELS
-from hsissl.pretrain.runtime import setup
+from hsissl.pretrain.context import context_of
 from hsissl.segment.finetune import (
     HEAD_FORMAT,
     RANDOM_PREFIX,
@@ -58,13 +58,14 @@ def run(cfg: Config) -> FinetuneResult:
     dataset = ShardDataset(dataset_uri(cfg))
     config_rules.require(cfg, "finetune")
     check_splits(dataset.splits, f"dataset {dataset.uri}", "finetune.eval_split", ft.eval_split)
-    store = storage_of(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a head on frozen features is light
         raise ConfigError(
             f"finetune runs on one device; got WORLD_SIZE={os.environ['WORLD_SIZE']} "
             "(start it without torchrun)"
         )
-    rt = setup(cfg.pretrain.device, cfg.seed)
+    # finetune never applied pretrain.deterministic: kept, so its runs stay what they were
+    ctx = context_of(cfg, deterministic=False)
+    store = ctx.store
     registered = None  # the Model Registry version a models:/ URI names
     encoder_uri = ft.encoder
     if encoder_uri.startswith(registry.SCHEME):
@@ -78,13 +79,12 @@ def run(cfg: Config) -> FinetuneResult:
     name = ft.name or f"finetune-{enc_info['method']}-{ft.head}"
     tile = int(dataset.manifest["tile_size"])
     spec = head_spec(encoder, ft, normalizer.bands, tile)
-    model = SegmentationModel(encoder, build_head(spec), ft.n_blocks).to(rt.device)
+    model = SegmentationModel(encoder, build_head(spec), ft.n_blocks).to(ctx.device)
     weights = (
         class_weights(dataset.manifest["splits"]["tr"]["class_pixels"])
         if ft.class_weights
         else None
     )
-    amp = cfg.pretrain.amp
     with stage_run(cfg, "finetune") as tracker:
         tracker.set_tags(
             {
@@ -99,34 +99,12 @@ def run(cfg: Config) -> FinetuneResult:
             tracker.set_tags({"encoder_model": registered["uri"]})
         tracker.name_after(name)
         tracker.log_params({"encoder_uri": enc_info["uri"]})  # the config's may be '' or relative
-        history = train_head(
-            model,
-            normalizer,
-            dataset.split("tr"),
-            ft,
-            rt,
-            seed=cfg.seed,
-            amp=amp,
-            loss_fn=make_loss(ft, weights),
-            log_every=cfg.pretrain.log_every,
-            on_log=lambda h: tracker.log_metrics(
-                {"loss": h["loss"], "lr": h["lr"]}, int(h["step"])
-            ),
-        )
+        ctx = ctx.logging_to(tracker.log_metrics)
+        loss_fn = make_loss(ft, weights)
+        history = train_head(model, normalizer, dataset.split("tr"), ft, ctx, loss_fn=loss_fn)
         split = dataset.split(ft.eval_split)
-        tile_result = evaluate_tiles(model, normalizer, split, rt, ft.batch_size, amp).compute()
-        scene_matrix, shown = evaluate_scenes(
-            model,
-            normalizer,
-            dataset,
-            ft.eval_split,
-            rt,
-            stride=ft.eval_stride,
-            blend=ft.eval_blend,
-            batch_size=ft.batch_size,
-            amp=amp,
-            limit=ft.eval_scenes,
-        )
+        tile_result = evaluate_tiles(model, normalizer, split, ctx, ft.batch_size).compute()
+        scene_matrix, shown = evaluate_scenes(model, normalizer, dataset, ft, ctx)
         scene_result = scene_matrix.compute()
         metrics = {
             "kind": "finetune",

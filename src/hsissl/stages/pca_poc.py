@@ -26,13 +26,14 @@ from hsissl.config import Config, PCAConfig
 from hsissl.config_rules import refuse
 from hsissl.data.ohs import BAND_CENTRES_NM
 from hsissl.data.shards import ShardDataset
-from hsissl.layout import METRICS, dataset_uri, result_key, storage_of
+from hsissl.layout import METRICS, dataset_uri, result_key
 from hsissl.pca import fit_pca, sample_pixels
 from hsissl.pca.check import eval_indices, eval_view, load_mae_check, reconstruction_errors
 from hsissl.pca.training import train_decoder
+from hsissl.pretrain.context import context_of
 from hsissl.pretrain.reconstruction import TrainedMAE
-from hsissl.pretrain.runtime import setup
 from hsissl.stages.results import PCAResult
+from hsissl.storage import Storage
 from hsissl.tracking import stage_run
 
 log = logging.getLogger(__name__)
@@ -41,14 +42,16 @@ log = logging.getLogger(__name__)
 def run(cfg: Config) -> PCAResult:
     """Fit the PCA, train the decoder, run the optional MAE check; returns the metrics dict."""
     pc = cfg.pca
-    rt = setup(cfg.pretrain.device, cfg.seed, cfg.pretrain.deterministic)
+    ctx = context_of(cfg)
     dataset = ShardDataset(dataset_uri(cfg))
     check_bands(pc, dataset)
     normalizer = dataset.normalizer
-    mae = load_mae_check(pc.encoder, dataset, rt) if pc.encoder else None  # fails early if unusable
+    # fails early if unusable
+    mae = load_mae_check(pc.encoder, dataset, ctx.device) if pc.encoder else None
     with stage_run(cfg, "pca-poc") as tracker:
+        ctx = ctx.logging_to(tracker.log_metrics)
         start = time.perf_counter()
-        pixels = sample_pixels(dataset.split("tr"), normalizer, pc.fit_pixels, seed=cfg.seed)
+        pixels = sample_pixels(dataset.split("tr"), normalizer, pc.fit_pixels, seed=ctx.seed)
         pca = fit_pca(pixels, pc.components)
         ratio = pca.explained_variance_ratio
         log.info(
@@ -56,11 +59,10 @@ def run(cfg: Config) -> PCAResult:
         )
 
         view = eval_view(dataset)
-        eval_idx = eval_indices(view, cfg.seed)
-        decoder, history = train_decoder(cfg, dataset.split("tr"), normalizer, pca, rt,
-                                         lambda m, step: tracker.log_metrics(m, step=step))  # fmt: skip
+        eval_idx = eval_indices(view, ctx.seed)
+        decoder, history = train_decoder(pc, dataset.split("tr"), normalizer, pca, ctx)
         errors, sample = reconstruction_errors(
-            view, eval_idx, normalizer, pca, decoder, mae, rt, cfg.seed, pc.batch_size
+            view, eval_idx, normalizer, pca, decoder, mae, ctx, pc.batch_size
         )
 
         dataset_info = {"uri": dataset.uri, "fingerprint": dataset.manifest.get("fingerprint"),
@@ -69,7 +71,7 @@ def run(cfg: Config) -> PCAResult:
             "dataset": dataset_info,
             "fit_split": "tr",
             "fit_pixels": len(pixels),
-            "seed": cfg.seed,
+            "seed": ctx.seed,
         }
         metrics = {
             "kind": "pca",
@@ -89,16 +91,17 @@ def run(cfg: Config) -> PCAResult:
             "config": asdict(pc),
             "seconds": time.perf_counter() - start,
         }
-        _write(cfg, pca_record, metrics, sample)
+        _write(ctx.store, pc.name, pca_record, metrics, sample)
         tracker.log_metrics(
             {f"explained_variance_{i + 1}": float(v) for i, v in enumerate(ratio)}
             | {f"mse_{k}": v for k, v in metrics["mean_mse"].items()}
         )
         tracker.log_dict(metrics, "metrics.json")
         tracker.log_dict(pca_record, "pca.json")
-        tracker.set_tags({"normalizer": normalizer.fingerprint, "results": _results_uri(cfg)})
-        tracker.name_after(_results_uri(cfg))
-    return PCAResult(_results_uri(cfg), metrics["explained_variance"], metrics["mean_mse"])
+        results_uri = ctx.store.join(result_key(pc.name))
+        tracker.set_tags({"normalizer": normalizer.fingerprint, "results": results_uri})
+        tracker.name_after(results_uri)
+    return PCAResult(results_uri, metrics["explained_variance"], metrics["mean_mse"])
 
 
 def check_bands(pc: PCAConfig, dataset: ShardDataset) -> None:
@@ -110,20 +113,17 @@ def check_bands(pc: PCAConfig, dataset: ShardDataset) -> None:
                      f"dataset {dataset.uri}")  # fmt: skip
 
 
-def _results_uri(cfg: Config) -> str:
-    return storage_of(cfg).join(result_key(cfg.pca.name))
-
-
 def _encoder_info(uri: str, mae: TrainedMAE | None) -> dict[str, str]:
     if mae is None:
         return {"uri": "", "method": "none", "factory": ""}
     return {"uri": uri, "method": "mae", "factory": mae.factory}
 
 
-def _write(cfg: Config, pca_record: dict, metrics: dict, sample: dict[str, np.ndarray]) -> None:
+def _write(store: Storage, name: str, pca_record: dict, metrics: dict,
+           sample: dict[str, np.ndarray]) -> None:  # fmt: skip
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **sample)
-    with storage_of(cfg).transaction(result_key(cfg.pca.name)) as tx:
+    with store.transaction(result_key(name)) as tx:
         tx.put_bytes("pca.json", json.dumps(pca_record, indent=1).encode())
         tx.put_bytes("reconstructions.npz", buffer.getvalue())
         tx.commit({METRICS: json.dumps(metrics, indent=1).encode()})
