@@ -1,6 +1,6 @@
 """launch-pytorchjob: multi-node pretraining (pipeline parameter nodes > 1) as a Kubeflow
 Trainer v2 TrainJob or a Training Operator PyTorchJob, whichever the cluster serves
-(``pipelines.multinode``; the name predates TrainJob support); this light pod creates it,
+(``components.jobs.multinode``; the name predates TrainJob support); this light pod creates it,
 waits, and emits the encoder record exactly as the single-pod pretrain task would."""
 
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
@@ -33,7 +33,7 @@ def launch_pytorchjob(
     it created before. ``options``: compile-time PipelineOptions (JSON); ``gpu_node_selector`` /
     ``gpu_tolerations``: the run's GPU placement of the job's pods ({} / [] = none);
     ``namespace`` "" = the pod's; ``timeout_s``: then the job is deleted (its checkpoints stay)."""
-    from pipelines import launcher
+    from components.jobs import launcher
 
     request = launcher.LaunchRequest(method, dataset, preset, overrides, tracking_uri, epochs,
                                      max_steps, kfp_run_id, nodes, gpus_per_node, gpu_type,

@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from components.options import PipelineOptions
 from hsissl import methods
 from pipelines.backend import MIN_BACKEND, version_text
 from pipelines.compile import GOLDEN, add_options, compile_pipeline, options_from
 from pipelines.dag import PIPELINE_NAME, stage_names
-from pipelines.options import PipelineOptions
 
 
 def _param(text: str) -> tuple[str, str]:
@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile the pipeline to IR YAML (make pipeline)")
     p.add_argument("--output", "-o", type=Path, default=GOLDEN, help="default %(default)s")
-    p.add_argument("--stage", choices=stage_names(), help="compile the one-stage rerun pipeline instead")
+    p.add_argument(
+        "--stage", choices=stage_names(), help="compile the one-stage rerun pipeline instead"
+    )
     add_options(p)
 
     p = sub.add_parser("run-local", help="run the DAG here under kfp.local (make run)")
@@ -197,9 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command, what in (("pytorchjob", "Training Operator v1 PyTorchJob"),
                           ("trainjob", "Kubeflow Trainer v2 TrainJob (--trainjob-runtime)")):  # fmt: skip
         p = sub.add_parser(command, help=f"print a multi-node {what} manifest for a pretraining")
-        p.add_argument(
-            "--stage", required=True, choices=[m.stage for m in methods.registered()]
-        )
+        p.add_argument("--stage", required=True, choices=[m.stage for m in methods.registered()])
         p.add_argument("--nodes", type=int, required=True)
         p.add_argument("--gpus-per-node", type=int, default=8)
         p.add_argument("--name", required=True, help="job name (lowercase RFC 1123)")
@@ -352,8 +352,8 @@ def _multi_node_job(args: argparse.Namespace) -> int:
     """``pytorchjob`` / ``trainjob``: the manifest the launcher would create, checked."""
     import yaml
 
-    from pipelines.multinode import KINDS
-    from pipelines.pytorchjob import check_k8s_name
+    from components.jobs.multinode import KINDS
+    from components.jobs.pytorchjob import check_k8s_name
 
     check_k8s_name("--name", args.name)
     if args.namespace:

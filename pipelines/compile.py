@@ -20,8 +20,8 @@ from pathlib import Path
 from kfp import compiler
 
 from components.images import check_reference, default_registry, default_tag, image_ref
+from components.options import MULTI_NODE_APIS, PipelineOptions
 from pipelines.dag import build_pipeline, build_stage_pipeline, stage_names
-from pipelines.options import MULTI_NODE_APIS, PipelineOptions
 
 GOLDEN = Path(__file__).with_name("hsissl.yaml")
 
@@ -243,7 +243,9 @@ def options_from(args: argparse.Namespace) -> PipelineOptions:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.compile", description=__doc__)
     parser.add_argument("--output", "-o", type=Path, default=GOLDEN, help="default %(default)s")
-    parser.add_argument("--stage", choices=stage_names(), help="compile the one-stage rerun pipeline")
+    parser.add_argument(
+        "--stage", choices=stage_names(), help="compile the one-stage rerun pipeline"
+    )
     add_options(parser)
     args = parser.parse_args(argv)
     print(compile_pipeline(args.output, options_from(args), args.stage))

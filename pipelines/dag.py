@@ -29,13 +29,13 @@ from components.finetune_heads import finetune_heads
 from components.ingest import ingest
 from components.launch_pytorchjob import launch_pytorchjob
 from components.lineage import close_lineage, open_lineage
+from components.options import PipelineOptions
 from components.pca_poc import pca_poc
 from components.pretrain import pretrain_component
 from components.refs import dataset_ref, encoder_ref
 from components.report import report
 from hsissl import methods
 from pipelines.k8s import configure, mount_data
-from pipelines.options import PipelineOptions
 
 PIPELINE_NAME = "hsissl"
 HEADS = ["linear", "conv", "segmenter"]

@@ -7,7 +7,7 @@ from typing import Literal
 from kfp import dsl, kubernetes
 from kfp.dsl.pipeline_channel import PipelineChannel
 
-from pipelines.options import (
+from components.options import (
     ENV_FROM_CONFIG_MAP,
     MLFLOW_SECRET_KEYS,
     RUN_ID_FIELD,

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from components.options import PipelineOptions
 from hsissl.config import load_config
 from hsissl.layout import PIPELINE_RUNS, default_store, pipeline_runs
 from pipelines.dag import (
@@ -32,7 +33,6 @@ from pipelines.dag import (
     build_pipeline,
     build_stage_pipeline,
 )
-from pipelines.options import PipelineOptions
 
 RECORD = "run.json"
 LATEST = "latest"  # in PIPELINE_RUNS: the id of the newest full-DAG run with a dataset

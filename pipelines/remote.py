@@ -15,10 +15,10 @@ from typing import Any
 
 import kfp
 
+from components.options import PipelineOptions
 from pipelines.backend import check_server
 from pipelines.compile import compile_pipeline
 from pipelines.dag import PIPELINE_NAME
-from pipelines.options import PipelineOptions
 
 SERVICE_ACCOUNT = "hsissl-pipeline"  # created by charts/hsissl for release "hsissl"
 # Parameters a one-stage rerun takes over from the earlier run (the rest are the stage's own).

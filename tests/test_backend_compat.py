@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components.options import PipelineOptions
 from pipelines.backend import (
     MIN_BACKEND,
     PLATFORM_CONSTRUCTS,
@@ -34,7 +35,6 @@ from pipelines.backend import (
 )
 from pipelines.compile import compile_pipeline, main
 from pipelines.dag import stage_names
-from pipelines.options import PipelineOptions
 from test_pipeline import KfpStub
 
 REPO = Path(__file__).resolve().parents[1]

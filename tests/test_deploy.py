@@ -26,8 +26,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from components.jobs.multinode import KINDS
 from hsissl.config import load_config
-from pipelines.multinode import KINDS
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "hsissl"

@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 import test_deploy
+from components.jobs.pytorchjob import build_pytorchjob
+from components.options import MLFLOW_SECRET_KEYS, S3_SECRET_KEYS, PipelineOptions
 from pipelines.compile import compile_pipeline
-from pipelines.options import MLFLOW_SECRET_KEYS, S3_SECRET_KEYS, PipelineOptions
-from pipelines.pytorchjob import build_pytorchjob
 from test_deploy import CHART, NAMESPACE, pod_specs, render_error, run_helm
 
 helm = test_deploy.helm  # the session fixture (helm from .tools/bin or PATH)

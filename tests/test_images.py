@@ -23,9 +23,9 @@ import pytest
 import yaml
 
 from components.images import image_ref
+from components.options import PipelineOptions
 from hsissl.storage import open_storage
 from pipelines.compile import compile_pipeline
-from pipelines.options import PipelineOptions
 
 REPO = Path(__file__).resolve().parents[1]
 MISSING_TOOLS = [t for t in ("buildah", "mmdebstrap") if shutil.which(t) is None]

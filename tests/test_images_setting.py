@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from components.images import image_ref, read_setting
+from components.jobs.pytorchjob import build_pytorchjob
+from components.options import PipelineOptions
 from pipelines.compile import GOLDEN
-from pipelines.options import PipelineOptions
-from pipelines.pytorchjob import build_pytorchjob
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW = REPO / ".github" / "workflows" / "ci.yml"

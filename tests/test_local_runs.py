@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from components.options import PipelineOptions
 from hsissl.layout import PIPELINE_RUNS
 from pipelines import cli, local
 from pipelines.dag import build_pipeline
@@ -27,7 +28,6 @@ from pipelines.local import (
     load_run,
     rerun_local,
 )
-from pipelines.options import PipelineOptions
 
 REPO = Path(__file__).resolve().parents[1]
 STORE = "file:///store"
@@ -240,7 +240,7 @@ def test_pytorchjob_name_that_kubernetes_rejects_is_one_line_exit_2(capsys) -> N
 def test_schema_errors_name_the_field_and_bugs_keep_their_traceback(monkeypatch) -> None:
     import jsonschema
 
-    from pipelines.pytorchjob import build_pytorchjob, validate
+    from components.jobs.pytorchjob import build_pytorchjob, validate
 
     job = build_pytorchjob("pretrain-mae", [], nodes=2, gpus_per_node=1, name="x")
     job["spec"]["pytorchReplicaSpecs"]["Worker"]["restartPolicy"] = "Sometimes"

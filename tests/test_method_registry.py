@@ -141,8 +141,8 @@ def test_pretrained_finetuned_and_reported_end_to_end(tiny_method, tmp_path):
 def test_the_dag_and_the_multi_node_jobs_pick_it_up(tiny_method, tmp_path):
     from kfp import compiler
 
+    from components.jobs.pytorchjob import build_pytorchjob
     from pipelines.dag import build_pipeline, stage_names
-    from pipelines.pytorchjob import build_pytorchjob
 
     assert tiny_method.stage in stage_names()
     path = tmp_path / "dag.yaml"

@@ -25,6 +25,8 @@ from minio import Minio
 from mlflow.tracking import MlflowClient
 
 from components import references, torchrun
+from components.jobs.pytorchjob import build_pytorchjob, validate
+from components.options import PipelineOptions
 from hsissl.data.ohs import CLASS_NAMES
 from hsissl.presets import stage_config
 from hsissl.pretrain import checkpoint
@@ -33,8 +35,6 @@ from pipelines import remote
 from pipelines.compile import GOLDEN, compile_pipeline
 from pipelines.dag import stage_names
 from pipelines.local import load_run, rerun_local, run_local
-from pipelines.options import PipelineOptions
-from pipelines.pytorchjob import build_pytorchjob, validate
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = stage_names()

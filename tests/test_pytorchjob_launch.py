@@ -17,13 +17,13 @@ import pytest
 from kfp.dsl import Dataset, Metrics, Model
 
 from components import ingest_task, runtime
+from components.jobs import launcher
+from components.jobs.pytorchjob import validate
+from components.options import PipelineOptions, Resources
 from fake_kube import FakeOperator, api_for, condition, kubeconfig, serve
 from hsissl.pretrain import checkpoint
 from hsissl.storage import open_storage
 from hsissl.tracking import KFP_RUN_ENV, PARENT_RUN_ENV
-from pipelines import launcher
-from pipelines.options import PipelineOptions, Resources
-from pipelines.pytorchjob import validate
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4

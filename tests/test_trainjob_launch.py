@@ -21,12 +21,12 @@ import jsonschema
 import pytest
 
 import test_pytorchjob_launch as pj
+from components.jobs import launcher, trainjob
+from components.jobs.multinode import NoTrainerError, TrainingJobError
+from components.options import PipelineOptions
 from fake_kube import condition, serve
 from hsissl.pretrain import checkpoint
 from hsissl.storage import open_storage
-from pipelines import launcher, trainjob
-from pipelines.multinode import NoTrainerError, TrainingJobError
-from pipelines.options import PipelineOptions
 
 stage, clean_env = pj.stage, pj.clean_env  # the PyTorchJob tests' fixtures: dataset, env
 launch, job_of, store_a_finished_pretraining = pj.launch, pj.job_of, pj.store_a_finished_pretraining
@@ -203,8 +203,8 @@ def test_options_carry_the_api_choice_to_the_launcher() -> None:
     assert PipelineOptions.from_json(opts.to_json()) == opts
     assert PipelineOptions.from_json("{}").multi_node_api == "auto"  # older compiled pipelines
     with pytest.raises(ValueError, match=r"expected one of \['auto', 'trainjob', 'pytorchjob'\]"):
-        from pipelines.multinode import detect
+        from components.jobs.multinode import detect
 
         detect(None, "tfjob")
     assert launcher.PyTorchJobError is TrainingJobError
-    assert (pj.REPO / "pipelines" / "trainjob.schema.json").is_file()
+    assert (pj.REPO / "components" / "jobs" / "trainjob.schema.json").is_file()

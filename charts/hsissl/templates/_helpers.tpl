@@ -135,7 +135,7 @@ securityContext:
 {{/* Secrets: existingSecret, else the chart's generated one. --------------------------------- */}}
 
 {{/* Key names in the S3 Secret: fixed, because the compiled pipeline references exactly these
-     (pipelines/options.py S3_SECRET_KEYS; tests/test_deploy_cluster.py checks they agree). */}}
+     (components/options.py S3_SECRET_KEYS; tests/test_deploy_cluster.py checks they agree). */}}
 {{- define "hsissl.s3.accessKeyIdKey" -}}AWS_ACCESS_KEY_ID{{- end -}}
 {{- define "hsissl.s3.secretAccessKeyKey" -}}AWS_SECRET_ACCESS_KEY{{- end -}}
 

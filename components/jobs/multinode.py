@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines import pytorchjob, trainjob
-from pipelines.options import MULTI_NODE_APIS as CHOICES
+from components.jobs import pytorchjob, trainjob
+from components.options import MULTI_NODE_APIS as CHOICES
 
 TRAINER_DOCS = "https://www.kubeflow.org/docs/components/trainer/"
 

@@ -1,8 +1,8 @@
 """Multi-node pretraining inside the DAG: what the launch-pytorchjob task does in its pod.
 
-It finds the cluster's multi-node job API (``pipelines.multinode``: a Kubeflow Trainer v2
+It finds the cluster's multi-node job API (``components.jobs.multinode``: a Kubeflow Trainer v2
 ``TrainJob``, else a Training Operator v1 ``PyTorchJob``, or the one compiled in), builds the
-job of one pretraining (``pipelines.trainjob`` / ``pipelines.pytorchjob``) from the same
+job of one pretraining (``components.jobs.trainjob`` / ``components.jobs.pytorchjob``) from the same
 preset, overrides and run id as the single-pod pretrain task, creates it through the
 Kubernetes API, waits for the operator to finish it and emits the same outputs: an encoder
 Model pointing at ``checkpoints/<method>-<run id>/encoder.pt`` and the training Metrics, so
@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from components import runtime
+from components.jobs.multinode import PYTORCHJOB, JobKind, TrainingJobError, detect, kind_of
+from components.options import PipelineOptions
 from components.pretrain_task import pretrain_config, publish_pretrain
 from components.report_failure import SA_NAMESPACE_FILE
 from hsissl import tracking_lineage as lineage
@@ -34,8 +36,6 @@ from hsissl.presets import managed_overrides, resolve_preset
 from hsissl.stages.pretrained import stored_result
 from hsissl.stages.results import PretrainResult
 from hsissl.tracking import PARENT_RUN_ENV
-from pipelines.multinode import PYTORCHJOB, JobKind, TrainingJobError, detect, kind_of
-from pipelines.options import PipelineOptions
 
 log = logging.getLogger("hsissl.launcher")
 

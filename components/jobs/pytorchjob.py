@@ -1,7 +1,7 @@
 """Multi-node pretraining as a Kubeflow Training Operator ``PyTorchJob`` (torchrun + NCCL).
 
 For runs that outgrow one node: the DAG's launch-pytorchjob task (pipeline parameter
-``nodes`` > 1, ``pipelines.launcher``) creates it and waits for it, and
+``nodes`` > 1, ``components.jobs.launcher``) creates it and waits for it, and
 ``hsissl-pipeline pytorchjob --stage pretrain-mae --nodes 4`` prints one for ``kubectl apply``.
 One Master and ``nodes - 1`` Workers, each running ``torchrun -m hsissl.cli <stage>`` with
 ``nproc_per_node`` = GPUs per node; the operator sets the rendezvous (``PET_NNODES``,
@@ -19,14 +19,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from hsissl import methods
-from hsissl.config import load_config
-from pipelines.options import (
+from components.options import (
     ENV_FROM_CONFIG_MAP,
     MLFLOW_SECRET_KEYS,
     S3_SECRET_KEYS,
     PipelineOptions,
 )
+from hsissl import methods
+from hsissl.config import load_config
 
 SCHEMA = Path(__file__).with_name("pytorchjob.schema.json")
 KUBERNETES_VERSION = "1.35.0"  # pod templates are validated against this API version

@@ -27,8 +27,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipelines.options import PipelineOptions
-from pipelines.pytorchjob import GPU_RESOURCE, KUBERNETES_VERSION, pretrain_pod
+from components.jobs.pytorchjob import GPU_RESOURCE, KUBERNETES_VERSION, pretrain_pod
+from components.options import PipelineOptions
 
 SCHEMA = Path(__file__).with_name("trainjob.schema.json")
 GROUP, VERSION, KIND = "trainer.kubeflow.org", "v1alpha1", "TrainJob"
@@ -47,7 +47,7 @@ def build_trainjob(stage: str, overrides: list[str], *, nodes: int, gpus_per_nod
                    extra_env: dict[str, str] | None = None,
                    runtime: str = DEFAULT_RUNTIME) -> dict[str, Any]:  # fmt: skip
     """A TrainJob running pretraining ``stage`` on ``nodes`` x ``gpus_per_node`` GPUs with the
-    pod a PyTorchJob replica would get (:func:`pipelines.pytorchjob.pretrain_pod`: same
+    pod a PyTorchJob replica would get (:func:`components.jobs.pytorchjob.pretrain_pod`: same
     checks, image, command, env, volumes and placement); ``runtime``: the
     ClusterTrainingRuntime it runs on."""
     opts = opts or PipelineOptions()

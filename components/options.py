@@ -77,7 +77,7 @@ class PipelineOptions:
     # the KFP run's own service account is chosen at submit time, not compiled in).
     pytorchjob_service_account: str = "hsissl-pipeline"
     # nodes > 1: "auto" = a Trainer v2 TrainJob if the cluster serves one, else a PyTorchJob
-    # (pipelines.multinode); "trainjob" / "pytorchjob" insist on one.
+    # (components.jobs.multinode); "trainjob" / "pytorchjob" insist on one.
     multi_node_api: str = "auto"
     trainjob_runtime: str = "torch-distributed"  # the ClusterTrainingRuntime TrainJobs name
 
