@@ -214,6 +214,19 @@ def test_mae_loss_counts_masked_patches_only(tiny_models, tiles) -> None:
         assert torch.allclose(loss, per_patch[mask.bool()].mean())
 
 
+def test_mae_patch4_gives_finer_maps_with_the_same_weights_shapes_elsewhere(tiles) -> None:
+    p4, p8 = create_model("mae_vit_tiny_patch4_64"), create_model("mae_vit_tiny_patch8_64")
+    with torch.no_grad():
+        loss, pred, mask = p4(tiles, mask_ratio=0.75)
+        maps = p4.get_intermediate_layers(tiles, n=4)
+    assert pred.shape == (2, 256, 4 * 4 * 32) and mask.sum(1).tolist() == [192.0, 192.0]
+    assert [m.shape for m in maps] == [(2, 64, 16, 16)] * 4  # 16x16 maps: 4 px per feature
+    assert torch.equal(p4.unpatchify(p4.patchify(tiles)), tiles) and loss.item() > 0
+    # same blocks; only the patch projection, the position tables and the decoder's output differ
+    blocks = {k: v.shape for k, v in p4.state_dict().items() if ".blocks." in k}
+    assert blocks == {k: v.shape for k, v in p8.state_dict().items() if ".blocks." in k}
+
+
 def test_mae_backward_leaves_fixed_tables_alone(tiles) -> None:
     mae = create_model("mae_vit_tiny_patch8_64")
     loss, _, _ = mae(tiles)

@@ -250,7 +250,7 @@ def test_evaluate_real_on_a_converted_scene(tmp_path, capfd):
     root = _converted(tmp_path)
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"real.source={root}", "real.methods=[mae]",
                              "real.seeds=[0]", "real.pretrain_steps=2", "real.head_steps=2",
-                             "real.scenes=[mine]", "real.heads=[probe, linear]",
+                             "real.scenes=[mine]", "real.heads=[probe, spec-probe, linear]",
                              "real.protocols={half: [16, 0.5]}",
                              "real.baseline_encoder=resnet10t", "mae.model=mae_vit_tiny_patch8_64",
                              "pretrain.batch_size=4", "tracking.uri="])  # fmt: skip
@@ -271,8 +271,23 @@ def test_evaluate_real_on_a_converted_scene(tmp_path, capfd):
     assert store.get_bytes("results/real-eval/tables.md").decode() == result.tables
     assert "### mine" in result.tables and "MAE + probe" in result.tables
     assert (tmp_path / "run" / "real-eval-tables.md").read_text() == result.tables
-    # The per-pixel floor separates the three class spectra: the scene and labels arrived intact.
+    # The per-pixel floor separates the three class spectra: the scene and labels arrived intact;
+    # the spectrum-in-front probe keeps (nearly) what the floor sees, whatever 2 pretraining
+    # steps learnt, where the features alone lose much of it.
     assert "| pixel-lr | 100.0 ± 0.0 |" in result.table
+    for encoder in ("mae", "random-init"):
+        spec, probe = (entries[f"{encoder}+{h}"]["miou"]["mean"] for h in ("spec-probe", "probe"))
+        assert spec > 0.95 and spec > probe + 0.1, (encoder, spec, probe)
+
+
+def test_spec_probe_puts_the_spectrum_in_front_of_the_features():
+    from hsissl.segment.real_eval import probe_inputs
+
+    image, feats = torch.randn(32, 6, 5), torch.randn(16, 6, 5)  # (C, H, W), (D, H, W)
+    assert np.array_equal(probe_inputs("probe", image, feats), feats.numpy())
+    both = probe_inputs("spec-probe", image, feats)  # (C + D, H, W)
+    assert both.shape == (48, 6, 5)
+    assert np.array_equal(both[:32], image.numpy()) and np.array_equal(both[32:], feats.numpy())
 
 
 # -- the preset ---------------------------------------------------------------------------------

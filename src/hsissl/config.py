@@ -243,7 +243,8 @@ class RealEvalConfig:
         default_factory=lambda: {"half": [16, 0.5], "few-label": [8, 0.1]}
     )
     methods: list[str] = field(default_factory=lambda: ["mae", "dinov2", "ssvit"])
-    # probe: logistic regression on per-pixel features; linear | conv | segmenter: finetune heads
+    # probe: logistic regression on per-pixel features; spec-probe: the same with the pixel's
+    # normalised spectrum in front; linear | conv | segmenter: the finetune stage's heads
     heads: list[str] = field(default_factory=lambda: ["probe", "linear", "conv", "segmenter"])
     pretrain_steps: int = 300  # per method, on tiles of every shared scene
     tile_stride: int = 16  # overlapping 64-px pretraining tiles (the scenes are small)

@@ -87,6 +87,9 @@ _FRACTION = _within(0.0, 1.0)
 _NOT_EMPTY: Check = (lambda v: bool(v), "a non-empty name (results go to results/<name>)")
 _FOLDER_NAME: Check = (lambda v: bool(v) and "/" not in v, "a non-empty folder name without '/'")
 HEADS = ("linear", "conv", "segmenter")  # hsissl.models.heads.HEADS (a test keeps them equal)
+# evaluate-real's closed-form per-pixel heads (hsissl.segment.real_eval): logistic regression on
+# the frozen features upsampled to pixels, and on the same with the normalised spectrum in front
+PIXEL_HEADS = ("probe", "spec-probe")
 LOSSES = ("ce", "focal")  # hsissl.segment.finetune.make_loss
 
 
@@ -216,10 +219,10 @@ def _together(cfg: Any) -> Iterator[tuple[str, Any, str]]:
         if method not in methods:
             yield f"real.methods[{i}]", method, "one of " + " | ".join(methods)
     for i, head in enumerate(rc.heads):
-        if head != "probe" and head not in HEADS:
-            yield f"real.heads[{i}]", head, "one of " + " | ".join(("probe", *HEADS))
+        if head not in PIXEL_HEADS and head not in HEADS:
+            yield f"real.heads[{i}]", head, "one of " + " | ".join((*PIXEL_HEADS, *HEADS))
     for head in rc.heads:
-        if head != "probe" and head in HEADS and head not in rc.head_lr:
+        if head in HEADS and head not in rc.head_lr:
             yield "real.head_lr", rc.head_lr, f"a learning rate for head {head!r} (in real.heads)"
 
 

@@ -19,6 +19,7 @@ from hsissl.models.dinov2 import (
 from hsissl.models.mae import (
     MaskedAutoencoderViT,
     mae_vit_base_patch8_64,
+    mae_vit_tiny_patch4_64,
     mae_vit_tiny_patch8_64,
     random_masking,
 )
@@ -30,6 +31,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "vit_tiny_patch8_64": vit_tiny_patch8_64,
     "mae_vit_base_patch8_64": mae_vit_base_patch8_64,
     "mae_vit_tiny_patch8_64": mae_vit_tiny_patch8_64,
+    "mae_vit_tiny_patch4_64": mae_vit_tiny_patch4_64,
     "dinov2_vit_base_patch8_64": dinov2_vit_base_patch8_64,
     "dinov2_vit_tiny_patch8_64": dinov2_vit_tiny_patch8_64,
     "ssvit_base_patch8_64": ssvit_base_patch8_64,

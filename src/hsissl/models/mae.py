@@ -238,3 +238,9 @@ def mae_vit_tiny_patch8_64(**kwargs) -> MaskedAutoencoderViT:
         decoder_num_heads=4,
     )
     return MaskedAutoencoderViT(**{**cfg, **kwargs})
+
+
+def mae_vit_tiny_patch4_64(**kwargs) -> MaskedAutoencoderViT:
+    """The tiny MAE at patch 4: 16x16 feature maps on a 64-px tile instead of 8x8, for small
+    scenes whose classes are a few pixels wide (configs/real.yaml; docs/real-data.md)."""
+    return mae_vit_tiny_patch8_64(**{"patch_size": 4, **kwargs})

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from hsissl import methods
-from hsissl.config_rules import HEADS
+from hsissl.config_rules import HEADS, PIXEL_HEADS
 from hsissl.report.html import DASH
 
 REAL_KIND = "real-eval"  # the ``kind`` of evaluate-real's metrics.json
@@ -36,7 +36,7 @@ LABELS = {
     CONTROL: "random-init",
 }
 
-HEAD_ORDER = ("probe", *HEADS)  # the closed-form probe, then the trained heads
+HEAD_ORDER = (*PIXEL_HEADS, *HEADS)  # the closed-form probes, then the trained heads
 
 
 def split_model(model: str) -> tuple[str, str | None]:

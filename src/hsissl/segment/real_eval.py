@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from hsissl.config import ConfigError, RealEvalConfig
+from hsissl.config_rules import PIXEL_HEADS
 from hsissl.data import realdata
 from hsissl.data.geotiff import read_image, read_label
 from hsissl.data.normalize import Normalizer
@@ -81,10 +82,10 @@ def floor_scores(
 def work_units(rc: RealEvalConfig, n_encoders: int) -> int:
     """Progress-bar steps of one scene: one per feature pass and per closed-form fit (floors,
     probes), one per optimiser step of the trained heads and DeepLabV3+ (most of the time)."""
-    probe = "probe" in rc.heads
-    features = n_encoders * (1 + probe)
-    trained = (n_encoders * (len(rc.heads) - probe) + 1) * rc.head_steps  # heads, DeepLabV3+
-    per_split = 2 + n_encoders * probe + trained  # floors, probes, trained models
+    probes = sum(head in PIXEL_HEADS for head in rc.heads)
+    features = n_encoders * (1 + bool(probes))  # window features, pixel features
+    trained = (n_encoders * (len(rc.heads) - probes) + 1) * rc.head_steps  # heads, DeepLabV3+
+    per_split = 2 + n_encoders * probes + trained  # floors, probes, trained models
     return features + len(rc.protocols) * len(rc.seeds) * per_split
 
 
@@ -102,6 +103,15 @@ def pixel_classifier(
         model = RandomForestClassifier(n_estimators=200, n_jobs=-1, random_state=seed)
     model.fit(x[train.ravel()], label.ravel()[train.ravel()])
     return model.predict(x).reshape(label.shape)
+
+
+def probe_inputs(head: str, image: torch.Tensor, features: torch.Tensor) -> np.ndarray:
+    """What a per-pixel head classifies: the (D, H, W) frozen features (``probe``), or the
+    (C, H, W) normalised spectrum in front of them (``spec-probe``: patch features upsampled
+    from a coarse map blur the spectral detail the per-pixel floors use; this keeps it)."""
+    if head == "spec-probe":
+        return torch.cat([image, features]).numpy()  # (C + D, H, W)
+    return features.numpy()
 
 
 def dihedral(x: torch.Tensor) -> torch.Tensor:
@@ -177,7 +187,7 @@ def evaluate_scene(rc: RealEvalConfig, name: str, root: Path, encoders: dict[str
         bar.set_postfix_str(f"{k} window features")
         cached[k] = window_features(e, cut, n_blocks=4)
         bar.update()
-        if "probe" in rc.heads:
+        if set(PIXEL_HEADS) & set(rc.heads):
             bar.set_postfix_str(f"{k} pixel features")
             probes[k] = pixel_features(e, x, rc.window_stride)
             bar.update()
@@ -192,8 +202,9 @@ def evaluate_scene(rc: RealEvalConfig, name: str, root: Path, encoders: dict[str
             for enc, encoder in encoders.items():
                 for head in rc.heads:
                     bar.set_postfix_str(f"{enc}+{head}")
-                    if head == "probe":
-                        pred = pixel_classifier("lr", probes[enc].numpy(), label, train, seed)
+                    if head in PIXEL_HEADS:
+                        inputs = probe_inputs(head, x, probes[enc])
+                        pred = pixel_classifier("lr", inputs, label, train, seed)
                         bar.update()
                     else:
                         pred = train_scene_head(encoder, head, x, np.where(train, label, 0),
