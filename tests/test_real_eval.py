@@ -302,7 +302,14 @@ def test_real_preset_runs_every_labelled_shared_scene_with_one_setting(tmp_path)
     labelled = {n for n, spec in realdata.SCENES.items() if realdata.is_labelled(spec)}
     assert set(cfg.real.scenes) == labelled == {"houston_dataset", "Indian_subset", "Samson"}
     assert len(cfg.real.seeds) == 5  # the protocol: mean over 5 seeds
-    assert set(cfg.real.methods) == {"mae", "dinov2", "ssvit"}
+    # what paid on these scenes (docs/real-data.md): MAE at patch 4, the per-pixel heads
+    assert cfg.real.methods == ["mae"] and cfg.mae.model == "mae_vit_tiny_patch4_64"
+    assert cfg.real.heads == ["probe", "spec-probe"]
+    # the other methods and heads are one override away (README, docs/real-data.md)
+    every = load_config(repo / "configs" / "real.yaml", ["real.methods=[mae, dinov2, ssvit]",
+                        "real.heads=[probe, spec-probe, linear, conv, segmenter]"])  # fmt: skip
+    assert every.dinov2.model == "dinov2_vit_tiny_patch8_64" and set(every.real.head_lr) == {
+        "linear", "conv", "segmenter"}  # fmt: skip
     # the dataclass default is the same scene list (a bare `hsissl evaluate-real` runs Samson)
     assert load_config(None).real.scenes == cfg.real.scenes
     for stem in ("houston_dataset", "Indian_subset"):  # a source without Samson
