@@ -236,7 +236,10 @@ def test_a_directory_is_not_a_config_file(tmp_path):
         ("pca.fit_pixels=1", "pca.fit_pixels=1; expected >= 3 (2 and pca.components)"),
         ("report.name=a/b", "report.name='a/b'; expected a non-empty folder name without '/'"),
         ("real.methods=[simclr]", "real.methods[0]='simclr'; expected one of mae | dinov2 | ssvit"),
-        ("real.heads=[unet]", "real.heads[0]='unet'; expected one of probe | spec-probe | linear | conv"),
+        (
+            "real.heads=[unet]",
+            "real.heads[0]='unet'; expected one of probe | spec-probe | linear | conv",
+        ),
         ("real.head_lr={}", "real.head_lr={}; expected a learning rate for head 'linear'"),
     ],
 )

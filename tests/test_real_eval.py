@@ -280,6 +280,35 @@ def test_evaluate_real_on_a_converted_scene(tmp_path, capfd):
         assert spec > 0.95 and spec > probe + 0.1, (encoder, spec, probe)
 
 
+def test_per_pixel_heads_alone_skip_the_window_features(tmp_path, monkeypatch):
+    """configs/real.yaml has only the per-pixel heads: no window features are computed for
+    trained heads, and the progress bar's total still matches the work done."""
+    import io
+
+    from tqdm import tqdm
+
+    from hsissl.data.normalize import Normalizer
+    from hsissl.models import create_model
+    from hsissl.segment import real_eval
+
+    root = _converted(tmp_path)
+    rc = load_config(None, ["real.seeds=[0]", "real.head_steps=2", "real.protocols={half: [16, 0.5]}",
+                            "real.heads=[probe, spec-probe]", "real.baseline_encoder=resnet10t"]).real  # fmt: skip
+    calls = []
+    window_features = real_eval.window_features
+    monkeypatch.setattr(real_eval, "window_features",
+                        lambda *a, **k: calls.append(1) or window_features(*a, **k))  # fmt: skip
+    encoder = create_model("mae_vit_tiny_patch8_64").encoder.eval()
+    normalizer = Normalizer(mean=(2000.0,) * 32, std=(1000.0,) * 32)  # reflectance x 10000
+    total = work_units(rc, n_encoders=1)
+    with tqdm(total=total, file=io.StringIO()) as bar:  # a quiet bar that still counts
+        rows = real_eval.evaluate_scene(rc, "mine", root, {"mae": encoder}, normalizer, bar)
+        assert bar.n == total
+    assert calls == []
+    assert set(rows[0]["miou"]) == {"pixel-lr", "pixel-rf", "mae+probe", "mae+spec-probe",
+                                    "deeplabv3plus"}  # fmt: skip
+
+
 def test_spec_probe_puts_the_spectrum_in_front_of_the_features():
     from hsissl.segment.real_eval import probe_inputs
 

@@ -83,7 +83,7 @@ def work_units(rc: RealEvalConfig, n_encoders: int) -> int:
     """Progress-bar steps of one scene: one per feature pass and per closed-form fit (floors,
     probes), one per optimiser step of the trained heads and DeepLabV3+ (most of the time)."""
     probes = sum(head in PIXEL_HEADS for head in rc.heads)
-    features = n_encoders * (1 + bool(probes))  # window features, pixel features
+    features = n_encoders * (bool(len(rc.heads) - probes) + bool(probes))  # window, pixel features
     trained = (n_encoders * (len(rc.heads) - probes) + 1) * rc.head_steps  # heads, DeepLabV3+
     per_split = 2 + n_encoders * probes + trained  # floors, probes, trained models
     return features + len(rc.protocols) * len(rc.seeds) * per_split
@@ -179,14 +179,16 @@ def evaluate_scene(rc: RealEvalConfig, name: str, root: Path, encoders: dict[str
     image, label = load_eval_scene(root, name)
     x = normalizer(torch.from_numpy(image))  # (32, H, W)
     windows = SceneWindows(tile=64, stride=rc.window_stride)
-    cut = windows.cut(x)  # (N, 32, 64, 64): the windows of every dihedral view
+    # (N, 32, 64, 64): every dihedral view's windows, for the trained heads' cached features
+    cut = windows.cut(x) if set(rc.heads) - set(PIXEL_HEADS) else None
     bar = bar if bar is not None else tqdm(disable=True)  # a no-op bar
     bar.set_description(f"{name} features")
     cached, probes = {}, {}
     for k, e in encoders.items():
-        bar.set_postfix_str(f"{k} window features")
-        cached[k] = window_features(e, cut, n_blocks=4)
-        bar.update()
+        if cut is not None:
+            bar.set_postfix_str(f"{k} window features")
+            cached[k] = window_features(e, cut, n_blocks=4)
+            bar.update()
         if set(PIXEL_HEADS) & set(rc.heads):
             bar.set_postfix_str(f"{k} pixel features")
             probes[k] = pixel_features(e, x, rc.window_stride)
