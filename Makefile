@@ -69,6 +69,9 @@ BENCH_ARGS ?=
 bench-train: $(STAMP)  ## pretraining img/s, MFU, peak memory per method (base models on CUDA); BENCH_ARGS="--quick ..."
 	$(PY) scripts/bench_train.py $(BENCH_ARGS)
 
+bench-real-baseline: $(STAMP)  ## evaluate-real's DeepLabV3+ step on the CPU, fp32 vs bf16 autocast
+	$(PY) scripts/bench_real_baseline.py
+
 bench-gpu:  ## the GPU pretraining bench in one command, no venv needed (scripts/gpu_bench.sh; results in OUT, default runs/bench-gpu/)
 	bash scripts/gpu_bench.sh
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import sqlite3
@@ -18,7 +19,7 @@ import torch
 from hsissl.config import ConfigError, load_config
 from hsissl.data.normalize import NormalizerMismatch
 from hsissl.data.shards import ShardDataset
-from hsissl.layout import TRAIN_STATE, checkpoint_key, storage_of
+from hsissl.layout import HISTORY, TRAIN_STATE, checkpoint_key, storage_of
 from hsissl.pretrain import checkpoint
 from hsissl.pretrain.dinov2 import DINOv2Recipe
 from hsissl.pretrain.mae import MAERecipe
@@ -72,7 +73,7 @@ def test_cosine_schedule_warms_up_then_decays():
 
 def test_mae_learns_and_writes_an_encoder_record(synthetic_run):
     cfg = cfg_for(synthetic_run, **{"pretrain.name": "learn", "pretrain.max_steps": 40,
-                                    "pretrain.deterministic": "false"})  # fmt: skip
+                                    "pretrain.deterministic": "false", "pretrain.knn_every": 20})  # fmt: skip
     result = pretrain(cfg, MAERecipe, stage="pretrain-mae")
     history = losses(synthetic_run)
     assert len(history) == 40
@@ -84,6 +85,11 @@ def test_mae_learns_and_writes_an_encoder_record(synthetic_run):
     tokens = encoder.forward_features(torch.zeros(2, 32, 64, 64))
     assert tokens.shape == (2, 65, 64)
     assert 0.0 <= result["metrics"]["knn_acc"] <= 1.0
+    # the k-NN curve lands in the history the report plots (not only in MLflow)
+    saved = json.loads(storage_of(cfg).get_bytes(checkpoint_key("learn", HISTORY)))
+    knn = {h["step"]: h["knn_acc"] for h in saved if "knn_acc" in h}
+    assert set(knn) == {20, 40} and knn[40] == result["metrics"]["knn_acc"]
+    assert [h["step"] for h in saved] == sorted({h["step"] for h in saved})  # one entry a step
 
 
 def test_the_peak_rate_counts_every_process_of_a_torchrun(synthetic_run, monkeypatch):

@@ -51,7 +51,8 @@ def one_step(recipe, batch: int = 8, step: int = 0, total: int = 10):
     return loss, logs
 
 
-TERMS = ("loss_dino", "loss_ibot", "loss_koleo", "teacher_entropy", "feature_std", "mask_ratio")
+TERMS = ("loss_dino", "loss_ibot", "loss_koleo", "teacher_entropy", "teacher_entropy_rel",
+         "feature_std", "mask_ratio")  # fmt: skip
 
 
 @pytest.mark.parametrize("recipe_cls", [DINOv2Recipe, SSViTRecipe])
@@ -79,6 +80,8 @@ def test_one_step_gives_a_finite_loss_that_is_the_weighted_sum_of_logged_terms(r
     for s in suffixes:
         assert logs[f"loss_ibot{s}"] > 0 and logs[f"loss_dino{s}"] > 0
         assert 0 < logs[f"teacher_entropy{s}"] <= math.log(128) + 1e-4
+        rel = logs[f"teacher_entropy_rel{s}"]
+        assert rel == pytest.approx(logs[f"teacher_entropy{s}"] / math.log(128), rel=1e-5)
     assert all(p.grad is not None for p in recipe.student["backbone"].blocks.parameters())
 
 

@@ -112,7 +112,7 @@ def test_evaluate_real_runs_end_to_end(shared_data, tmp_path):
     from hsissl.stages import evaluate_real
 
     cfg = load_config(None, [f"run_dir={tmp_path}", f"real.source={shared_data}", "real.methods=[mae]",
-                             "real.seeds=[0]", "real.pretrain_steps=5", "real.head_steps=5",
+                             "real.seeds=[0]", "real.pretrain_steps=5", "real.head_steps=5", "real.baseline_steps=5",
                              "real.scenes=[Indian_subset]", "mae.model=mae_vit_tiny_patch8_64",
                              "pretrain.batch_size=8", "tracking.uri="])  # fmt: skip
     result = evaluate_real.run(cfg)
@@ -249,7 +249,7 @@ def test_evaluate_real_on_a_converted_scene(tmp_path, capfd):
 
     root = _converted(tmp_path)
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"real.source={root}", "real.methods=[mae]",
-                             "real.seeds=[0]", "real.pretrain_steps=2", "real.head_steps=2",
+                             "real.seeds=[0]", "real.pretrain_steps=2", "real.head_steps=2", "real.baseline_steps=2",
                              "real.scenes=[mine]", "real.heads=[probe, spec-probe, linear]",
                              "real.protocols={half: [16, 0.5]}",
                              "real.baseline_encoder=resnet10t", "mae.model=mae_vit_tiny_patch8_64",
@@ -292,7 +292,7 @@ def test_per_pixel_heads_alone_skip_the_window_features(tmp_path, monkeypatch):
     from hsissl.segment import real_eval
 
     root = _converted(tmp_path)
-    rc = load_config(None, ["real.seeds=[0]", "real.head_steps=2", "real.protocols={half: [16, 0.5]}",
+    rc = load_config(None, ["real.seeds=[0]", "real.head_steps=2", "real.baseline_steps=2", "real.protocols={half: [16, 0.5]}",
                             "real.heads=[probe, spec-probe]", "real.baseline_encoder=resnet10t"]).real  # fmt: skip
     calls = []
     window_features = real_eval.window_features

@@ -565,3 +565,17 @@ def test_load_model_rebuilds_a_record_without_build_from_its_saved_config(runs, 
     checkpoint.save(store, "older/encoder.pt", record)
     with pytest.raises(checkpoint.CheckpointError, match="no build and no config"):
         checkpoint.load_model(store.join("older/encoder.pt"))
+
+
+def test_learning_evidence_plots_the_teacher_entropy_and_knn_curves_only_where_logged():
+    """DINOv2-like histories get a panel per curve and their last values in the caption; a
+    history with only a loss (or a single final k-NN value) gets no figure."""
+    dino = [{"step": s, "loss": 5.0 - s / 100, "teacher_entropy_rel": 1.0 - s / 400}
+            for s in (10, 20, 30)]  # fmt: skip
+    dino[-1]["knn_acc"] = 0.5
+    dino[0]["knn_acc"] = 0.25
+    figure = report_sections.learning_evidence("dinov2", {"dino-a": dino})
+    assert figure.count("<img") == 1
+    assert "teacher_entropy_rel 0.925" in figure and "knn_acc 0.500" in figure
+    mae = [{"step": 10, "loss": 1.0}, {"step": 20, "loss": 0.5, "knn_acc": 0.4}]
+    assert report_sections.learning_evidence("mae", {"mae-a": mae}) == ""

@@ -192,6 +192,7 @@ RULES: dict[str, Check] = {
     "real.tile_stride": _POSITIVE,
     "real.window_stride": _POSITIVE,
     "real.head_steps": _NON_NEGATIVE,
+    "real.baseline_steps": _NON_NEGATIVE,
     "real.head_batch": _POSITIVE,
     "convert.split": _one_of("tr", "va", "ts"),  # hsissl.data.ohs.SPLITS
     "convert.resampling": _one_of("", "auto", "linear", "gaussian-srf"),  # data/resample.METHODS

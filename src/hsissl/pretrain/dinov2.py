@@ -324,8 +324,12 @@ def _collapse_monitors(
     teacher_probs: torch.Tensor, student_cls: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """Teacher entropy: mean entropy of the (N, K) teacher CLS targets (0 = one-hot collapse,
-    log K = uniform). Feature std: std over the batch of the L2-normalised (N, C) student CLS
-    features, averaged over dims (0 = all images alike; about 1/sqrt(C) when spread out)."""
+    log K = uniform: a teacher that has learnt nothing), also as a share of log K (what the
+    report plots, comparable across K). Feature std: std over the batch of the L2-normalised
+    (N, C) student CLS features, averaged over dims (0 = all images alike; about 1/sqrt(C)
+    when spread out)."""
     entropy = -(teacher_probs * teacher_probs.clamp_min(1e-12).log()).sum(dim=-1).mean()
     unit = nn.functional.normalize(student_cls.float(), dim=-1)
-    return {"teacher_entropy": entropy, "feature_std": unit.std(dim=0).mean()}
+    return {"teacher_entropy": entropy,
+            "teacher_entropy_rel": entropy / math.log(teacher_probs.shape[-1]),
+            "feature_std": unit.std(dim=0).mean()}  # fmt: skip

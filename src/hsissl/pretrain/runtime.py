@@ -79,6 +79,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16), where bf16 autocast
+    pays (measured: DeepLabV3+ steps 27 % shorter on a 2-core AMX VM); elsewhere it is emulated."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # private helpers of torch.cpu; absent means unknown, so fp32
+        return False
+
+
 def autocast(runtime: Runtime, enabled: bool) -> torch.autocast:
     """bf16 autocast on CUDA; a disabled context on the CPU (fp32 there)."""
     return torch.autocast(device_type=runtime.device.type, dtype=torch.bfloat16,

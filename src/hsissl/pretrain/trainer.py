@@ -347,8 +347,8 @@ class Trainer:
                 window_start, window_images = time.perf_counter(), 0
             if self.pc.knn_every and self.step % self.pc.knn_every == 0 and self.rt.is_main:
                 acc = self.knn_probe()
-                if acc is not None and tracker is not None:
-                    tracker.log_metrics({"knn_acc": acc}, step=self.step)
+                if acc is not None:
+                    self._record_knn(acc, tracker)
             saved = self.step % self.pc.ckpt_every == 0 or self.step == self.total
             if saved:
                 self.save_train_state()
@@ -360,9 +360,17 @@ class Trainer:
             acc = self.knn_probe()
             if acc is not None:
                 last["knn_acc"] = acc
-                if tracker is not None:
-                    tracker.log_metrics({"knn_acc": acc}, step=self.step)
+                self._record_knn(acc, tracker)
         return last
+
+    def _record_knn(self, acc: float, tracker: Any) -> None:
+        """The k-NN accuracy at this step, in the history (the report plots its rise) and MLflow."""
+        if self.history and self.history[-1]["step"] == self.step:
+            self.history[-1]["knn_acc"] = acc
+        else:
+            self.history.append({"step": self.step, "knn_acc": acc})
+        if tracker is not None:
+            tracker.log_metrics({"knn_acc": acc}, step=self.step)
 
     def _stop_here(self, saved: bool) -> None:
         """Save the train state at this step (unless just saved) and raise KeyboardInterrupt;

@@ -104,10 +104,29 @@ def loss_panels(
     return to_png(fig)
 
 
-def _plot_losses(ax, runs: Mapping[str, Sequence[Mapping[str, float]]], title: str) -> None:
+def metric_panels(
+    runs: Mapping[str, Sequence[Mapping[str, float]]],
+    panels: Mapping[str, tuple[str, float | None]],
+    title: str,
+) -> bytes:
+    """One panel per logged metric (``{metric key: (panel title, reference level or None)}``),
+    a line per run, the reference dashed (e.g. 1.0 = a uniform teacher), side by side."""
+    fig = Figure(figsize=(6.0 * len(panels), 3.4), layout="constrained")
+    fig.suptitle(title, fontsize=11)
+    for i, (key, (name, ref)) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        _plot_losses(ax, runs, name, key=key)
+        if ref is not None:
+            ax.axhline(ref, color="black", ls="--", lw=1)
+    return to_png(fig)
+
+
+def _plot_losses(ax, runs: Mapping[str, Sequence[Mapping[str, float]]], title: str,
+                 key: str = "loss") -> None:  # fmt: skip
+    """``key`` (the loss unless said) of each run's history vs step."""
     values: list[float] = []
     for i, (name, history) in enumerate(runs.items()):
-        points = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+        points = [(h["step"], h[key]) for h in history if key in h and "step" in h]
         if not points:
             continue
         steps, losses = zip(*points, strict=True)
@@ -122,10 +141,10 @@ def _plot_losses(ax, runs: Mapping[str, Sequence[Mapping[str, float]]], title: s
             ms=3,
         )
     positive = [v for v in values if v > 0]
-    if positive and max(positive) / min(positive) > 20:
+    if key == "loss" and positive and max(positive) / min(positive) > 20:
         ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(key)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, frameon=False)

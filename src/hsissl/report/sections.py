@@ -136,6 +136,7 @@ def section_training(inputs: ReportInputs, cfg: Config) -> str:
                 f"{method}: training loss per logged step ({steps}).",
             )
         )
+        body.append(learning_evidence(method, runs))
     missing = [e.name for e in inputs.encoders if not e.history]
     if missing:
         body.append(html.fragment("missing", "history.json for", missing))
@@ -144,6 +145,31 @@ def section_training(inputs: ReportInputs, cfg: Config) -> str:
     body.append(html.fragment("heading", "Segmentation heads and baseline"))
     body.append(segmentation_losses(inputs, heads))
     return "".join(body)
+
+
+# Logged metrics that say whether pretraining learnt something beyond its loss value:
+# key -> (panel title, reference level: 1.0 = teacher targets as uniform as log K)
+LEARNING_METRICS: dict[str, tuple[str, float | None]] = {
+    "teacher_entropy_rel": ("teacher entropy / log K (1 = uniform)", 1.0),
+    "knn_acc": ("k-NN tile accuracy (val)", None),
+}
+
+
+def learning_evidence(method: str, runs: dict[str, list[dict[str, float]]]) -> str:
+    """The teacher's entropy and the k-NN probe over training, where a run logged a curve of
+    them (two points or more: a k-NN probe only at the end is no curve)."""
+    logged = {k: v for k, v in LEARNING_METRICS.items()
+              if any(sum(k in h for h in history) > 1 for history in runs.values())}  # fmt: skip
+    if not logged:
+        return ""
+    last = {n: {k: h[-1][k] for k in logged if h and k in h[-1]} for n, h in runs.items()}
+    ends = "; ".join(f"{n}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items())
+                     for n, m in last.items() if m)  # fmt: skip
+    caption = (f"{method}: did pretraining learn? A teacher whose targets stay near log K "
+               f"(dashed) has learnt nothing; a rising k-NN accuracy says the features separate "
+               f"classes. Last logged step: {ends or 'none'}.")  # fmt: skip
+    return html.figure(plots.metric_panels(runs, logged, f"{method_label(method)} learning"),
+                       caption)  # fmt: skip
 
 
 def segmentation_losses(inputs: ReportInputs, runs: list[ResultRun]) -> str:

@@ -26,6 +26,7 @@ from hsissl.config_rules import PIXEL_HEADS
 from hsissl.data import realdata
 from hsissl.data.geotiff import read_image, read_label
 from hsissl.data.normalize import Normalizer
+from hsissl.pretrain.runtime import cpu_bf16
 from hsissl.segment.baseline import DeepLabV3PlusAux
 from hsissl.segment.blocks import protocol_split
 from hsissl.segment.metrics import ConfusionMatrix
@@ -84,7 +85,7 @@ def work_units(rc: RealEvalConfig, n_encoders: int) -> int:
     probes), one per optimiser step of the trained heads and DeepLabV3+ (most of the time)."""
     probes = sum(head in PIXEL_HEADS for head in rc.heads)
     features = n_encoders * (bool(len(rc.heads) - probes) + bool(probes))  # window, pixel features
-    trained = (n_encoders * (len(rc.heads) - probes) + 1) * rc.head_steps  # heads, DeepLabV3+
+    trained = n_encoders * (len(rc.heads) - probes) * rc.head_steps + rc.baseline_steps
     per_split = 2 + n_encoders * probes + trained  # floors, probes, trained models
     return features + len(rc.protocols) * len(rc.seeds) * per_split
 
@@ -129,11 +130,13 @@ def train_dense(
     lr: float,
     seed: int,
     on_step: Callable[[], object] | None = None,
+    bf16: bool = False,
 ) -> np.ndarray:
     """Fit a dense (1, K, H, W) predictor on the training pixels of one scene; return its class map.
 
     Training sees the 8 dihedral views of the scene as one batch (BatchNorm needs more than
     one sample, and the views are free augmentation); prediction uses the scene as it is.
+    ``bf16``: train under CPU bf16 autocast (the loss and the prediction stay fp32).
     """
     torch.manual_seed(seed)
     target = torch.from_numpy(np.where(train, label, 0).astype(np.int64))[None]  # (1, H, W)
@@ -142,7 +145,9 @@ def train_dense(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     model.train()
     for _ in range(steps):
-        loss = F.cross_entropy(model(batch), batch_target, ignore_index=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(batch)  # (8, K, S, S)
+        loss = F.cross_entropy(logits.float(), batch_target, ignore_index=0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -218,8 +223,9 @@ def evaluate_scene(rc: RealEvalConfig, name: str, root: Path, encoders: dict[str
             bar.set_postfix_str("deeplabv3plus")
             torch.manual_seed(seed)
             deeplab = DeepLabV3PlusAux(encoder=rc.baseline_encoder, in_channels=32)
-            scores["deeplabv3plus"] = miou(train_dense(deeplab, x[None], label, train, rc.head_steps, 1e-3, seed,
-                                                       on_step=bar.update), label, test)  # fmt: skip
+            pred = train_dense(deeplab, x[None], label, train, rc.baseline_steps, 1e-3, seed,
+                               on_step=bar.update, bf16=rc.baseline_bf16 and cpu_bf16())  # fmt: skip
+            scores["deeplabv3plus"] = miou(pred, label, test)
             rows.append({"scene": name, "protocol": protocol, "seed": seed, "train_pixels": int(train.sum()),
                          "test_pixels": int(test.sum()), "miou": scores})  # fmt: skip
             log.info("%s %s seed %d: %s", name, protocol, seed, json.dumps(scores))
