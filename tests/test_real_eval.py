@@ -88,6 +88,29 @@ def test_dihedral_views_are_the_eight_symmetries():
     assert len({tuple(v.flatten().tolist()) for v in views}) == 8
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_dense_training_runs_the_model_under_bf16_autocast_only_when_asked(bf16):
+    """The baseline's bf16 lever: the forward runs in bf16 under autocast, the loss and the
+    returned class map stay exact (a (H, W) map of known classes)."""
+    from hsissl.segment.real_eval import train_dense
+
+    seen = []
+
+    class Probe(torch.nn.Conv2d):
+        def forward(self, x):
+            out = super().forward(x)
+            seen.append(out.dtype)
+            return out
+
+    torch.manual_seed(0)
+    image, label = torch.randn(1, 32, 16, 16), np.random.default_rng(0).integers(1, 3, (16, 16))
+    pred = train_dense(Probe(32, 3, 1), image, label, np.ones((16, 16), bool), steps=2, lr=1e-2,
+                       seed=0, bf16=bf16)  # fmt: skip
+    assert seen[:2] == [torch.bfloat16 if bf16 else torch.float32] * 2  # the training steps
+    assert seen[-1] == torch.float32  # prediction in fp32
+    assert pred.shape == (16, 16) and set(np.unique(pred)) <= {1, 2}
+
+
 def test_miou_counts_test_pixels_only():
     label = np.array([[1, 1], [2, 2]])
     pred = np.array([[1, 2], [2, 2]])

@@ -577,5 +577,8 @@ def test_learning_evidence_plots_the_teacher_entropy_and_knn_curves_only_where_l
     figure = report_sections.learning_evidence("dinov2", {"dino-a": dino})
     assert figure.count("<img") == 1
     assert "teacher_entropy_rel 0.925" in figure and "knn_acc 0.500" in figure
+    dino.append({"step": 31, "knn_acc": 0.75})  # a final k-NN probe after the last log
+    figure = report_sections.learning_evidence("dinov2", {"dino-a": dino})
+    assert "teacher_entropy_rel 0.925" in figure and "knn_acc 0.750" in figure
     mae = [{"step": 10, "loss": 1.0}, {"step": 20, "loss": 0.5, "knn_acc": 0.4}]
     assert report_sections.learning_evidence("mae", {"mae-a": mae}) == ""

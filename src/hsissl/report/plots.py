@@ -86,7 +86,7 @@ def _hide_axes(ax) -> None:
 def loss_curves(runs: Mapping[str, Sequence[Mapping[str, float]]], title: str) -> bytes:
     """Training loss vs step, one line per run; log y-axis when the loss spans > 20x."""
     fig = Figure(figsize=(6.4, 3.4))
-    _plot_losses(fig.add_subplot(), runs, title)
+    _plot_metric(fig.add_subplot(), runs, title)
     return to_png(fig)
 
 
@@ -100,7 +100,7 @@ def loss_panels(
     fig = Figure(figsize=(6.0 * ncols, 3.2 * nrows + 0.4), layout="constrained")
     fig.suptitle(title, fontsize=11)
     for i, (name, runs) in enumerate(panels.items()):
-        _plot_losses(fig.add_subplot(nrows, ncols, i + 1), runs, name)
+        _plot_metric(fig.add_subplot(nrows, ncols, i + 1), runs, name)
     return to_png(fig)
 
 
@@ -115,13 +115,13 @@ def metric_panels(
     fig.suptitle(title, fontsize=11)
     for i, (key, (name, ref)) in enumerate(panels.items()):
         ax = fig.add_subplot(1, len(panels), i + 1)
-        _plot_losses(ax, runs, name, key=key)
+        _plot_metric(ax, runs, name, key=key)
         if ref is not None:
             ax.axhline(ref, color="black", ls="--", lw=1)
     return to_png(fig)
 
 
-def _plot_losses(ax, runs: Mapping[str, Sequence[Mapping[str, float]]], title: str,
+def _plot_metric(ax, runs: Mapping[str, Sequence[Mapping[str, float]]], title: str,
                  key: str = "loss") -> None:  # fmt: skip
     """``key`` (the loss unless said) of each run's history vs step."""
     values: list[float] = []

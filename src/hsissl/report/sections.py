@@ -162,7 +162,9 @@ def learning_evidence(method: str, runs: dict[str, list[dict[str, float]]]) -> s
               if any(sum(k in h for h in history) > 1 for history in runs.values())}  # fmt: skip
     if not logged:
         return ""
-    last = {n: {k: h[-1][k] for k in logged if h and k in h[-1]} for n, h in runs.items()}
+    # the last value of each metric (the history's last entry may hold only one of them)
+    last = {n: {k: v[-1] for k in logged if (v := [e[k] for e in h if k in e])}
+            for n, h in runs.items()}  # fmt: skip
     ends = "; ".join(f"{n}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items())
                      for n, m in last.items() if m)  # fmt: skip
     caption = (f"{method}: did pretraining learn? A teacher whose targets stay near log K "
