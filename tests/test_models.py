@@ -227,6 +227,36 @@ def test_mae_patch4_gives_finer_maps_with_the_same_weights_shapes_elsewhere(tile
     assert blocks == {k: v.shape for k, v in p8.state_dict().items() if ".blocks." in k}
 
 
+def test_spectral_stem_filters_each_pixels_spectrum_before_the_patches(tiles) -> None:
+    from hsissl.models.patch_embed import SpectralStemPatchEmbed
+
+    mae = create_model("mae_vit_tiny_patch4_stem_64")
+    embed = mae.encoder.patch_embed
+    assert isinstance(embed, SpectralStemPatchEmbed) and embed.proj.weight.shape == (
+        64,
+        4 * 16,
+        4,
+        4,
+    )
+    with torch.no_grad():
+        maps = mae.get_intermediate_layers(tiles, n=4)
+        # per pixel: the stem sees one spectrum, not its neighbours (a change at one pixel moves
+        # only the patch that holds it)
+        moved = tiles.clone()
+        moved[:, :, 0, 0] += 1.0
+        a, b = embed(tiles), embed(moved)  # (B, 16, 16, D)
+    assert [m.shape for m in maps] == [(2, 64, 16, 16)] * 4
+    changed = (a - b).abs().amax(dim=(0, 3)) > 0  # (16, 16) patches
+    assert changed[0, 0] and changed.sum() == 1
+    # the MAE target is still the 32 input bands; the stem learns through the loss
+    loss, pred, _ = mae(tiles)
+    assert pred.shape == (2, 256, 4 * 4 * 32)
+    loss.backward()
+    assert embed.stem.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="in_chans 31 must be even"):
+        create_model("mae_vit_tiny_patch4_stem_64", in_chans=31)
+
+
 def test_mae_backward_leaves_fixed_tables_alone(tiles) -> None:
     mae = create_model("mae_vit_tiny_patch8_64")
     loss, _, _ = mae(tiles)

@@ -88,8 +88,31 @@ def test_mae_learns_and_writes_an_encoder_record(synthetic_run):
     # the k-NN curve lands in the history the report plots (not only in MLflow)
     saved = json.loads(storage_of(cfg).get_bytes(checkpoint_key("learn", HISTORY)))
     knn = {h["step"]: h["knn_acc"] for h in saved if "knn_acc" in h}
-    assert set(knn) == {20, 40} and knn[40] == result["metrics"]["knn_acc"]
+    assert set(knn) == {0, 20, 40} and knn[40] == result["metrics"]["knn_acc"]  # 0: untrained
     assert [h["step"] for h in saved] == sorted({h["step"] for h in saved})  # one entry a step
+
+
+def test_a_callers_probe_replaces_the_tile_knn_from_the_untrained_encoder_on(synthetic_run):
+    """evaluate-real's pixel k-NN is such a probe: it gets the frozen encoder (eval mode, no
+    grad) at step 0, every knn_every steps and at the end, and its metrics reach the history."""
+    calls: list[tuple[bool, bool]] = []
+
+    def probe(encoder: torch.nn.Module) -> dict[str, float]:
+        calls.append((encoder.training, torch.is_grad_enabled()))
+        return {"knn_pixel_miou": float(len(calls))}
+
+    cfg = cfg_for(synthetic_run, **{"pretrain.name": "probed", "pretrain.max_steps": 5,
+                                    "pretrain.knn_every": 2})  # fmt: skip
+    result = pretrain(cfg, MAERecipe, stage="pretrain-mae", probe=probe)
+    assert calls == [(False, False)] * 4  # steps 0, 2, 4 and the end (5)
+    assert result["metrics"]["knn_pixel_miou"] == 4.0 and "knn_acc" not in result["metrics"]
+    saved = json.loads(storage_of(cfg).get_bytes(checkpoint_key("probed", HISTORY)))
+    assert {h["step"]: h["knn_pixel_miou"] for h in saved if "knn_pixel_miou" in h} == {
+        0: 1.0,
+        2: 2.0,
+        4: 3.0,
+        5: 4.0,
+    }
 
 
 def test_the_peak_rate_counts_every_process_of_a_torchrun(synthetic_run, monkeypatch):

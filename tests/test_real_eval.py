@@ -276,23 +276,29 @@ def test_evaluate_real_on_a_converted_scene(tmp_path, capfd):
                              "real.scenes=[mine]", "real.heads=[probe, spec-probe, linear]",
                              "real.protocols={half: [16, 0.5]}",
                              "real.baseline_encoder=resnet10t", "mae.model=mae_vit_tiny_patch8_64",
-                             "pretrain.batch_size=4", "tracking.uri="])  # fmt: skip
+                             "pretrain.batch_size=4", "pretrain.knn_every=1", "tracking.uri="])  # fmt: skip
     result = evaluate_real.run(cfg)
     assert "mine / half" in result.table and "mae+probe" in result.table
+    # pretraining logged the pixel k-NN monitor from the untrained encoder on (the report's curve)
+    from hsissl.layout import HISTORY, checkpoint_key, storage_of
+
+    history = json.loads(storage_of(cfg).get_bytes(checkpoint_key("real-mae", HISTORY)))
+    knn = {h["step"]: h["knn_pixel_miou"] for h in history if "knn_pixel_miou" in h}
+    assert set(knn) == {0, 1, 2} and all(0.0 <= v <= 1.0 for v in knn.values())
     # the progress bar named what ran (scene, protocol, seed, model) and reached its total
     err = capfd.readouterr().err
     assert "mine half seed 0" in err and "mae+linear" in err and "deeplabv3plus" in err
     total = work_units(cfg.real, n_encoders=2)  # mae and its random-init control
     assert f"{total}/{total}" in err
     # the per-scene table, with paired differences, next to metrics.json
-    from hsissl.layout import storage_of
-
     store = storage_of(cfg)
     tables = json.loads(store.get_bytes("results/real-eval/tables.json"))
     entries = {e["model"]: e for e in tables["mine"]["half"]["models"]}
     assert entries["mae+probe"]["vs_control"] is not None
     assert store.get_bytes("results/real-eval/tables.md").decode() == result.tables
     assert "### mine" in result.tables and "MAE + probe" in result.tables
+    # what the encoders were pretrained on heads the tables (the issue asks for it)
+    assert result.tables.startswith("Pretraining data: ") and "from 1 scene (mine)" in result.tables
     assert (tmp_path / "run" / "real-eval-tables.md").read_text() == result.tables
     # The per-pixel floor separates the three class spectra: the scene and labels arrived intact;
     # the spectrum-in-front probe keeps (nearly) what the floor sees, whatever 2 pretraining
@@ -354,13 +360,18 @@ def test_real_preset_runs_every_labelled_shared_scene_with_one_setting(tmp_path)
     labelled = {n for n, spec in realdata.SCENES.items() if realdata.is_labelled(spec)}
     assert set(cfg.real.scenes) == labelled == {"houston_dataset", "Indian_subset", "Samson"}
     assert len(cfg.real.seeds) == 5  # the issue's protocol: mean over 5 seeds
-    # what paid on these scenes (docs/real-data.md): MAE at patch 4, the per-pixel heads
-    assert cfg.real.methods == ["mae"] and cfg.mae.model == "mae_vit_tiny_patch4_64"
+    # what paid on these scenes (docs/real-data.md): MAE at patch 4 with a spectral stem, the
+    # per-pixel heads
+    assert cfg.real.methods == ["mae"] and cfg.mae.model == "mae_vit_tiny_patch4_stem_64"
     assert cfg.real.heads == ["probe", "spec-probe"]
+    # `hsissl report --config configs/real.yaml` reads the dataset evaluate-real ingested
+    from hsissl.stages.evaluate_real import DATASET
+
+    assert cfg.data.name == DATASET
     # the other methods and heads are one override away (README, docs/real-data.md)
     every = load_config(repo / "configs" / "real.yaml", ["real.methods=[mae, dinov2, ssvit]",
                         "real.heads=[probe, spec-probe, linear, conv, segmenter]"])  # fmt: skip
-    assert every.dinov2.model == "dinov2_vit_tiny_patch8_64" and set(every.real.head_lr) == {
+    assert every.dinov2.model == "dinov2_vit_tiny_patch4_64" and set(every.real.head_lr) == {
         "linear", "conv", "segmenter"}  # fmt: skip
     # the dataclass default is the same scene list (a bare `hsissl evaluate-real` runs Samson)
     assert load_config(None).real.scenes == cfg.real.scenes
@@ -383,3 +394,18 @@ def test_real_preset_passes_the_checks_on_the_shared_scenes(shared_data):
     check_config(cfg.real, shared_data)
     image, label = load_eval_scene(shared_data, "Samson")
     assert image.shape == (32, 95, 95) and set(np.unique(label)) == {1, 2, 3}
+
+
+def test_random_init_controls_one_per_architecture_seeded():
+    from hsissl.stages.evaluate_real import random_init_controls
+
+    mae = {"factory": "mae_vit_tiny_patch8_64", "kwargs": {}, "attr": "encoder"}
+    dino = {"factory": "dinov2_vit_tiny_patch8_64", "kwargs": {}, "attr": None}
+    controls = random_init_controls({"mae": mae, "dinov2": dino, "mae-again": mae}, seed=3)
+    assert list(controls) == ["random-init", "random-init@dinov2"]  # mae-again: same architecture
+    assert not any(c.training for c in controls.values())
+    again = random_init_controls({"dinov2": dino}, seed=3)[
+        "random-init"
+    ]  # the same seed, the same weights
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(),
+                                                 controls["random-init@dinov2"].state_dict().values(), strict=True))  # fmt: skip

@@ -56,6 +56,29 @@ def test_paired_differences_by_hand():
     assert roles == ["floor", "floor", "baseline", "control", "pretrained", "pretrained"]
 
 
+def test_each_method_is_compared_with_the_control_of_its_own_architecture():
+    """evaluate-real names the control of a second architecture random-init@<method>; a method
+    without one (MAE here: the first method's architecture) keeps random-init."""
+    rows = [{"scene": "s", "protocol": "few-label", "seed": r["seed"],
+             "miou": r["miou"] | {"dinov2+probe": 0.30 + 0.01 * r["seed"], "random-init@dinov2+probe": 0.20}}
+            for r in ROWS]  # fmt: skip
+    tables = scene_tables(rows)
+    dino = _entry(tables, "dinov2+probe")
+    assert dino["vs_control"]["mean"] == pytest.approx(0.11) and dino["vs_control"]["std"] > 0
+    assert _entry(tables, "mae+probe")["vs_control"]["mean"] == pytest.approx(
+        (0.15 + 0.06 + 0.13) / 3
+    )
+    control = _entry(tables, "random-init@dinov2+probe")
+    assert control["role"] == "control" and control["vs_control"] is None
+    assert control["label"] == "random-init (DINOv2 arch.) + probe"
+    order = [e["model"] for e in tables["s"]["few-label"]["models"]]
+    assert (
+        order.index("mae+linear")
+        < order.index("random-init@dinov2+probe")
+        < order.index("dinov2+probe")
+    )
+
+
 def test_paired_difference_uses_shared_seeds_only():
     rows = ROWS + [{"scene": "s", "protocol": "few-label", "seed": 3, "miou": {"mae+probe": 0.9}}]
     mae = _entry(scene_tables(rows), "mae+probe")
@@ -71,6 +94,16 @@ def test_markdown_has_one_table_per_scene_with_signed_differences():
     assert line == "| MAE + probe | 56.3 ± 7.4 | +6.3 ± 2.9 | +11.3 ± 3.9 |"
     assert "few-label Δ floor (pixel-lr)" in text
     json.dumps(scene_tables(rows))  # the JSON file holds the same tables
+
+
+def test_markdown_states_what_the_encoders_were_pretrained_on():
+    data = {"scenes": ["a", "b"], "tiles": 94, "tile_size": 64, "stride": 16, "pixels": 123456, "steps": 300}
+    text = markdown(scene_tables(ROWS), data)
+    assert text.startswith(
+        "Pretraining data: 94 tiles of 64×64 px (stride 16) from 2 scenes (a, b), "
+        "123,456 distinct pixels; 300 steps per method.\n\n### s"
+    )
+    assert "distinct pixels" not in markdown(scene_tables(ROWS), data | {"pixels": None})
 
 
 def test_replace_block_keeps_the_rest_and_refuses_missing_markers():
@@ -134,6 +167,23 @@ def test_script_regenerates_the_docs_table_from_metrics_files(tmp_path):
     assert "| MAE + probe | 56.3 ± 7.4 | +6.3 ± 2.9 | +11.3 ± 3.9 |" in text
     printed = _script(tmp_path / "s.json", cwd=tmp_path)  # no --write: the table on stdout
     assert printed.returncode == 0 and printed.stdout.startswith("### s")
+
+
+def test_script_reads_the_logical_path_of_a_committed_result(tmp_path):
+    """evaluate-real commits results/real-eval/ as a version under _v/<id>/ (hsissl.storage.commit):
+    the path the README names does not exist as a file, yet the script reads it."""
+    from hsissl.storage import open_storage
+
+    store = open_storage(tmp_path / "artifacts")
+    with store.transaction("results/real-eval") as tx:
+        tx.commit({"metrics.json": json.dumps({"kind": "real-eval", "rows": ROWS}).encode()})
+    logical = tmp_path / "artifacts" / "results" / "real-eval" / "metrics.json"
+    assert not logical.exists()
+    done = _script(logical, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "| MAE + probe | 56.3 ± 7.4 |" in done.stdout
+    done = _script(logical.with_name("tables.json"), cwd=tmp_path)  # not in the committed version
+    assert done.returncode == 2 and "tables.json: not a readable JSON file" in done.stderr
 
 
 def test_script_refuses_bad_inputs_and_leaves_the_file_alone(tmp_path):

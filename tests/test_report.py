@@ -582,3 +582,10 @@ def test_learning_evidence_plots_the_teacher_entropy_and_knn_curves_only_where_l
     assert "teacher_entropy_rel 0.925" in figure and "knn_acc 0.750" in figure
     mae = [{"step": 10, "loss": 1.0}, {"step": 20, "loss": 0.5, "knn_acc": 0.4}]
     assert report_sections.learning_evidence("mae", {"mae-a": mae}) == ""
+    # SS-ViT's two teachers and evaluate-real's pixel k-NN (from step 0) are curves too
+    ssvit = [{"step": 0, "knn_pixel_miou": 0.34}] + [
+        {"step": s, "loss": 9.0, "teacher_entropy_rel_spatial": 0.6, "teacher_entropy_rel_spectral": 0.5}
+        for s in (10, 20)] + [{"step": 20, "knn_pixel_miou": 0.37}]  # fmt: skip
+    figure = report_sections.learning_evidence("ssvit", {"real-ssvit": ssvit})
+    assert figure.count("<img") == 1 and "knn_pixel_miou 0.370" in figure
+    assert "teacher_entropy_rel_spatial 0.600" in figure and "teacher_entropy_rel_spectral 0.500" in figure

@@ -72,9 +72,11 @@ DETAILS: dict[str, str] = {
     "with the georeference and meta/<name>.json of what was assumed. Then: hsissl ingest "
     "data.source=<dst> (it prints the exact command).",
     "evaluate-real": "Does pretraining help? Preset: --config configs/real.yaml (one setting for "
-    "every scene: MAE at patch 4, the per-pixel probe heads). Pretrains real.methods on every "
-    "scene of real.source, then per scene in real.scenes and per block-split protocol and seed: "
-    "per-pixel floors, DeepLabV3+, the random-init control and each method x head; a progress bar names what runs. Writes "
+    "every scene: MAE at patch 4 with a spectral stem, the per-pixel probe heads). Pretrains "
+    "real.methods on every scene of real.source (logging a k-NN probe of the labelled pixels "
+    "every pretrain.knn_every steps), then per scene in real.scenes and per block-split protocol "
+    "and seed: per-pixel floors, DeepLabV3+, the random-init control of each architecture and "
+    "each method x head; a progress bar names what runs. Writes "
     "results/<real.name>/metrics.json and tables.{json,md} (mean ± std over seeds, paired "
     "differences to the better floor and the control); scripts/real_table.py puts the tables "
     "into docs/real-data.md.",

@@ -14,12 +14,14 @@ from hsissl.models.dinov2 import (
     DinoVisionTransformer,
     dino_head,
     dinov2_vit_base_patch8_64,
+    dinov2_vit_tiny_patch4_64,
     dinov2_vit_tiny_patch8_64,
 )
 from hsissl.models.mae import (
     MaskedAutoencoderViT,
     mae_vit_base_patch8_64,
     mae_vit_tiny_patch4_64,
+    mae_vit_tiny_patch4_stem_64,
     mae_vit_tiny_patch8_64,
     random_masking,
 )
@@ -32,8 +34,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mae_vit_base_patch8_64": mae_vit_base_patch8_64,
     "mae_vit_tiny_patch8_64": mae_vit_tiny_patch8_64,
     "mae_vit_tiny_patch4_64": mae_vit_tiny_patch4_64,
+    "mae_vit_tiny_patch4_stem_64": mae_vit_tiny_patch4_stem_64,
     "dinov2_vit_base_patch8_64": dinov2_vit_base_patch8_64,
     "dinov2_vit_tiny_patch8_64": dinov2_vit_tiny_patch8_64,
+    "dinov2_vit_tiny_patch4_64": dinov2_vit_tiny_patch4_64,
     "ssvit_base_patch8_64": ssvit_base_patch8_64,
     "ssvit_tiny_patch8_64": ssvit_tiny_patch8_64,
 }

@@ -54,6 +54,12 @@ def dinov2_vit_tiny_patch8_64(**kwargs) -> DinoVisionTransformer:
     return DinoVisionTransformer(**{**cfg, **kwargs})
 
 
+def dinov2_vit_tiny_patch4_64(**kwargs) -> DinoVisionTransformer:
+    """The tiny DINOv2 at patch 4 (16x16 maps per 64-px tile), as MAE's real-scene preset
+    (issue 18's resolution lever, docs/real-data.md)."""
+    return dinov2_vit_tiny_patch8_64(**{"patch_size": 4, **kwargs})
+
+
 class DINOHead(nn.Module):
     """MLP (GELU) to a bottleneck, L2-normalise, weight-normalised prototype layer without bias.
 

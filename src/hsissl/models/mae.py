@@ -77,6 +77,7 @@ class MaskedAutoencoderViT(nn.Module):
         mlp_ratio: float = 4.0,
         norm_pix_loss: bool = False,
         drop_rate: float = 0.0,
+        spectral_stem: int = 0,  # 1D filters over each pixel's spectrum before the patches (HsiViT)
     ) -> None:
         super().__init__()
         self.in_chans = in_chans
@@ -92,6 +93,7 @@ class MaskedAutoencoderViT(nn.Module):
             num_heads=num_heads,
             mlp_ratio=mlp_ratio,
             proj_drop_rate=drop_rate,  # after attention and MLP projections (the paper's 0.1)
+            spectral_stem=spectral_stem,
         )
         self.num_prefix_tokens = self.encoder.num_prefix_tokens
         self.grid_size = img_size // patch_size
@@ -244,3 +246,9 @@ def mae_vit_tiny_patch4_64(**kwargs) -> MaskedAutoencoderViT:
     """The tiny MAE at patch 4: 16x16 feature maps on a 64-px tile instead of 8x8, for small
     scenes whose classes are a few pixels wide (configs/real.yaml; docs/real-data.md)."""
     return mae_vit_tiny_patch8_64(**{"patch_size": 4, **kwargs})
+
+
+def mae_vit_tiny_patch4_stem_64(**kwargs) -> MaskedAutoencoderViT:
+    """The tiny MAE at patch 4 with a per-pixel spectral stem of 4 filters (``SpectralStemPatchEmbed``;
+    issue 18's spectral-tokenisation lever, docs/real-data.md)."""
+    return mae_vit_tiny_patch4_64(**{"spectral_stem": 4, **kwargs})

@@ -47,3 +47,31 @@ class MatmulPatchEmbed(PatchEmbed):
         elif self.output_fmt == Format.NCL:
             x = x.permute(0, 3, 1, 2).flatten(2)  # (B, D, L)
         return self.norm(x)
+
+
+class SpectralStemPatchEmbed(MatmulPatchEmbed):
+    """A per-pixel spectral stem in front of the patch embedding (``spectral_stem`` filters).
+
+    Each pixel's spectrum (C bands) goes through one 1D convolution over wavelength (kernel 5,
+    shared by every band position, so a feature shifted by a band is the same feature), a GELU
+    and a pairwise mean over neighbouring bands: (B, C, H, W) -> (B, filters * C / 2, H, W),
+    then :class:`MatmulPatchEmbed`. The spectral front end of SpectralEarth's small-patch ViTs.
+    """
+
+    KERNEL = 5
+
+    def __init__(self, *args, in_chans: int = 32, spectral_stem: int = 4, **kwargs) -> None:
+        if in_chans % 2:
+            raise ValueError(
+                f"the spectral stem pools band pairs: in_chans {in_chans} must be even"
+            )
+        super().__init__(*args, in_chans=spectral_stem * in_chans // 2, **kwargs)
+        self.stem = torch.nn.Conv1d(1, spectral_stem, self.KERNEL, padding=self.KERNEL // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        spectra = x.permute(0, 2, 3, 1).reshape(B * H * W, 1, C)  # (BHW, 1, C)
+        feats = F.avg_pool1d(F.gelu(self.stem(spectra)), 2)  # (BHW, filters, C/2)
+        return super().forward(
+            feats.reshape(B, H, W, -1).permute(0, 3, 1, 2)
+        )  # (B, filters*C/2, H, W)

@@ -21,7 +21,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hsissl.models.patch_embed import MatmulPatchEmbed
+from hsissl.models.patch_embed import MatmulPatchEmbed, SpectralStemPatchEmbed
 
 FFN_LAYERS = ("mlp", "swiglu")
 
@@ -119,8 +119,12 @@ class HsiViT(VisionTransformer):
         proj_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        spectral_stem: int = 0,
         **kwargs,
     ) -> None:
+        # spectral_stem > 0: that many 1D filters over each pixel's spectrum before the patches
+        embed = (partial(SpectralStemPatchEmbed, spectral_stem=spectral_stem) if spectral_stem
+                 else MatmulPatchEmbed)  # fmt: skip
         super().__init__(
             img_size=img_size,
             patch_size=patch_size,
@@ -143,7 +147,7 @@ class HsiViT(VisionTransformer):
             drop_path_rate=drop_path_rate,
             norm_layer=layer_norm,
             mlp_layer=ffn_layer_for(ffn_layer),
-            **{"embed_layer": MatmulPatchEmbed, **kwargs},
+            **{"embed_layer": embed, **kwargs},
         )
         self.patch_size = patch_size
         self.checkpoint_blocks = 0  # the first N blocks recompute their activations in backward

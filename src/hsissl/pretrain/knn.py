@@ -28,10 +28,22 @@ def sample(split: SplitView, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]
 
 
 @torch.no_grad()
+def knn_vote(
+    bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Class ids (Q,) of a cosine k-NN vote, weights exp(sim / 0.07) as in DINO: unit-norm
+    (N, D) bank features with (N,) class ids, unit-norm (Q, D) query features."""
+    sim, nn_idx = (queries @ bank.T).topk(min(k, len(bank)), dim=1)  # (Q, k)
+    votes = torch.zeros(len(queries), int(bank_labels.max()) + 1, device=queries.device)
+    votes.scatter_add_(1, bank_labels[nn_idx], (sim.float() / 0.07).exp())
+    return votes.argmax(1)
+
+
+@torch.no_grad()
 def knn_accuracy(embed: Callable[[torch.Tensor], torch.Tensor], normalizer: Normalizer,
                  bank: tuple[np.ndarray, np.ndarray], queries: tuple[np.ndarray, np.ndarray],
                  k: int, device: torch.device, batch: int = 256) -> float:  # fmt: skip
-    """Tile-classification accuracy of a cosine k-NN vote (weights exp(sim / 0.07), as in DINO)."""
+    """Tile-classification accuracy of a cosine k-NN vote (:func:`knn_vote`)."""
 
     def features(images: np.ndarray) -> torch.Tensor:
         out = [embed(normalizer(torch.from_numpy(images[i : i + batch]).to(device))).float()
@@ -40,10 +52,6 @@ def knn_accuracy(embed: Callable[[torch.Tensor], torch.Tensor], normalizer: Norm
 
     if len(bank[0]) == 0 or len(queries[0]) == 0:
         return float("nan")
-    fb, fq = features(bank[0]), features(queries[0])
     yb = torch.from_numpy(bank[1]).to(device)
-    sim, nn_idx = (fq @ fb.T).topk(min(k, len(fb)), dim=1)  # (Q, k)
-    votes = torch.zeros(len(fq), 25, device=device)
-    votes.scatter_add_(1, yb[nn_idx], (sim / 0.07).exp())
-    pred = votes.argmax(1).cpu().numpy()
+    pred = knn_vote(features(bank[0]), yb, features(queries[0]), k).cpu().numpy()
     return float((pred == queries[1]).mean())

@@ -3,8 +3,9 @@
 AdamW (fused on CUDA) with warmup + cosine schedule, bf16 autocast on CUDA, optional
 torch.compile of the recipe's networks (``Recipe.compile_modules``), gradient clipping, DDP
 under torchrun, checkpoints every N steps with everything needed for an exact resume (weights,
-optimiser, step, RNG states, loader position, Normalizer), a k-NN probe on labelled
-validation tiles, and MLflow logging.
+optimiser, step, RNG states, loader position, Normalizer), a k-NN probe of the frozen
+encoder (on labelled validation tiles, or the caller's: evaluate-real probes labelled pixels)
+from the untrained encoder on, and MLflow logging.
 
 SIGTERM (pod deletion, preemption) and Ctrl-C stop the loop after the current step: the train
 state is saved, the MLflow run ends KILLED and ``KeyboardInterrupt("stopped by SIGTERM at step
@@ -20,7 +21,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -43,6 +44,9 @@ from hsissl.tracking import stage_run
 log = logging.getLogger(__name__)
 # (section, key) a resumed run must share with its checkpoint besides the method's own section.
 RESUME_FIXED = (("pretrain", "batch_size"), ("data", "tile_size"))
+# A probe of the representation during training: the encoder (eval mode, no grad) -> logged
+# metrics, e.g. {"knn_pixel_miou": 0.41}; the trainer's own is the tile k-NN ({"knn_acc": ...}).
+Probe = Callable[[torch.nn.Module], dict[str, float]]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -101,8 +105,11 @@ class StopSignals:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, recipe_cls: type[Recipe], stage: str):
+    def __init__(
+        self, cfg: Config, recipe_cls: type[Recipe], stage: str, probe: Probe | None = None
+    ):
         self.cfg, self.stage, self.pc = cfg, stage, cfg.pretrain
+        self.probe = probe
         self.method = recipe_cls.method
         self.opt_cfg: OptimConfig = getattr(cfg, self.method)
         self.rt: Runtime = setup(self.pc.device, cfg.seed, self.pc.deterministic)
@@ -218,20 +225,25 @@ class Trainer:
         return json.dumps(sorted(merged, key=lambda h: h["step"])).encode()
 
     # -- probe ------------------------------------------------------------------------
-    def knn_probe(self) -> float | None:
-        if "va" not in self.dataset.splits or self.pc.knn_tiles <= 0:
-            return None
-        tiles = self.pc.knn_tiles
-        bank = knn.sample(self.dataset.split("tr"), tiles, seed=1)
-        queries = knn.sample(self.dataset.split("va"), tiles, seed=2)
+    def knn_probe(self) -> dict[str, float]:
+        """The caller's probe, else the tile k-NN (bank from tr, queries from va); {} when
+        there is neither (no va split or ``pretrain.knn_tiles`` 0)."""
+        if self.probe is None and ("va" not in self.dataset.splits or self.pc.knn_tiles <= 0):
+            return {}
         was_training = self.recipe.training
         self.recipe.eval()
-        with autocast(self.rt, self.pc.amp):
-            acc = knn.knn_accuracy(
-                self.recipe.embed, self.normalizer, bank, queries, self.pc.knn_k, self.rt.device
+        with torch.no_grad(), autocast(self.rt, self.pc.amp):
+            metrics = (
+                self.probe(self.recipe.encoder()) if self.probe else {"knn_acc": self._tile_knn()}
             )
         self.recipe.train(was_training)
-        return acc
+        return metrics
+
+    def _tile_knn(self) -> float:
+        bank = knn.sample(self.dataset.split("tr"), self.pc.knn_tiles, seed=1)
+        queries = knn.sample(self.dataset.split("va"), self.pc.knn_tiles, seed=2)
+        return knn.knn_accuracy(self.recipe.embed, self.normalizer, bank, queries, self.pc.knn_k,
+                                self.rt.device)  # fmt: skip
 
     # -- loop -------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -318,6 +330,8 @@ class Trainer:
                    disable=not self.rt.is_main)  # fmt: skip
         window_start, window_images = time.perf_counter(), 0
         last: dict[str, float] = {}
+        if self.pc.knn_every and self.step == 0 and self.rt.is_main:  # the untrained encoder
+            self._record_knn(self.knn_probe(), tracker)
         self.recipe.train()
         while self.step < self.total:
             lr = cosine_lr(self.step, self.total, self.opt_cfg, self.global_batch)
@@ -346,9 +360,7 @@ class Trainer:
                     tracker.log_metrics(last, step=self.step)
                 window_start, window_images = time.perf_counter(), 0
             if self.pc.knn_every and self.step % self.pc.knn_every == 0 and self.rt.is_main:
-                acc = self.knn_probe()
-                if acc is not None:
-                    self._record_knn(acc, tracker)
+                self._record_knn(self.knn_probe(), tracker)
             saved = self.step % self.pc.ckpt_every == 0 or self.step == self.total
             if saved:
                 self.save_train_state()
@@ -357,20 +369,22 @@ class Trainer:
                 self._stop_here(saved)
         bar.close()
         if self.rt.is_main:
-            acc = self.knn_probe()
-            if acc is not None:
-                last["knn_acc"] = acc
-                self._record_knn(acc, tracker)
+            metrics = self.knn_probe()
+            last |= metrics
+            self._record_knn(metrics, tracker)
         return last
 
-    def _record_knn(self, acc: float, tracker: Any) -> None:
-        """The k-NN accuracy at this step, in the history (the report plots its rise) and MLflow."""
+    def _record_knn(self, metrics: dict[str, float], tracker: Any) -> None:
+        """The probe's metrics at this step, in the history (the report plots their rise) and
+        MLflow."""
+        if not metrics:
+            return
         if self.history and self.history[-1]["step"] == self.step:
-            self.history[-1]["knn_acc"] = acc
+            self.history[-1] |= metrics
         else:
-            self.history.append({"step": self.step, "knn_acc": acc})
+            self.history.append({"step": self.step} | metrics)
         if tracker is not None:
-            tracker.log_metrics({"knn_acc": acc}, step=self.step)
+            tracker.log_metrics(metrics, step=self.step)
 
     def _stop_here(self, saved: bool) -> None:
         """Save the train state at this step (unless just saved) and raise KeyboardInterrupt;
@@ -385,7 +399,9 @@ class Trainer:
         raise KeyboardInterrupt(message)
 
 
-def pretrain(cfg: Config, recipe_cls: type[Recipe], stage: str) -> dict[str, Any]:
-    result = Trainer(cfg, recipe_cls, stage).fit()
+def pretrain(
+    cfg: Config, recipe_cls: type[Recipe], stage: str, probe: Probe | None = None
+) -> dict[str, Any]:
+    result = Trainer(cfg, recipe_cls, stage, probe).fit()
     log.info("%s: %s", stage, json.dumps({k: v for k, v in result.items() if k != "metrics"}))
     return result

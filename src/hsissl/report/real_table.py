@@ -7,8 +7,9 @@ differences, which removes the split-to-split spread that both models share):
 
 - vs the better floor: the per-pixel floor (``pixel-lr`` or ``pixel-rf``) with the higher mean
   on that scene and protocol (one floor for every seed, named in the table);
-- vs the control: ``random-init+<head>``, the untrained encoder of the same architecture with
-  the same head (only for pretrained encoders).
+- vs the control: the untrained encoder of the same architecture with the same head (only for
+  pretrained encoders): ``random-init@<method>+<head>`` where evaluate-real built one for that
+  method's architecture, else ``random-init+<head>`` (the first method's architecture).
 
 Standard deviations are over seeds with ddof 0, as the summary table's. Used by evaluate-real
 (``tables.json`` / ``tables.md``), the report, and ``scripts/real_table.py`` (docs).
@@ -39,6 +40,20 @@ LABELS = {
 HEAD_ORDER = (*PIXEL_HEADS, *HEADS)  # the closed-form probes, then the trained heads
 
 
+def control_name(method: str) -> str:
+    """The name of the random-init control of ``method``'s architecture (not the first method's)."""
+    return f"{CONTROL}@{method}"
+
+
+def control_of(model: str, models: Iterable[str]) -> str | None:
+    """The control a pretrained ``model`` ("dinov2+probe") is compared with, among ``models``."""
+    encoder, head = split_model(model)
+    if head is None:
+        return None
+    own = f"{control_name(encoder)}+{head}"
+    return own if own in models else f"{CONTROL}+{head}"
+
+
 def split_model(model: str) -> tuple[str, str | None]:
     """``"mae+probe"`` -> ("mae", "probe"); ``"pixel-lr"`` -> ("pixel-lr", None)."""
     encoder, _, head = model.partition("+")
@@ -52,13 +67,17 @@ def role(model: str) -> str:
         return "floor"
     if model == BASELINE:
         return "baseline"
-    return "control" if encoder == CONTROL else "pretrained"
+    return "control" if encoder.partition("@")[0] == CONTROL else "pretrained"
 
 
 def label(model: str) -> str:
     encoder, head = split_model(model)
-    name = LABELS.get(encoder) or (methods.get(encoder).label if encoder in methods.names()
-                                   else encoder)  # fmt: skip
+    base, _, arch = encoder.partition(
+        "@"
+    )  # random-init@dinov2: the control of DINOv2's architecture
+    name = LABELS.get(base) or (methods.get(base).label if base in methods.names() else base)
+    if arch:
+        name += f" ({methods.get(arch).label if arch in methods.names() else arch} arch.)"
     return f"{name} + {head}" if head else name
 
 
@@ -74,14 +93,16 @@ def paired(a: Mapping[int, float], b: Mapping[int, float]) -> dict[str, Any] | N
     return mean_std([a[s] - b[s] for s in seeds]) | {"seeds": seeds}
 
 
-def _order(model: str) -> tuple[int, int, int, str]:
-    """Floors, baseline, the control, then each pretrained encoder; heads in a fixed order."""
+def _order(model: str) -> tuple[int, int, int, int, str]:
+    """Floors, baseline, the control, then each pretrained encoder (after the control of its own
+    architecture, if any); heads in a fixed order."""
     encoder, head = split_model(model)
     rank = {"floor": 0, "baseline": 1}.get(role(model), 2)
+    base, _, arch = encoder.partition("@")
     order = (CONTROL, *methods.names())
-    e = order.index(encoder) if encoder in order else len(order)
+    e = order.index(arch or base) if (arch or base) in order else len(order)
     h = HEAD_ORDER.index(head) if head in HEAD_ORDER else len(HEAD_ORDER)
-    return rank, e, h, model
+    return rank, e, int(role(model) == "pretrained"), h, model
 
 
 def scene_tables(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -99,8 +120,7 @@ def scene_tables(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
             floor = max(floors, key=lambda f: np.mean(list(models[f].values()))) if floors else None
             entries = []
             for model in sorted(models, key=_order):
-                _, head = split_model(model)
-                control = f"{CONTROL}+{head}" if head else None
+                control = control_of(model, models)
                 is_pretrained = role(model) == "pretrained"
                 entries.append({
                     "model": model,
@@ -125,7 +145,15 @@ def _pp(stat: Mapping[str, float] | None, signed: bool = False) -> str:
     return f"{100 * stat['mean']:{sign}.1f} ± {100 * stat['std']:.1f}"
 
 
-def markdown(tables: Mapping[str, Mapping[str, Any]]) -> str:
+def pretraining_line(data: Mapping[str, Any]) -> str:
+    """What the encoders were pretrained on (evaluate-real's ``pretraining`` entry)."""
+    pixels = f", {data['pixels']:,} distinct pixels" if data.get("pixels") else ""
+    return (f"Pretraining data: {data['tiles']} tiles of {data['tile_size']}×{data['tile_size']} px "
+            f"(stride {data['stride']}) from {len(data['scenes'])} scene{'s' * (len(data['scenes']) != 1)} "
+            f"({', '.join(data['scenes'])}){pixels}; {data['steps']} steps per method.")  # fmt: skip
+
+
+def markdown(tables: Mapping[str, Mapping[str, Any]], pretraining: Mapping[str, Any] | None = None) -> str:
     """One Markdown table per scene: per protocol, mIoU and the two paired differences (pp)."""
     parts = []
     for scene, protocols in tables.items():
@@ -150,8 +178,11 @@ def markdown(tables: Mapping[str, Mapping[str, Any]]) -> str:
         seeds = sorted({s for p in names for s in protocols[p]["seeds"]})
         lines += ["", f"mIoU % over test pixels, mean ± std over seeds {seeds}; Δ: paired "
                       "per-seed differences in percentage points (mean ± std), to the better "
-                      "per-pixel floor and to random-init with the same head."]  # fmt: skip
+                      "per-pixel floor and to the random-init encoder of the same architecture "
+                      "with the same head."]  # fmt: skip
         parts.append("\n".join(lines))
+    if pretraining:
+        parts.insert(0, pretraining_line(pretraining))
     return "\n\n".join(parts) + "\n"
 
 

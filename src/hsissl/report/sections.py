@@ -151,7 +151,10 @@ def section_training(inputs: ReportInputs, cfg: Config) -> str:
 # key -> (panel title, reference level: 1.0 = teacher targets as uniform as log K)
 LEARNING_METRICS: dict[str, tuple[str, float | None]] = {
     "teacher_entropy_rel": ("teacher entropy / log K (1 = uniform)", 1.0),
+    "teacher_entropy_rel_spatial": ("SS-ViT spatial teacher entropy / log K", 1.0),
+    "teacher_entropy_rel_spectral": ("SS-ViT spectral teacher entropy / log K", 1.0),
     "knn_acc": ("k-NN tile accuracy (val)", None),
+    "knn_pixel_miou": ("k-NN pixel mIoU (labelled scenes)", None),  # evaluate-real's monitor
 }
 
 
@@ -168,8 +171,9 @@ def learning_evidence(method: str, runs: dict[str, list[dict[str, float]]]) -> s
     ends = "; ".join(f"{n}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items())
                      for n, m in last.items() if m)  # fmt: skip
     caption = (f"{method}: did pretraining learn? A teacher whose targets stay near log K "
-               f"(dashed) has learnt nothing; a rising k-NN accuracy says the features separate "
-               f"classes. Last logged step: {ends or 'none'}.")  # fmt: skip
+               f"(dashed) has learnt nothing; a rising k-NN curve (tile accuracy, or pixel mIoU "
+               f"in evaluate-real) says the features separate classes. Last logged step: "
+               f"{ends or 'none'}.")  # fmt: skip
     return html.figure(plots.metric_panels(runs, logged, f"{method_label(method)} learning"),
                        caption)  # fmt: skip
 

@@ -22,6 +22,7 @@ import re
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,40 +40,86 @@ from hsissl.layout import METRICS, dataset_uri, result_key, run_dir_of, storage_
 from hsissl.pretrain.checkpoint import build_encoder, load_model
 from hsissl.pretrain.trainer import pretrain
 from hsissl.report import real_table
-from hsissl.segment.real_eval import evaluate_scene, layout_scenes, summarise, work_units
+from hsissl.segment.pixel_knn import PixelKNN
+from hsissl.segment.real_eval import (
+    evaluate_scene,
+    layout_scenes,
+    load_eval_scene,
+    summarise,
+    work_units,
+)
 from hsissl.stages import ingest
 from hsissl.stages.results import EvaluateRealResult
 from hsissl.tracking import stage_run
 
 log = logging.getLogger(__name__)
+# the dataset the real scenes are ingested as (datasets/real), whatever data.name says; the
+# preset names it too, so that `hsissl report --config configs/real.yaml` finds it
+DATASET = "real"
 
 
 def pretrain_encoders(cfg: Config, root: Path) -> tuple[dict[str, nn.Module], Normalizer, str]:
     rc = cfg.real
-    data = replace(cfg.data, source=str(root), name="real", tile_size=64, stride=rc.tile_stride)
+    data = replace(cfg.data, source=str(root), name=DATASET, tile_size=64, stride=rc.tile_stride)
     if not realdata.is_mat_folder(root):  # a converted folder: whatever splits it has, any size
         splits = sorted({p.parent.parent.name for p, _ in layout_scenes(root).values()})
         data = replace(data, splits=splits, scene_size=None)
     pcfg = replace(cfg, data=data)
     ingest.run(pcfg)
     normalizer = ShardDataset(dataset_uri(pcfg)).normalizer
+    probe = pixel_probe(cfg, root, normalizer)
     encoders: dict[str, nn.Module] = {}
-    build = None
+    builds: dict[str, dict] = {}  # method -> how to rebuild its encoder
     for method in rc.methods:
         mcfg = replace(pcfg, pretrain=replace(pcfg.pretrain, max_steps=rc.pretrain_steps, name=f"real-{method}",
                                               knn_tiles=0))  # fmt: skip
         spec = methods.get(method)
-        result = pretrain(mcfg, spec.recipe_class(), stage=spec.stage)
+        result = pretrain(mcfg, spec.recipe_class(), stage=spec.stage, probe=probe)
         encoder, enc_norm, record = load_model(result["encoder_uri"])
         normalizer.check(enc_norm.fingerprint, f"encoder {result['encoder_uri']}")
         encoders[method] = encoder
-        build = build or record["build"]
-    if build is not None:
-        torch.manual_seed(cfg.seed)
-        encoders["random-init"] = build_encoder(
-            build
-        ).eval()  # the control every pretraining must beat
+        builds[method] = record["build"]
+    encoders |= random_init_controls(builds, cfg.seed)
     return encoders, normalizer, dataset_uri(pcfg)
+
+
+def pretraining_data(dataset: ShardDataset, steps: int) -> dict[str, Any]:
+    """What the encoders were pretrained on (the issue asks the table to state it): tiles,
+    scenes and distinct pixels of the ingested training split, from its manifest."""
+    manifest = dataset.manifest
+    split = manifest["splits"]["tr"]
+    shapes = [c["shape"] for c in manifest.get("conversion", {}).get("tr", {}).values() if "shape" in c]
+    pixels = sum(h * w for h, w in shapes) if len(shapes) == len(split["scenes"]) else None
+    return {"scenes": split["scenes"], "tiles": split["tiles"], "tile_size": manifest["tile_size"],
+            "stride": manifest["stride"], "pixels": pixels, "steps": steps}  # fmt: skip
+
+
+def random_init_controls(builds: dict[str, dict], seed: int) -> dict[str, nn.Module]:
+    """The untrained encoder every pretraining must beat, one per architecture: ``random-init``
+    for the first method's, ``random-init@<method>`` for each other (``real_table.control_name``)."""
+    controls: dict[str, nn.Module] = {}
+    first = next(iter(builds.values()), None)
+    for method, build in builds.items():
+        name = real_table.CONTROL if build == first else real_table.control_name(method)
+        if name not in controls:
+            torch.manual_seed(seed)
+            controls[name] = build_encoder(build).eval()
+    return controls
+
+
+def pixel_probe(cfg: Config, root: Path, normalizer: Normalizer) -> PixelKNN:
+    """The k-NN monitor of pretraining (every ``pretrain.knn_every`` steps, from step 0): the
+    evaluated scenes' labelled pixels, split as the few-label protocol (else the first) splits
+    them for the first seed."""
+    rc = cfg.real
+    block, fraction = rc.protocols.get("few-label") or next(iter(rc.protocols.values()))
+    scenes = []
+    for name in rc.scenes:
+        image, label = load_eval_scene(root, name)
+        scenes.append((normalizer(torch.from_numpy(image)), label))  # (32, H, W), (H, W)
+    return PixelKNN(
+        scenes, int(block), float(fraction), rc.seeds[0], rc.window_stride, cfg.pretrain.knn_k
+    )
 
 
 def check_config(rc: RealEvalConfig, root: Path) -> None:
@@ -122,10 +169,11 @@ def run(cfg: Config) -> EvaluateRealResult:
                     for r in evaluate_scene(cfg.real, name, root, encoders, normalizer, bar)]  # fmt: skip
         summary, markdown = summarise(rows)
         tables = real_table.scene_tables(rows)
-        tables_md = real_table.markdown(tables)
+        data = pretraining_data(ShardDataset(data_uri), cfg.real.pretrain_steps)
+        tables_md = real_table.markdown(tables, data)
         result = {"kind": real_table.REAL_KIND, "name": cfg.real.name, "dataset": data_uri,
-                  "normalizer": normalizer.fingerprint, "rows": rows, "summary": summary,
-                  "tables": tables, "seconds": time.perf_counter() - start}  # fmt: skip
+                  "normalizer": normalizer.fingerprint, "pretraining": data, "rows": rows,
+                  "summary": summary, "tables": tables, "seconds": time.perf_counter() - start}  # fmt: skip
         with storage_of(cfg).transaction(result_key(cfg.real.name)) as tx:  # like every result
             tx.commit({METRICS: json.dumps(result, indent=1).encode(),
                        "tables.json": json.dumps(tables, indent=1).encode(),
