@@ -97,7 +97,14 @@ def test_markdown_has_one_table_per_scene_with_signed_differences():
 
 
 def test_markdown_states_what_the_encoders_were_pretrained_on():
-    data = {"scenes": ["a", "b"], "tiles": 94, "tile_size": 64, "stride": 16, "pixels": 123456, "steps": 300}
+    data = {
+        "scenes": ["a", "b"],
+        "tiles": 94,
+        "tile_size": 64,
+        "stride": 16,
+        "pixels": 123456,
+        "steps": 300,
+    }
     text = markdown(scene_tables(ROWS), data)
     assert text.startswith(
         "Pretraining data: 94 tiles of 64×64 px (stride 16) from 2 scenes (a, b), "

@@ -588,4 +588,7 @@ def test_learning_evidence_plots_the_teacher_entropy_and_knn_curves_only_where_l
         for s in (10, 20)] + [{"step": 20, "knn_pixel_miou": 0.37}]  # fmt: skip
     figure = report_sections.learning_evidence("ssvit", {"real-ssvit": ssvit})
     assert figure.count("<img") == 1 and "knn_pixel_miou 0.370" in figure
-    assert "teacher_entropy_rel_spatial 0.600" in figure and "teacher_entropy_rel_spectral 0.500" in figure
+    assert (
+        "teacher_entropy_rel_spatial 0.600" in figure
+        and "teacher_entropy_rel_spectral 0.500" in figure
+    )

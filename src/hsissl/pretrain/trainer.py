@@ -134,6 +134,10 @@ class Trainer:
         self.step = 0
         self.loader_state: dict[str, Any] | None = None  # the loader as of the last batch used
         self.history: list[dict[str, float]] = []  # logged metrics of this process (for reports)
+        self.last_probe: tuple[int, dict[str, float]] = (
+            -1,
+            {},
+        )  # (step, metrics) of the last probe
         self.stop = StopSignals()
         self.lease: Lease | None = None
 
@@ -369,14 +373,17 @@ class Trainer:
                 self._stop_here(saved)
         bar.close()
         if self.rt.is_main:
-            metrics = self.knn_probe()
+            step, metrics = self.last_probe
+            if step != self.step:  # the loop did not just probe this step
+                metrics = self.knn_probe()
+                self._record_knn(metrics, tracker)
             last |= metrics
-            self._record_knn(metrics, tracker)
         return last
 
     def _record_knn(self, metrics: dict[str, float], tracker: Any) -> None:
         """The probe's metrics at this step, in the history (the report plots their rise) and
         MLflow."""
+        self.last_probe = (self.step, metrics)
         if not metrics:
             return
         if self.history and self.history[-1]["step"] == self.step:

@@ -72,9 +72,8 @@ def role(model: str) -> str:
 
 def label(model: str) -> str:
     encoder, head = split_model(model)
-    base, _, arch = encoder.partition(
-        "@"
-    )  # random-init@dinov2: the control of DINOv2's architecture
+    # random-init@dinov2: the control of DINOv2's architecture
+    base, _, arch = encoder.partition("@")
     name = LABELS.get(base) or (methods.get(base).label if base in methods.names() else base)
     if arch:
         name += f" ({methods.get(arch).label if arch in methods.names() else arch} arch.)"
@@ -153,7 +152,9 @@ def pretraining_line(data: Mapping[str, Any]) -> str:
             f"({', '.join(data['scenes'])}){pixels}; {data['steps']} steps per method.")  # fmt: skip
 
 
-def markdown(tables: Mapping[str, Mapping[str, Any]], pretraining: Mapping[str, Any] | None = None) -> str:
+def markdown(
+    tables: Mapping[str, Mapping[str, Any]], pretraining: Mapping[str, Any] | None = None
+) -> str:
     """One Markdown table per scene: per protocol, mIoU and the two paired differences (pp)."""
     parts = []
     for scene, protocols in tables.items():

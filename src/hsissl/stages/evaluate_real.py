@@ -88,7 +88,9 @@ def pretraining_data(dataset: ShardDataset, steps: int) -> dict[str, Any]:
     scenes and distinct pixels of the ingested training split, from its manifest."""
     manifest = dataset.manifest
     split = manifest["splits"]["tr"]
-    shapes = [c["shape"] for c in manifest.get("conversion", {}).get("tr", {}).values() if "shape" in c]
+    shapes = [
+        c["shape"] for c in manifest.get("conversion", {}).get("tr", {}).values() if "shape" in c
+    ]
     pixels = sum(h * w for h, w in shapes) if len(shapes) == len(split["scenes"]) else None
     return {"scenes": split["scenes"], "tiles": split["tiles"], "tile_size": manifest["tile_size"],
             "stride": manifest["stride"], "pixels": pixels, "steps": steps}  # fmt: skip
